@@ -1,0 +1,131 @@
+"""Take the state dict out of whatever container a checkpoint file holds."""
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional
+
+import torch
+
+from .errors import FusionLoadError
+
+STATE_KEYS = ('state_dict', 'model')
+EMA_KEYS = ('state_dict_ema', 'model_ema', 'ema_state_dict')
+WRAPPER_PREFIXES = ('module.', )
+_ORIG_MOD = re.compile(r'(^|\.)_orig_mod\.')
+
+
+@dataclass
+class Unwrapped:
+    """A checkpoint's tensors with the keys the model would use.
+
+    Args:
+        state (OrderedDict): Key -> tensor.
+        metadata (dict): ``_metadata`` of the state dict (module -> info), keyed
+            like ``state``.
+        container (str): Where the tensors were found (``'state_dict'``,
+            ``'model_ema'``, ``'<bare>'``...).
+        stripped (list[str]): Wrapper prefixes removed from the keys.
+        meta (dict): The checkpoint's ``meta`` entry, if any.
+        skipped (list[str]): Entries that were not tensors.
+    """
+    state: 'OrderedDict[str, torch.Tensor]'
+    metadata: Dict[str, dict]
+    container: str
+    stripped: List[str] = field(default_factory=list)
+    meta: Dict[str, Any] = field(default_factory=dict)
+    skipped: List[str] = field(default_factory=list)
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return (isinstance(obj, Mapping) and len(obj) > 0
+            and sum(torch.is_tensor(v) for v in obj.values()) >= max(1, len(obj) // 2))
+
+
+def find_state_dict(ckpt: Any, filename: str, prefer_ema: bool = False):
+    """Locate the state dict inside a checkpoint.
+
+    Args:
+        ckpt: What the file holds.
+        filename (str): For messages.
+        prefer_ema (bool): Take an EMA copy (``state_dict_ema``,
+            ``model_ema``, ``ema_state_dict``) when the file has one.
+
+    Returns:
+        tuple[Mapping, str]: The state dict and the container's name.
+    """
+    if not isinstance(ckpt, Mapping):
+        raise FusionLoadError(
+            [f'{filename}: holds a {type(ckpt).__name__}, not a checkpoint '
+             '(expected a dict of tensors or a dict with "state_dict"/"model")'],
+            'not a checkpoint')
+    order = (EMA_KEYS + STATE_KEYS) if prefer_ema else STATE_KEYS
+    for key in order:
+        inner = ckpt.get(key)
+        if _is_state_dict(inner):
+            return inner, key
+        if isinstance(inner, Mapping) and _is_state_dict(inner.get('state_dict')):
+            return inner['state_dict'], f'{key}.state_dict'
+    if _is_state_dict(ckpt):
+        return ckpt, '<bare>'
+    found = ', '.join(sorted(map(str, ckpt.keys()))[:12]) or 'nothing'
+    raise FusionLoadError(
+        [f'{filename}: no state dict found (looked for {", ".join(order)} or a '
+         f'bare dict of tensors; the file holds: {found})'], 'not a checkpoint')
+
+
+def _strip(key: str, prefix: str) -> str:
+    return key[len(prefix):] if key.startswith(prefix) else key
+
+
+def unwrap(ckpt: Any, filename: str, prefer_ema: bool = False) -> Unwrapped:
+    """Unwrap a checkpoint into a plain state dict.
+
+    Removes model-wrapper prefixes (``module.`` when most keys carry it) and
+    ``torch.compile``'s ``_orig_mod.`` wherever it occurs, in the keys and in
+    ``_metadata`` alike.
+
+    Args:
+        ckpt: What the file holds.
+        filename (str): For messages.
+        prefer_ema (bool): Prefer an EMA state dict when present.
+
+    Returns:
+        Unwrapped: The tensors and where they came from.
+    """
+    state, container = find_state_dict(ckpt, filename, prefer_ema)
+    metadata = dict(getattr(state, '_metadata', None) or {})
+    keys = [k for k in state.keys()]
+    stripped = []
+    for prefix in WRAPPER_PREFIXES:
+        if sum(k.startswith(prefix) for k in keys) * 2 > len(keys):
+            stripped.append(prefix)
+    compiled = any(_ORIG_MOD.search(k) for k in keys)
+    if compiled:
+        stripped.append('_orig_mod.')
+
+    def fix(key: str) -> str:
+        for p in stripped:
+            if p != '_orig_mod.':
+                key = _strip(key, p)
+        return _ORIG_MOD.sub(r'\1', key) if compiled else key
+
+    out: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
+    skipped = []
+    for k, v in state.items():
+        if not torch.is_tensor(v):
+            skipped.append(str(k))
+            continue
+        new = fix(str(k))
+        if new in out:
+            raise FusionLoadError(
+                [f'{filename}: keys {k!r} and another both become {new!r} '
+                 f'after removing {stripped}'], 'key collision')
+        out[new] = v
+    fixed_meta = {}
+    for k, v in metadata.items():
+        # module names in _metadata carry no trailing dot; compare with one
+        name = fix(k + '.')[:-1] if k else k
+        fixed_meta[name] = v
+    meta = ckpt.get('meta', {}) if isinstance(ckpt, Mapping) else {}
+    return Unwrapped(out, fixed_meta, container, stripped,
+                     meta if isinstance(meta, dict) else {}, skipped)

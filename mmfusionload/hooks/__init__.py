@@ -1,0 +1,3 @@
+from .fusion_load_hook import FusionLoadHook
+
+__all__ = ['FusionLoadHook']

@@ -1,0 +1,116 @@
+"""``FusionLoadHook``: per-modality checkpoints and the ``load_from`` repair in a Runner."""
+import os.path as osp
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+from mmengine.dist import is_main_process
+from mmengine.hooks import EMAHook, Hook
+from mmengine.logging import print_log
+from mmengine.registry import HOOKS
+
+from ..load_from import fill_targets_of, repair_checkpoint
+from ..loading import load_sources, unwrap_model
+from ..reader import install_checkpoint_loader
+from ..report import LoadReport
+from ..source import SourceSpec, parse_source
+
+
+@HOOKS.register_module()
+class FusionLoadHook(Hook):
+    """Load separate checkpoints into separate parts of the model at run start.
+
+    Loads once, at the first of ``before_train``, ``before_val`` and
+    ``before_test``: after ``init_weights`` and after ``load_from``. It also
+    repairs the ``load_from`` checkpoint before MMEngine applies it, and makes
+    MMEngine read local checkpoints through the package's restricted
+    unpickler, so Runner-saved checkpoints load on torch >= 2.6.
+
+    Args:
+        sources (Sequence[dict]): Sources, as for
+            :func:`~mmfusionload.load_sources`.
+        load_on_resume (bool): Load even when the run resumes (by default the
+            resumed weights win). Defaults to False.
+        repair_load_from (bool): Repair the ``load_from`` checkpoint.
+            Defaults to True.
+        load_from_spconv_layout (str): Sparse-kernel layout of the
+            ``load_from`` checkpoint (``'auto'``, ``'spconv2'``, ``'mmcv'``).
+        allow_overlap (bool): Let a later source overwrite an earlier one.
+        trust_checkpoint (bool): Read local checkpoints (``load_from``,
+            ``resume``, ``Pretrained``) with plain unpickling. Only for
+            trusted files. Defaults to False.
+        report_file (str, optional): JSON report name in ``work_dir``.
+
+    Example:
+        >>> custom_imports = dict(imports=['mmfusionload'])
+        >>> custom_hooks = [dict(type='FusionLoadHook', sources=[
+        ...     dict(modality='lidar', checkpoint='work_dirs/lidar/epoch_20.pth'),
+        ...     dict(modality='camera', checkpoint='swint-nuimages.pth')])]
+    """
+    priority = 'ABOVE_NORMAL'  # before EMAHook copies the load_from weights
+
+    def __init__(self,
+                 sources: Sequence[Union[dict, SourceSpec]] = (),
+                 load_on_resume: bool = False,
+                 repair_load_from: bool = True,
+                 load_from_spconv_layout: str = 'auto',
+                 allow_overlap: bool = False,
+                 trust_checkpoint: bool = False,
+                 report_file: Optional[str] = 'fusionload_report.json'):
+        self.sources: List[SourceSpec] = [parse_source(dict(s) if isinstance(s, dict) else s)
+                                          for s in sources]
+        self.load_on_resume = load_on_resume
+        self.repair_load_from = repair_load_from
+        self.load_from_spconv_layout = load_from_spconv_layout
+        self.allow_overlap = allow_overlap
+        self.report_file = report_file
+        self.report: Optional[LoadReport] = None
+        self._load_from_report = None
+        self._resumed = False
+        self._done = False
+        install_checkpoint_loader(trust_checkpoint)
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        """Repair the ``load_from`` checkpoint before MMEngine applies it."""
+        if runner._resume:
+            self._resumed = True
+            if not self.load_on_resume:
+                return
+        if not self.repair_load_from:
+            return
+        model = unwrap_model(runner.model)
+        self._load_from_report = repair_checkpoint(
+            checkpoint, model, filename=str(runner._load_from or 'load_from'),
+            fill_targets=fill_targets_of(model, self.sources),
+            spconv_layout=self.load_from_spconv_layout)
+
+    def before_train(self, runner) -> None:
+        self._load(runner)
+
+    def before_val(self, runner) -> None:
+        self._load(runner)
+
+    def before_test(self, runner) -> None:
+        self._load(runner)
+
+    def _load(self, runner) -> None:
+        if self._done:
+            return
+        self._done = True
+        if self._resumed and not self.load_on_resume:
+            print_log('FusionLoadHook: run resumed from a checkpoint; its weights win, '
+                      'sources not loaded (load_on_resume=True to load them)',
+                      logger='current')
+            return
+        report = LoadReport(title='FusionLoadHook')
+        if self.sources:
+            ema = [h.ema_model.module for h in runner.hooks
+                   if isinstance(h, EMAHook) and hasattr(h, 'ema_model')]
+            report = load_sources(runner.model, self.sources,
+                                  allow_overlap=self.allow_overlap,
+                                  extra_models=ema, logger=None,
+                                  title='FusionLoadHook')
+        if self._load_from_report is not None:
+            report.sources.insert(0, self._load_from_report)
+        self.report = report
+        print_log('\n' + report.format(), logger='current')
+        if self.report_file and is_main_process() and runner.work_dir:
+            report.to_json(osp.join(runner.work_dir, self.report_file))

@@ -1,0 +1,106 @@
+"""Repair a checkpoint dict in place before MMEngine applies it (``load_from``)."""
+from collections import OrderedDict
+from typing import Any, Dict, MutableMapping, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .containers import unwrap
+from .modality import resolve_targets
+from .repairs import Entry, RepairProblem, repairs_in_order
+from .repairs.spconv_layout import MMCV, SPCONV2, module_layout
+from .report import SourceReport
+from .source import SourceSpec
+
+# ``_metadata`` version that tells MMDetection3D's spconv 2.x override the
+# kernel is already in its layout (it permutes when the version is below 2).
+LAYOUT_VERSION = {SPCONV2: 2, MMCV: 1}
+
+
+def repair_checkpoint(checkpoint: MutableMapping[str, Any],
+                      model: nn.Module,
+                      filename: str = 'load_from',
+                      fill_targets: Sequence[str] = (),
+                      spconv_layout: str = 'auto') -> SourceReport:
+    """Repair ``checkpoint`` in place so that MMEngine loads it into ``model``.
+
+    Unwraps containers into ``checkpoint['state_dict']``, strips wrapper
+    prefixes, runs the registered repairs on every key the model has (sparse
+    kernels are permuted into the model's layout and their ``_metadata``
+    version set to match, so MMDetection3D's override neither permutes twice
+    nor skips), leaves derived tensors to the model, and fills keys of
+    ``fill_targets`` (modules another source will load) with the model's
+    current tensors so MMEngine does not list them as missing.
+
+    Args:
+        checkpoint (MutableMapping): What MMEngine read; modified in place.
+        model (nn.Module): The unwrapped model.
+        filename (str): For messages and the report.
+        fill_targets (Sequence[str]): Submodule names filled when absent.
+        spconv_layout (str): Layout of the checkpoint's sparse kernels.
+
+    Returns:
+        SourceReport: What was repaired.
+    """
+    ckpt = unwrap(checkpoint, filename)
+    report = SourceReport(filename, 'load_from', targets=['<model>'],
+                          container=ckpt.container, prefix='identity',
+                          stripped=list(ckpt.stripped))
+    spec = SourceSpec(checkpoint=filename, spconv_layout=spconv_layout)
+    model_state = dict(model.state_dict(keep_vars=True))
+    metadata: Dict[str, dict] = OrderedDict(ckpt.metadata)
+    state: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
+    repairs = repairs_in_order()
+    problems = []
+    for key, tensor in ckpt.state.items():
+        target = model_state.get(key)
+        if target is None:
+            report.unexpected.append(key)
+            state[key] = tensor
+            continue
+        mod_name = key.rsplit('.', 1)[0] if '.' in key else ''
+        module = model.get_submodule(mod_name)
+        version = (metadata.get(mod_name) or {}).get('version')
+        entry = Entry(key, key, tensor, target, module, mod_name, version, spec, filename)
+        try:
+            for repair in repairs:
+                repair(entry)
+                if entry.skip:
+                    break
+        except RepairProblem as e:
+            problems.append(str(e))
+            state[key] = tensor
+            continue
+        if entry.skip:
+            report.regenerated.append(key)
+            state[key] = target.detach()
+            continue
+        state[key] = entry.materialize() if entry.steps else tensor
+        report.loaded.append(key)
+        for name, _ in entry.steps:
+            report.adapted.setdefault(name, []).append(key)
+        layout = module_layout(module)
+        if layout is not None:
+            info = dict(metadata.get(mod_name) or {})
+            info['version'] = LAYOUT_VERSION[layout]
+            metadata[mod_name] = info
+    fill = [t for t in fill_targets if t]
+    if fill:
+        for key, value in model_state.items():
+            if key not in state and any(key.startswith(t + '.') for t in fill):
+                state[key] = value.detach()
+                report.new.append(key)
+    state._metadata = metadata  # type: ignore[attr-defined]
+    if ckpt.container == '<bare>':
+        checkpoint.clear()
+    checkpoint['state_dict'] = state
+    report.mismatched = problems
+    return report
+
+
+def fill_targets_of(model: nn.Module, sources: Sequence[SourceSpec]) -> list:
+    """Target submodules of the given sources (for :func:`repair_checkpoint`)."""
+    out = []
+    for spec in sources:
+        out += [t for t in resolve_targets(model, spec.modality, spec.modules) if t not in out]
+    return out

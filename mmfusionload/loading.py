@@ -1,0 +1,298 @@
+"""Load several checkpoints into one model, each into its own submodules.
+
+The pipeline, top to bottom: read -> unwrap -> rename -> select modality ->
+plan against the model -> validate -> apply -> report. Nothing is written
+into the model until every source has been planned and validated.
+"""
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+from mmengine.logging import print_log
+from mmengine.model import is_model_wrapper
+
+from .containers import Unwrapped, unwrap
+from .errors import FusionLoadError
+from .modality import resolve_targets
+from .prefix import Alignment, auto_alignment, explicit_alignment
+from .presets import KeyPreset, get_preset, rename_keys
+from .reader import read_checkpoint
+from .repairs import Entry, RepairProblem, is_derived, repairs_in_order
+from .report import LoadReport, SourceReport, compress_keys
+from .source import SourceSpec, parse_source
+
+SourceLike = Union[SourceSpec, Dict[str, Any]]
+# Model keys a checkpoint may lack without being "missing".
+OPTIONAL_KEYS = (r'(^|\.)num_batches_tracked$', )
+
+
+@dataclass
+class SourcePlan:
+    """Everything one source would write, checked but not yet applied."""
+    spec: SourceSpec
+    report: SourceReport
+    entries: List[Entry] = field(default_factory=list)
+    problems: List[str] = field(default_factory=list)
+
+    @property
+    def to_load(self) -> List[Entry]:
+        return [e for e in self.entries if e.skip is None]
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside a DDP/FSDP/MMEngine wrapper."""
+    return model.module if is_model_wrapper(model) else model
+
+
+def _under(key: str, targets: Sequence[str]) -> Optional[str]:
+    for t in targets:
+        if t == '' or key == t or key.startswith(t + '.'):
+            return t
+    return None
+
+
+def read_source(spec: SourceSpec) -> Unwrapped:
+    """Read and unwrap one source's checkpoint (on CPU, memory-mapped when possible)."""
+    raw = read_checkpoint(spec.checkpoint, map_location='cpu',
+                          trust_checkpoint=spec.trust_checkpoint)
+    return unwrap(raw, spec.checkpoint, prefer_ema=spec.prefer_ema)
+
+
+def plan_source(model: nn.Module,
+                spec: SourceSpec,
+                ckpt: Unwrapped,
+                model_state: Optional[Dict[str, torch.Tensor]] = None) -> SourcePlan:
+    """Plan one source against the live model.
+
+    Args:
+        model (nn.Module): The unwrapped model.
+        spec (SourceSpec): The source.
+        ckpt (Unwrapped): Its checkpoint tensors.
+        model_state (dict, optional): ``model.state_dict(keep_vars=True)``,
+            shared between sources.
+
+    Returns:
+        SourcePlan: Entries, report and problems (none raised here).
+    """
+    fname = spec.checkpoint
+    report = SourceReport(fname, spec.label, container=ckpt.container,
+                          stripped=list(ckpt.stripped))
+    plan = SourcePlan(spec, report)
+    try:
+        targets = resolve_targets(model, spec.modality, spec.modules)
+        preset: Optional[KeyPreset] = get_preset(spec.preset) if spec.preset else None
+    except FusionLoadError as e:
+        plan.problems += e.problems
+        return plan
+    report.targets = targets
+    if preset is not None and preset.spconv_layout and spec.spconv_layout == 'auto':
+        spec.spconv_layout = preset.spconv_layout
+    state = ckpt.state
+    if preset is not None and preset.convert is not None:
+        state = preset.convert(dict(state))
+    if model_state is None:
+        model_state = dict(model.state_dict(keep_vars=True))
+    targeted = {k: v for k, v in model_state.items() if _under(k, targets) is not None}
+
+    try:
+        renamed = rename_keys(list(state), spec.rename, preset, fname)
+        shapes = {new: tuple(state[old].shape) for new, old in renamed.items()}
+        tshapes = {k: tuple(v.shape) for k, v in targeted.items()}
+        if spec.prefix == 'auto':
+            align: Alignment = auto_alignment(shapes, tshapes, targets, fname)
+        else:
+            align = explicit_alignment(list(shapes), spec.prefix, shapes, tshapes)
+            if align.score == 0:
+                raise FusionLoadError(
+                    [f'{fname}: prefix {spec.prefix} places no tensor on the targeted '
+                     f'modules ({", ".join(targets)})'], 'no matching keys')
+    except FusionLoadError as e:
+        plan.problems += e.problems
+        return plan
+    report.prefix = align.describe()
+    report.ignored = len(state) - len(align.mapping)
+
+    excludes = [re.compile(p) for p in spec.exclude]
+    modules: Dict[str, nn.Module] = {}
+    for key, new in align.mapping.items():
+        file_key = renamed[new]
+        if _under(key, targets) is None:
+            report.ignored += 1
+            continue
+        if key not in targeted:
+            report.unexpected.append(key)
+            continue
+        if any(p.search(key) for p in excludes):
+            report.excluded.append(key)
+            continue
+        mod_name = key.rsplit('.', 1)[0] if '.' in key else ''
+        if mod_name not in modules:
+            modules[mod_name] = model.get_submodule(mod_name)
+        file_mod = file_key.rsplit('.', 1)[0] if '.' in file_key else ''
+        version = (ckpt.metadata.get(file_mod) or {}).get('version')
+        plan.entries.append(Entry(key, file_key, state[file_key], targeted[key],
+                                  modules[mod_name], mod_name, version, spec, fname))
+
+    repairs = repairs_in_order()
+    for e in plan.entries:
+        try:
+            for repair in repairs:
+                repair(e)
+                if e.skip:
+                    break
+        except RepairProblem as err:
+            plan.problems.append(str(err))
+            report.mismatched.append(f'{e.key}: {list(e.source.shape)} vs '
+                                     f'{list(e.target.shape)}')
+            e.skip = 'error'
+            continue
+        if e.skip:
+            report.regenerated.append(e.key)
+        elif e.shape != tuple(e.target.shape):
+            plan.problems.append(f'{fname}: size mismatch for {e.key} (checkpoint '
+                                 f'{e.file_key}): checkpoint {list(e.source.shape)}, '
+                                 f'model {list(e.target.shape)}')
+            report.mismatched.append(f'{e.key}: {list(e.source.shape)} vs '
+                                     f'{list(e.target.shape)}')
+            e.skip = 'error'
+        else:
+            report.loaded.append(e.key)
+            for name, _ in e.steps:
+                report.adapted.setdefault(name, []).append(e.key)
+
+    _account(plan, targets, targeted, preset, excludes)
+    return plan
+
+
+def _account(plan: SourcePlan, targets: List[str], targeted: Dict[str, torch.Tensor],
+             preset: Optional[KeyPreset], excludes) -> None:
+    """Fill kept / missing / new and the strictness problems of a plan."""
+    report, spec = plan.report, plan.spec
+    provided = {_under(e.key, targets) for e in plan.entries}
+    report.kept = [t for t in targets if t not in provided]
+    if not provided - {None}:
+        plan.problems.append(f'{spec.checkpoint}: provides nothing for the targeted '
+                             f'modules ({", ".join(t or "<model>" for t in targets)})')
+        return
+    if spec.strict == 'all' and report.kept:
+        plan.problems.append(f'{spec.checkpoint}: strict="all" but nothing arrives for '
+                             f'{", ".join(report.kept)}')
+    arrived = {e.key for e in plan.entries}
+    for key in targeted:
+        if key in arrived or _under(key, targets) not in provided:
+            continue
+        if (any(p.search(key) for p in excludes) or is_derived(key)
+                or any(re.search(p, key) for p in OPTIONAL_KEYS)):
+            continue
+        if preset is not None and preset.is_new(key):
+            report.new.append(key)
+            continue
+        report.missing.append(key)
+    if report.missing and spec.strict:
+        plan.problems.append(
+            f'{spec.checkpoint}: {len(report.missing)} tensor(s) of the loaded modules '
+            f'get nothing from this checkpoint: {"; ".join(compress_keys(report.missing)[:20])}'
+            " (exclude them, or strict=False to keep their current values)")
+
+
+def validate(plans: Sequence[SourcePlan], allow_overlap: bool = False) -> List[str]:
+    """Check values and overlaps across all plans; return the problems."""
+    problems: List[str] = []
+    for plan in plans:
+        problems += plan.problems
+        if plan.spec.allow_nonfinite:
+            continue
+        for e in plan.to_load:
+            if e.source.is_floating_point() and not bool(torch.isfinite(e.source).all()):
+                bad = int((~torch.isfinite(e.source)).sum())
+                problems.append(f'{e.filename}: {e.file_key} holds {bad} NaN/Inf '
+                                'value(s) (allow_nonfinite=True to load anyway)')
+    writers: Dict[str, str] = {}
+    for plan in plans:
+        for e in plan.to_load:
+            if e.key in writers and not allow_overlap:
+                problems.append(f'{e.key} is written by both {writers[e.key]} and '
+                                f'{e.filename} (allow_overlap=True lets the later win)')
+            writers[e.key] = e.filename
+    return problems
+
+
+@torch.no_grad()
+def apply(plans: Sequence[SourcePlan], extra_models: Sequence[nn.Module] = ()) -> None:
+    """Write every planned tensor into the model (and into ``extra_models``)."""
+    extras = [dict(unwrap_model(m).state_dict(keep_vars=True)) for m in extra_models]
+    for plan in plans:
+        for e in plan.to_load:
+            t = e.materialize()
+            e.target.copy_(t)
+            for state in extras:
+                if e.key in state:
+                    state[e.key].copy_(t)
+
+
+def load_sources(model: nn.Module,
+                 sources: Iterable[SourceLike],
+                 dry_run: bool = False,
+                 allow_overlap: bool = False,
+                 extra_models: Sequence[nn.Module] = (),
+                 logger: Optional[Any] = 'current',
+                 title: str = 'mmfusionload') -> LoadReport:
+    """Load checkpoints into parts of a model, all or nothing.
+
+    Args:
+        model (nn.Module): The model (wrappers are unwrapped).
+        sources (Iterable[dict | SourceSpec]): One per checkpoint; see
+            :class:`~mmfusionload.source.SourceSpec` for the options.
+        dry_run (bool): Plan and validate only; problems are reported in the
+            returned report instead of raised. Defaults to False.
+        allow_overlap (bool): Let a later source overwrite keys an earlier one
+            wrote. Defaults to False.
+        extra_models (Sequence[nn.Module]): Models that receive the same
+            tensors (e.g. an EMA copy).
+        logger: MMEngine logger (or ``'current'``, or None for silence).
+        title (str): Report title.
+
+    Returns:
+        LoadReport: What was (or would be) loaded.
+
+    Raises:
+        FusionLoadError: Any problem in any source, unless ``dry_run``. The
+            model is unchanged when it is raised.
+    """
+    model = unwrap_model(model)
+    specs = []
+    problems: List[str] = []
+    for cfg in sources:
+        try:
+            specs.append(parse_source(cfg))
+        except FusionLoadError as e:
+            problems += e.problems
+    report = LoadReport(dry_run=dry_run, title=title)
+    if not specs and not problems:
+        problems.append('no sources given')
+    model_state = dict(model.state_dict(keep_vars=True))
+    plans: List[SourcePlan] = []
+    for spec in specs:
+        try:
+            ckpt = read_source(spec)
+        except FusionLoadError as e:
+            problems += e.problems
+            report.sources.append(SourceReport(spec.checkpoint, spec.label))
+            continue
+        plan = plan_source(model, spec, ckpt, model_state)
+        plans.append(plan)
+        report.sources.append(plan.report)
+    problems += validate(plans, allow_overlap)
+    report.problems = problems
+    if problems and not dry_run:
+        if logger is not None:
+            print_log(report.format(), logger=logger)
+        raise FusionLoadError(problems, 'checkpoint load failed; the model is unchanged')
+    if not dry_run:
+        apply(plans, extra_models)
+        report.applied = True
+    if logger is not None:
+        print_log('\n' + report.format(), logger=logger)
+    return report

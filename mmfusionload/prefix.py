@@ -1,0 +1,130 @@
+"""Align checkpoint key prefixes with the model's: ``backbone.`` vs ``img_backbone.`` vs none."""
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+from .errors import FusionLoadError
+
+# Prefixes that occur in practice on either side of a mismatch.
+COMMON_PREFIXES = ('', 'backbone.', 'img_backbone.', 'module.', 'model.')
+
+
+@dataclass
+class Alignment:
+    """A prefix rewrite ``strip`` -> ``add`` and the keys it maps.
+
+    Args:
+        pairs (dict[str, str]): Prefix rewrites, checkpoint -> model.
+        mapping (dict[str, str]): Model key -> renamed checkpoint key, for
+            every checkpoint key the rewrite applies to.
+        score (int): Keys landing on a targeted model key of a compatible shape.
+    """
+    pairs: Dict[str, str]
+    mapping: Dict[str, str]
+    score: int = 0
+
+    def describe(self) -> str:
+        return ', '.join(f'{s or "<none>"} -> {a or "<none>"}'
+                         for s, a in self.pairs.items()) or 'identity'
+
+
+def compatible(src: Sequence[int], dst: Sequence[int]) -> bool:
+    """Whether a tensor of shape ``src`` could become ``dst`` by a known repair.
+
+    Equal shapes, a permutation (sparse-conv layouts), or a table resized
+    along its grid with the same number of heads.
+    """
+    src, dst = tuple(src), tuple(dst)
+    if src == dst or sorted(src) == sorted(dst):
+        return True
+    return len(src) == len(dst) == 2 and (src[0] == dst[0] or src[1] == dst[1])
+
+
+def _apply(keys: Sequence[str], pairs: Mapping[str, str]) -> Dict[str, str]:
+    """Model key -> checkpoint key under prefix rewrites (longest prefix wins)."""
+    order = sorted(pairs, key=len, reverse=True)
+    out: Dict[str, str] = {}
+    for key in keys:
+        for strip in order:
+            if key.startswith(strip):
+                new = pairs[strip] + key[len(strip):]
+                out.setdefault(new, key)
+                break
+    return out
+
+
+def _score(mapping: Mapping[str, str], ckpt_shapes: Mapping[str, Sequence[int]],
+           model_shapes: Mapping[str, Sequence[int]]) -> int:
+    return sum(1 for m, c in mapping.items()
+               if m in model_shapes and compatible(ckpt_shapes[c], model_shapes[m]))
+
+
+def explicit_alignment(keys: Sequence[str], pairs: Mapping[str, str],
+                       ckpt_shapes, model_shapes) -> Alignment:
+    """The alignment given by an explicit ``{checkpoint_prefix: model_prefix}``."""
+    mapping = _apply(keys, pairs)
+    return Alignment(dict(pairs), mapping, _score(mapping, ckpt_shapes, model_shapes))
+
+
+def auto_alignment(ckpt_shapes: Mapping[str, Sequence[int]],
+                   model_shapes: Mapping[str, Sequence[int]],
+                   targets: Sequence[str],
+                   filename: str = '') -> Alignment:
+    """Pick the prefix rewrite under which most checkpoint tensors land.
+
+    Tries stripping each common prefix (and each target's name) from the
+    checkpoint keys and adding each target's name (or nothing), scoring every
+    candidate by the number of checkpoint tensors that land on a targeted
+    model key with a compatible shape.
+
+    Args:
+        ckpt_shapes (Mapping[str, Sequence[int]]): Checkpoint key -> shape.
+        model_shapes (Mapping[str, Sequence[int]]): Targeted model key -> shape.
+        targets (Sequence[str]): Target submodule names (``''`` = whole model).
+        filename (str): For messages.
+
+    Returns:
+        Alignment: The best candidate.
+
+    Raises:
+        FusionLoadError: Two different alignments tie, or the best one places
+            less than half of the tensors it could.
+    """
+    keys = list(ckpt_shapes)
+    tnames = [t + '.' for t in targets if t]
+    strips = list(dict.fromkeys(COMMON_PREFIXES + tuple(tnames)))
+    adds = list(dict.fromkeys(('', ) + tuple(tnames)))
+    seen = {}
+    for strip in strips:
+        if strip and not any(k.startswith(strip) for k in keys):
+            continue
+        for add in adds:
+            if strip == add and strip:
+                continue
+            cand = explicit_alignment(keys, {strip: add}, ckpt_shapes, model_shapes)
+            sig = frozenset((m, c) for m, c in cand.mapping.items() if m in model_shapes)
+            if sig not in seen or len(cand.pairs) < len(seen[sig].pairs):
+                seen[sig] = cand
+    ranked = sorted(seen.values(), key=lambda a: a.score, reverse=True)
+    best = ranked[0]
+    need = min(len(keys), len(model_shapes))
+    if best.score == 0:
+        raise FusionLoadError(
+            [f'{filename}: no checkpoint tensor lands on the targeted modules '
+             f'({", ".join(t or "<whole model>" for t in targets)}) under any '
+             f'prefix alignment; checkpoint keys look like '
+             f'{", ".join(keys[:3])}; model keys look like '
+             f'{", ".join(list(model_shapes)[:3])}'], 'no matching keys')
+    ties = [a for a in ranked[1:] if a.score == best.score]
+    if ties:
+        raise FusionLoadError(
+            [f'{filename}: prefix alignments tie at {best.score} tensors: '
+             f'{"; ".join(a.describe() for a in [best] + ties)}; pass '
+             'prefix={checkpoint_prefix: model_prefix} to choose'],
+            'ambiguous prefix')
+    if best.score * 2 < need:
+        raise FusionLoadError(
+            [f'{filename}: best prefix alignment ({best.describe()}) places only '
+             f'{best.score} of {need} tensors; candidates: '
+             f'{"; ".join(f"{a.describe()} ({a.score})" for a in ranked[:4])}; '
+             'is this the right checkpoint for these modules?'], 'poor match')
+    return best

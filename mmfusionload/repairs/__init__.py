@@ -1,0 +1,28 @@
+"""Registered tensor repairs, run on every planned tensor in ``priority`` order.
+
+Add one with ``@REPAIRS.register_module()`` on a :class:`Repair` subclass.
+"""
+from typing import List
+
+from ..registry import REPAIRS
+from .base import Entry, Repair, RepairProblem
+from .derived import SkipDerived, is_derived, register_derived
+from .dtype import CastDtype
+from .pos_bias import (ResizePositionBias, resize_attention_biases,
+                       resize_relative_position_table)
+from .spconv_layout import (SpconvLayout, convert_kernel, kernel_shape,
+                            module_layout, source_layout)
+
+
+def repairs_in_order() -> List[Repair]:
+    """One instance of every registered repair, by ``priority``."""
+    return sorted((cls() for cls in REPAIRS.module_dict.values()),
+                  key=lambda r: r.priority)
+
+
+__all__ = [
+    'Entry', 'Repair', 'RepairProblem', 'SkipDerived', 'CastDtype',
+    'ResizePositionBias', 'SpconvLayout', 'is_derived', 'register_derived',
+    'repairs_in_order', 'resize_attention_biases', 'resize_relative_position_table',
+    'convert_kernel', 'kernel_shape', 'module_layout', 'source_layout'
+]

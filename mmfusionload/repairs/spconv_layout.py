@@ -1,0 +1,119 @@
+"""spconv kernel layout: spconv 2.x ``[out, *k, in]`` vs MMCV/spconv 1.x ``[*k, in, out]``."""
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..registry import REPAIRS
+from .base import Entry, Repair, RepairProblem
+
+SPCONV2 = 'spconv2'
+MMCV = 'mmcv'
+LAYOUTS = (SPCONV2, MMCV)
+
+# (module prefix, base class name) -> layout its ``weight`` is held in.
+SPARSE_CONV_CLASSES: Dict[Tuple[str, str], str] = {
+    ('spconv.pytorch', 'SparseConvolution'): SPCONV2,
+    ('mmcv.ops', 'SparseConvolution'): MMCV,
+}
+
+
+def module_layout(module: nn.Module) -> Optional[str]:
+    """The kernel layout of a sparse-conv module, from its class; None otherwise."""
+    for cls in type(module).__mro__:
+        for (prefix, name), layout in SPARSE_CONV_CLASSES.items():
+            if cls.__name__ == name and cls.__module__.startswith(prefix):
+                return layout
+    return None
+
+
+def kernel_shape(module: nn.Module, layout: str) -> Tuple[int, ...]:
+    """The weight shape ``module`` would have in ``layout``."""
+    k = module.kernel_size
+    k = tuple(k) if isinstance(k, (tuple, list)) else (k, ) * module.ndim
+    cin, cout = module.in_channels, module.out_channels
+    if getattr(module, 'groups', 1) not in (1, None):
+        cin = cin // module.groups
+    return (cout, *k, cin) if layout == SPCONV2 else (*k, cin, cout)
+
+
+def permutation(src: str, dst: str, nk: int) -> Tuple[int, ...]:
+    """Dimension order that turns a ``src``-layout kernel with ``nk`` kernel dims into ``dst``."""
+    if src == dst:
+        return tuple(range(nk + 2))
+    if src == SPCONV2:  # [out, k.., in] -> [k.., in, out]
+        return (*range(1, nk + 2), 0)
+    return (nk + 1, *range(nk + 1))  # [k.., in, out] -> [out, k.., in]
+
+
+def convert_kernel(t: torch.Tensor, src: str, dst: str) -> torch.Tensor:
+    """Permute a sparse-conv kernel between layouts; the result is contiguous."""
+    if src == dst:
+        return t
+    return t.permute(permutation(src, dst, t.dim() - 2)).contiguous()
+
+
+def source_layout(module: nn.Module, shape: Tuple[int, ...], option: str,
+                  file_version: Optional[int], where: str) -> str:
+    """Decide the layout of a checkpoint kernel.
+
+    In order: an explicit option, the checkpoint's ``_metadata`` version for the
+    module (2 means spconv 2.x), then the shape given the module's kernel size
+    and channels.
+
+    Args:
+        module (nn.Module): The live sparse-conv module.
+        shape (tuple): The checkpoint tensor's shape.
+        option (str): ``'auto'``, ``'spconv2'`` or ``'mmcv'``.
+        file_version (int, optional): ``_metadata`` version, if recorded.
+        where (str): File and key, for messages.
+
+    Returns:
+        str: ``'spconv2'`` or ``'mmcv'``.
+    """
+    fits = {lay: kernel_shape(module, lay) == tuple(shape) for lay in LAYOUTS}
+    if option != 'auto':
+        layout, why = option, f'spconv_layout={option!r}'
+    elif file_version is not None:
+        layout = SPCONV2 if file_version >= 2 else MMCV
+        why = f'checkpoint _metadata version {file_version}'
+    elif fits[SPCONV2] and fits[MMCV]:
+        raise RepairProblem(
+            f'{where}: shape {list(shape)} fits both the spconv2 [out,*k,in] and '
+            'the mmcv [*k,in,out] kernel layout and the checkpoint has no '
+            "_metadata; set spconv_layout='spconv2' or 'mmcv' on this source")
+    elif fits[SPCONV2] or fits[MMCV]:
+        return SPCONV2 if fits[SPCONV2] else MMCV
+    else:
+        raise RepairProblem(
+            f'{where}: shape {list(shape)} is neither the spconv2 layout '
+            f'{list(kernel_shape(module, SPCONV2))} nor the mmcv layout '
+            f'{list(kernel_shape(module, MMCV))} of this module')
+    if not fits[layout]:
+        raise RepairProblem(
+            f'{where}: {why} says {layout} layout, expected shape '
+            f'{list(kernel_shape(module, layout))}, but the checkpoint has {list(shape)}')
+    return layout
+
+
+@REPAIRS.register_module()
+class SpconvLayout(Repair):
+    """Permute sparse-conv kernels into the live module's layout."""
+    name = 'spconv_layout'
+    priority = 10
+
+    def __call__(self, entry: Entry) -> None:
+        dst = module_layout(entry.module)
+        if dst is None or entry.param_name != 'weight' or len(entry.shape) < 3:
+            return
+        where = f'{entry.filename}: {entry.file_key} -> {entry.key}'
+        if tuple(entry.target.shape) != kernel_shape(entry.module, dst):
+            raise RepairProblem(
+                f'{where}: the live {type(entry.module).__name__} holds '
+                f'{list(entry.target.shape)}, not its class layout {dst}')
+        option = getattr(entry.options, 'spconv_layout', 'auto')
+        src = source_layout(entry.module, entry.shape, option, entry.file_version, where)
+        if src != dst:
+            entry.add_step(self.name,
+                           lambda t, s=src, d=dst: convert_kernel(t, s, d),
+                           shape=entry.target.shape)

@@ -1,0 +1,185 @@
+"""The load report: what went where, what was repaired, what is missing."""
+import io
+import json
+import re
+from collections import OrderedDict, defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Dict, Iterable, List, Optional
+
+_NUM = re.compile(r'^\d+$')
+
+
+def _fmt_ints(values: Iterable[str]) -> str:
+    nums = sorted({int(v) for v in values})
+    if len(nums) == 1:
+        return str(nums[0])
+    runs, start = [], nums[0]
+    for prev, cur in zip(nums, nums[1:] + [None]):
+        if cur != prev + 1 if cur is not None else True:
+            runs.append(str(start) if start == prev else
+                        f'{start}..{prev}' if prev > start + 1 else f'{start},{prev}')
+            start = cur
+    return '{' + ','.join(runs) + '}'
+
+
+def compress_keys(keys: Iterable[str]) -> List[str]:
+    """Group keys that differ only in numeric components.
+
+    ``stages.0.blocks.0.w`` ... ``stages.3.blocks.5.w`` becomes
+    ``stages.{0..3}.blocks.{0..5}.w`` when every combination is present;
+    groups are merged one numeric position at a time, from the last, so the
+    result never names a key that is not in the input.
+
+    Args:
+        keys (Iterable[str]): Dotted keys.
+
+    Returns:
+        list[str]: Compressed patterns, sorted.
+    """
+    items = [k.split('.') for k in dict.fromkeys(keys)]
+    width = max((len(p) for p in items), default=0)
+    for pos in reversed(range(width)):
+        groups: 'OrderedDict[tuple, List[str]]' = OrderedDict()
+        passthrough = []
+        for parts in items:
+            if pos < len(parts) and _NUM.match(parts[pos]):
+                sig = (len(parts), tuple(parts[:pos]), tuple(parts[pos + 1:]))
+                groups.setdefault(sig, []).append(parts[pos])
+            else:
+                passthrough.append(parts)
+        merged = []
+        for (_, head, tail), values in groups.items():
+            merged.append(list(head) + [_fmt_ints(values)] + list(tail))
+        items = passthrough + merged
+    return sorted('.'.join(p) for p in items)
+
+
+@dataclass
+class SourceReport:
+    """What one source did.
+
+    Args:
+        checkpoint (str): The file.
+        label (str): Modality / modules of the source.
+        targets (list[str]): Target submodules.
+        container (str): Where the state dict was found.
+        prefix (str): The prefix alignment chosen.
+        loaded (list[str]): Model keys written.
+        adapted (dict[str, list[str]]): Repair name -> model keys it changed.
+        excluded (list[str]): Model keys left alone by ``exclude``.
+        missing (list[str]): Model keys of provided modules that got nothing.
+        unexpected (list[str]): Checkpoint keys under a target the model lacks.
+        mismatched (list[str]): ``key: checkpoint shape vs model shape``.
+        regenerated (list[str]): Derived model keys left to the model.
+        new (list[str]): Model keys the source format lacks by design.
+        kept (list[str]): Targets the source provides nothing for.
+        ignored (int): Checkpoint tensors outside the targets.
+        stripped (list[str]): Wrapper prefixes removed.
+    """
+    checkpoint: str
+    label: str
+    targets: List[str] = field(default_factory=list)
+    container: str = ''
+    prefix: str = ''
+    loaded: List[str] = field(default_factory=list)
+    adapted: Dict[str, List[str]] = field(default_factory=dict)
+    excluded: List[str] = field(default_factory=list)
+    missing: List[str] = field(default_factory=list)
+    unexpected: List[str] = field(default_factory=list)
+    mismatched: List[str] = field(default_factory=list)
+    regenerated: List[str] = field(default_factory=list)
+    new: List[str] = field(default_factory=list)
+    kept: List[str] = field(default_factory=list)
+    ignored: int = 0
+    stripped: List[str] = field(default_factory=list)
+
+    def counts(self) -> Dict[str, int]:
+        out = {k: len(getattr(self, k)) for k in (
+            'loaded', 'excluded', 'missing', 'unexpected', 'mismatched',
+            'regenerated', 'new')}
+        out.update({f'adapted:{k}': len(v) for k, v in self.adapted.items()})
+        out['ignored'] = self.ignored
+        return out
+
+    def to_dict(self, compress: bool = True) -> dict:
+        d = asdict(self)
+        d['counts'] = self.counts()
+        if compress:
+            for k in ('loaded', 'excluded', 'missing', 'unexpected',
+                      'regenerated', 'new'):
+                d[k] = compress_keys(d[k])
+            d['adapted'] = {k: compress_keys(v) for k, v in d['adapted'].items()}
+        return d
+
+
+@dataclass
+class LoadReport:
+    """The report of one :func:`~mmfusionload.load_sources` call.
+
+    Args:
+        sources (list[SourceReport]): One per source, in order.
+        dry_run (bool): Whether the model was left untouched on purpose.
+        applied (bool): Whether tensors were written into the model.
+        problems (list[str]): Problems found (a failed load raises instead).
+    """
+    sources: List[SourceReport] = field(default_factory=list)
+    dry_run: bool = False
+    applied: bool = False
+    problems: List[str] = field(default_factory=list)
+    title: str = 'mmfusionload'
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict:
+        return dict(title=self.title, dry_run=self.dry_run, applied=self.applied,
+                    ok=self.ok, problems=list(self.problems),
+                    sources=[s.to_dict() for s in self.sources])
+
+    def to_json(self, path: Optional[str] = None, indent: int = 1) -> str:
+        """Serialize; also write to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=indent)
+        if path:
+            with open(path, 'w', encoding='utf-8') as f:
+                f.write(text)
+        return text
+
+    def format(self, width: int = 120, details: bool = True, max_lines: int = 12) -> str:
+        """Render the report as tables (``rich``), as plain text."""
+        from rich.console import Console
+        from rich.table import Table
+        buf = io.StringIO()
+        console = Console(file=buf, width=width, force_terminal=False,
+                          color_system=None, no_color=True)
+        state = 'dry run' if self.dry_run else ('applied' if self.applied else 'not applied')
+        table = Table(title=f'{self.title}: {len(self.sources)} source(s), {state}')
+        for col in ('source', 'checkpoint', 'targets', 'prefix', 'loaded', 'adapted',
+                    'excluded', 'missing', 'unexpected', 'mismatched', 'kept'):
+            table.add_column(col, overflow='fold')
+        for s in self.sources:
+            adapted = ', '.join(f'{k} {len(v)}' for k, v in s.adapted.items()) or '0'
+            table.add_row(s.label, s.checkpoint, ', '.join(t or '<model>' for t in s.targets),
+                          s.prefix, str(len(s.loaded)), adapted, str(len(s.excluded)),
+                          str(len(s.missing)), str(len(s.unexpected)),
+                          str(len(s.mismatched)), ', '.join(s.kept) or '-')
+        console.print(table)
+        if details:
+            for s in self.sources:
+                for name, keys in [('missing', s.missing), ('mismatched', s.mismatched),
+                                   ('unexpected', s.unexpected), ('excluded', s.excluded),
+                                   ('regenerated', s.regenerated), ('new', s.new)] + \
+                        [(f'adapted ({k})', v) for k, v in s.adapted.items()]:
+                    if not keys:
+                        continue
+                    lines = keys if name == 'mismatched' else compress_keys(keys)
+                    shown = lines[:max_lines]
+                    more = f' … {len(lines) - len(shown)} more' if len(lines) > len(shown) else ''
+                    console.print(f'[{s.label}] {name} ({len(keys)}): '
+                                  + '; '.join(shown) + more, markup=False, highlight=False)
+        for p in self.problems:
+            console.print(f'problem: {p}', markup=False, highlight=False)
+        return buf.getvalue().rstrip()
+
+    def __str__(self) -> str:
+        return self.format()

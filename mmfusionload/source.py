@@ -1,0 +1,96 @@
+"""A source: one checkpoint and what to load from it."""
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+from .errors import FusionLoadError
+
+
+@dataclass
+class SourceSpec:
+    """Options of one source (the dicts given to ``load_sources`` and the hook).
+
+    Args:
+        checkpoint (str): Path or URI MMEngine's ``CheckpointLoader`` knows.
+        modality (str | list[str], optional): Modality preset name(s).
+        modules (list[str], optional): Explicit submodule names.
+        prefix (str | dict): ``'auto'`` or ``{checkpoint_prefix: model_prefix}``.
+        rename (list[tuple[str, str]]): ``(regex, replacement)`` pairs.
+        preset (str, optional): A registered key-mapping preset.
+        spconv_layout (str): ``'auto'``, ``'spconv2'`` or ``'mmcv'``.
+        exclude (list[str]): Regexes of model keys to leave as they are.
+        strict (bool | str): True, False or ``'all'``.
+        prefer_ema (bool): Take the checkpoint's EMA weights when present.
+        allow_nonfinite (bool): Accept NaN/Inf values.
+        trust_checkpoint (bool): Unpickle arbitrary globals (trusted files only).
+        name (str, optional): A label for the report.
+    """
+    checkpoint: str
+    modality: Union[None, str, List[str]] = None
+    modules: Optional[List[str]] = None
+    prefix: Union[str, Dict[str, str]] = 'auto'
+    rename: List[Tuple[str, str]] = field(default_factory=list)
+    preset: Optional[str] = None
+    spconv_layout: str = 'auto'
+    exclude: List[str] = field(default_factory=list)
+    strict: Union[bool, str] = True
+    prefer_ema: bool = False
+    allow_nonfinite: bool = False
+    trust_checkpoint: bool = False
+    name: Optional[str] = None
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        if self.modality is not None:
+            return '+'.join([self.modality] if isinstance(self.modality, str)
+                            else list(self.modality))
+        if self.modules:
+            return ','.join(self.modules)
+        return 'model'
+
+
+ALLOWED = tuple(f.name for f in fields(SourceSpec))
+
+
+def parse_source(cfg: Union[SourceSpec, Dict[str, Any]]) -> SourceSpec:
+    """Check a source dict and turn it into a :class:`SourceSpec`.
+
+    Raises:
+        FusionLoadError: Unknown keys (the message lists the allowed ones),
+            a missing ``checkpoint`` or a bad option value.
+    """
+    if isinstance(cfg, SourceSpec):
+        return cfg
+    if not isinstance(cfg, dict):
+        raise FusionLoadError([f'a source must be a dict, got {type(cfg).__name__}'],
+                              'bad source')
+    problems = []
+    unknown = sorted(set(cfg) - set(ALLOWED))
+    if unknown:
+        problems.append(f'unknown source option(s) {unknown}; allowed: {", ".join(ALLOWED)}')
+    if not cfg.get('checkpoint'):
+        problems.append(f'source {dict(cfg)} has no "checkpoint"')
+    if problems:
+        raise FusionLoadError(problems, 'bad source')
+    spec = SourceSpec(**cfg)
+    spec.checkpoint = str(spec.checkpoint)
+    if spec.spconv_layout not in ('auto', 'spconv2', 'mmcv'):
+        problems.append(f"spconv_layout must be 'auto', 'spconv2' or 'mmcv', "
+                        f'got {spec.spconv_layout!r}')
+    if spec.strict not in (True, False, 'all'):
+        problems.append(f"strict must be True, False or 'all', got {spec.strict!r}")
+    if not (spec.prefix == 'auto' or isinstance(spec.prefix, dict)):
+        problems.append("prefix must be 'auto' or a {checkpoint_prefix: model_prefix} "
+                        f'dict, got {spec.prefix!r}')
+    if isinstance(spec.exclude, str):
+        spec.exclude = [spec.exclude]
+    if isinstance(spec.modules, str):
+        spec.modules = [spec.modules]
+    rules: Sequence = spec.rename or []
+    if any(not (isinstance(r, (list, tuple)) and len(r) == 2) for r in rules):
+        problems.append(f'rename must be a list of (regex, replacement) pairs, got {rules!r}')
+    spec.rename = [tuple(r) for r in rules]  # type: ignore[misc]
+    if problems:
+        raise FusionLoadError(problems, 'bad source')
+    return spec
