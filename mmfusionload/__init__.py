@@ -5,6 +5,7 @@ Importing the package registers ``FusionLoadHook`` (MMEngine ``HOOKS``), the
 key-mapping presets and the tensor repairs.
 """
 from .errors import FusionLoadError
+from . import models  # noqa: F401  (registers EfficientViT)
 from .hooks import FusionLoadHook
 from .load_from import repair_checkpoint
 from .loading import load_sources, plan_source, read_source

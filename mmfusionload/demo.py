@@ -37,13 +37,32 @@ SWIN_T = dict(
     patch_norm=True, out_indices=[1, 2, 3], with_cp=False, convert_weights=True)
 
 
+def _bevfusion_sparse_encoder(**cfg) -> nn.Module:
+    """MMDetection3D's ``SparseEncoder`` with the BEVFusion project's ``conv_out``.
+
+    ``projects/BEVFusion``'s ``BEVFusionSparseEncoder`` (not in the mmdet3d
+    wheel) works in (x, y, z) order, so its last sparse conv has kernel
+    ``(1, 1, 3)`` and stride ``(1, 1, 2)``; every other layer is the parent's.
+    """
+    from mmdet3d.models.layers import make_sparse_convmodule
+    from mmdet3d.models.middle_encoders import SparseEncoder
+    enc = SparseEncoder(**cfg)
+    enc.conv_out = make_sparse_convmodule(
+        enc.conv_out[0].in_channels, enc.output_channels, kernel_size=(1, 1, 3),
+        stride=(1, 1, 2), norm_cfg=cfg.get('norm_cfg', dict(type='BN1d', eps=1e-3, momentum=0.01)),
+        padding=0, indice_key='spconv_down2', conv_type='SparseConv3d')
+    return enc
+
+
 def build(cfg: dict) -> nn.Module:
+    """Build an MMDetection3D (or ``mmdet.``-scoped) module from its config."""
     from mmdet3d.registry import MODELS
     from mmdet3d.utils import register_all_modules
     register_all_modules(init_default_scope=False)
     cfg = dict(cfg)
     if cfg['type'] == 'BEVFusionSparseEncoder':
-        cfg['type'] = 'SparseEncoder'  # same parameters; the subclass lives in projects/
+        cfg.pop('type')
+        return _bevfusion_sparse_encoder(**cfg)
     return MODELS.build(cfg)
 
 
@@ -71,11 +90,10 @@ class BEVFusionLike(nn.Module):
 
     def __init__(self, camera: bool = True, lidar: bool = True, encoder_cfg: Optional[dict] = None):
         super().__init__()
-        from mmdet.registry import MODELS as DET
         if camera:
             self.img_backbone = build(SWIN_T)
-            self.img_neck = DET.build(dict(type='FPN', in_channels=[192, 384, 768],
-                                           out_channels=256, num_outs=3))
+            self.img_neck = build(dict(type='mmdet.FPN', in_channels=[192, 384, 768],
+                               out_channels=256, num_outs=3))
             self.view_transform = ViewTransform()
         if lidar:
             self.pts_voxel_encoder = build(dict(type='HardSimpleVFE', num_features=5))

@@ -8,6 +8,7 @@ short list of MMEngine/numpy bookkeeping classes are rebuilt for real; any
 other global is refused with a message naming it. Pass
 ``trust_checkpoint=True`` to load a file you trust completely.
 """
+import _compat_pickle
 import os
 import os.path as osp
 import pickle
@@ -38,8 +39,7 @@ EXTRA_SAFE_GLOBALS = {
     'datetime.timedelta',
     'datetime.date',
 }
-# ``getattr`` is admitted only for these (owner, attribute) pairs: numpy 2
-# pickles its dtype classes as ``getattr(numpy.dtypes, 'Float64DType')``.
+# Modules whose numpy classes ``getattr`` may fetch (see ``_safe_getattr``).
 SAFE_GETATTR_OWNERS = ('numpy', 'numpy.dtypes', 'numpy.core.multiarray',
                        'numpy._core.multiarray')
 
@@ -55,16 +55,25 @@ def _torch_allowed_globals() -> Dict[str, Any]:
 
 
 def _safe_getattr(owner: Any, name: str) -> Any:
-    """``getattr`` restricted to numpy's modules and dtype classes."""
-    owner_name = owner.__name__ if isinstance(owner, ModuleType) else getattr(
-        owner, '__module__', '')
-    if (isinstance(owner, ModuleType) and owner_name in SAFE_GETATTR_OWNERS
-            and not name.startswith('_')):
-        value = getattr(owner, name)
-        if isinstance(value, type) and value.__module__.startswith('numpy'):
-            return value
-    raise pickle.UnpicklingError(
-        f"refusing getattr({owner_name or type(owner).__name__}, {name!r})")
+    """``getattr`` restricted to the uses numpy's and MMEngine's pickles make.
+
+    numpy 2 pickles dtype classes as ``getattr(numpy.dtypes, 'Float64DType')``;
+    MMEngine's ``HistoryBuffer`` pickles its statistics methods as
+    ``getattr(HistoryBuffer, 'mean')``.
+    """
+    if isinstance(owner, ModuleType):
+        if owner.__name__ in SAFE_GETATTR_OWNERS and not name.startswith('_'):
+            value = getattr(owner, name, None)
+            if isinstance(value, type) and value.__module__.startswith('numpy'):
+                return value
+        owner_name = owner.__name__
+    else:
+        from mmengine.logging.history_buffer import HistoryBuffer
+        if (owner is HistoryBuffer or type(owner) is HistoryBuffer) and \
+                name in HistoryBuffer._statistics_methods:
+            return getattr(owner, name)
+        owner_name = getattr(owner, '__name__', type(owner).__name__)
+    raise UnsafeGlobalError(f'getattr({owner_name}, {name!r})')
 
 
 class UnsafeGlobalError(pickle.UnpicklingError):
@@ -86,6 +95,10 @@ def _restricted_pickle_module() -> ModuleType:
     class RestrictedUnpickler(pickle.Unpickler):
 
         def find_class(self, module: str, name: str) -> Any:
+            # protocol-2 pickles name Python 2 modules (``__builtin__``...)
+            if (module, name) in _compat_pickle.NAME_MAPPING:
+                module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
             full = f'{module}.{name}'
             if full in allowed:
                 return allowed[full]

@@ -1,6 +1,7 @@
 """The load report: what went where, what was repaired, what is missing."""
 import io
 import json
+import os.path as osp
 import re
 from collections import OrderedDict, defaultdict
 from dataclasses import asdict, dataclass, field
@@ -154,16 +155,25 @@ class LoadReport:
                           color_system=None, no_color=True)
         state = 'dry run' if self.dry_run else ('applied' if self.applied else 'not applied')
         table = Table(title=f'{self.title}: {len(self.sources)} source(s), {state}')
-        for col in ('source', 'checkpoint', 'targets', 'prefix', 'loaded', 'adapted',
-                    'excluded', 'missing', 'unexpected', 'mismatched', 'kept'):
-            table.add_column(col, overflow='fold')
+        table.add_column('source', overflow='fold')
+        table.add_column('file', overflow='fold')
+        for col in ('loaded', 'adapted', 'excl.', 'missing', 'unexp.', 'mism.'):
+            table.add_column(col, no_wrap=True, justify='right' if col != 'adapted' else 'left')
+        table.add_column('kept', overflow='fold')
         for s in self.sources:
             adapted = ', '.join(f'{k} {len(v)}' for k, v in s.adapted.items()) or '0'
-            table.add_row(s.label, s.checkpoint, ', '.join(t or '<model>' for t in s.targets),
-                          s.prefix, str(len(s.loaded)), adapted, str(len(s.excluded)),
+            table.add_row(s.label, osp.basename(s.checkpoint) or s.checkpoint,
+                          str(len(s.loaded)), adapted, str(len(s.excluded)),
                           str(len(s.missing)), str(len(s.unexpected)),
                           str(len(s.mismatched)), ', '.join(s.kept) or '-')
         console.print(table)
+        for s in self.sources:
+            console.print(f'[{s.label}] {s.checkpoint}: container {s.container or "?"}, '
+                          f'targets {", ".join(t or "<model>" for t in s.targets) or "-"}, '
+                          f'prefix {s.prefix or "-"}'
+                          + (f', stripped {" ".join(s.stripped)}' if s.stripped else '')
+                          + f', {s.ignored} tensor(s) outside the targets',
+                          markup=False, highlight=False)
         if details:
             for s in self.sources:
                 for name, keys in [('missing', s.missing), ('mismatched', s.mismatched),

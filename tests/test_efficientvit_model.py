@@ -2,7 +2,6 @@
 classification network, detection-mode shapes, freezing and registry build."""
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,9 +11,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmfusionload.models import EfficientViT, attention_bias_idxs
 from mmfusionload.models.efficientvit import LocalWindowAttention
-
-sys.path.insert(0, str(Path(__file__).parent))
-from reference.cream_efficientvit import build as build_reference  # noqa: E402
+from reference.cream_efficientvit import build as build_reference
 
 ARCHS = ['m0', 'm1', 'm2', 'm3', 'm4', 'm5']
 EMBED_DIMS = {'m0': (64, 128, 192), 'm1': (128, 144, 192), 'm2': (128, 192, 224),
@@ -47,7 +44,9 @@ def randomize_(model, seed=0):
                 continue
             rand = torch.rand(t.shape, generator=g)
             randn = torch.randn(t.shape, generator=g)
-            if name.endswith(('bn.weight', 'running_var')):
+            if name.endswith('bn.weight'):  # small enough to keep activations O(1)
+                t.copy_(0.2 + 0.4 * rand)
+            elif name.endswith('running_var'):
                 t.copy_(0.5 + rand)
             elif name.endswith('attention_biases'):
                 t.copy_(randn)
@@ -146,7 +145,7 @@ def test_window_attention_pads_and_crops():
                 win = (slice(None), slice(None), slice(7 * i, 7 * i + 7),
                        slice(7 * j, 7 * j + 7))
                 expected[win] = lwa.attn(padded[win])
-    torch.testing.assert_close(out, expected[:, :, :9, :16], rtol=0, atol=0)
+    torch.testing.assert_close(out, expected[:, :, :9, :16])
 
 
 def test_frozen_stages_and_norm_eval():

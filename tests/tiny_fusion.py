@@ -23,7 +23,6 @@ class TinyFusion(BaseModel):
     def __init__(self):
         super().__init__()
         from mmcv.ops import Voxelization
-        from mmdet.registry import MODELS as DET
         self.voxel_layer = Voxelization(VOXEL, POINT_RANGE, max_num_points=5, max_voxels=4000)
         self.pts_voxel_encoder = build(dict(type='HardSimpleVFE', num_features=4))
         self.pts_middle_encoder = build(dict(type='SparseEncoder', in_channels=4,
@@ -32,7 +31,7 @@ class TinyFusion(BaseModel):
                                        layer_nums=[1, 1], layer_strides=[1, 2]))
         self.pts_neck = build(dict(type='SECONDFPN', in_channels=[32, 64],
                                    out_channels=[32, 32], upsample_strides=[1, 2]))
-        self.img_backbone = DET.build(dict(type='ResNet', depth=18, num_stages=4,
+        self.img_backbone = build(dict(type='mmdet.ResNet', depth=18, num_stages=4,
                                            out_indices=(3, ), norm_eval=False))
         self.fusion_layer = nn.Sequential(nn.Conv2d(64 + 512, 32, 1, bias=False),
                                           nn.BatchNorm2d(32), nn.ReLU(True))
