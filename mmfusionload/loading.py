@@ -104,7 +104,7 @@ def plan_source(model: nn.Module,
             align: Alignment = auto_alignment(shapes, tshapes, targets, fname)
         else:
             align = explicit_alignment(list(shapes), spec.prefix, shapes, tshapes)
-            if align.score == 0:
+            if align.names == 0:
                 raise FusionLoadError(
                     [f'{fname}: prefix {spec.prefix} places no tensor on the targeted '
                      f'modules ({", ".join(targets)})'], 'no matching keys')

@@ -17,10 +17,16 @@ class Alignment:
         mapping (dict[str, str]): Model key -> renamed checkpoint key, for
             every checkpoint key the rewrite applies to.
         score (int): Keys landing on a targeted model key of a compatible shape.
+        names (int): Keys landing on a targeted model key, whatever its shape.
     """
     pairs: Dict[str, str]
     mapping: Dict[str, str]
     score: int = 0
+    names: int = 0
+
+    @property
+    def rank(self) -> Tuple[int, int]:
+        return (self.score, self.names)
 
     def describe(self) -> str:
         return ', '.join(f'{s or "<none>"} -> {a or "<none>"}'
@@ -62,7 +68,8 @@ def explicit_alignment(keys: Sequence[str], pairs: Mapping[str, str],
                        ckpt_shapes, model_shapes) -> Alignment:
     """The alignment given by an explicit ``{checkpoint_prefix: model_prefix}``."""
     mapping = _apply(keys, pairs)
-    return Alignment(dict(pairs), mapping, _score(mapping, ckpt_shapes, model_shapes))
+    return Alignment(dict(pairs), mapping, _score(mapping, ckpt_shapes, model_shapes),
+                     sum(1 for m in mapping if m in model_shapes))
 
 
 def auto_alignment(ckpt_shapes: Mapping[str, Sequence[int]],
@@ -72,9 +79,10 @@ def auto_alignment(ckpt_shapes: Mapping[str, Sequence[int]],
     """Pick the prefix rewrite under which most checkpoint tensors land.
 
     Tries stripping each common prefix (and each target's name) from the
-    checkpoint keys and adding each target's name (or nothing), scoring every
+    checkpoint keys and adding each target's name (or nothing), ranking every
     candidate by the number of checkpoint tensors that land on a targeted
-    model key with a compatible shape.
+    model key with a compatible shape, then by those landing on a targeted
+    key at all (shape problems are then reported key by key).
 
     Args:
         ckpt_shapes (Mapping[str, Sequence[int]]): Checkpoint key -> shape.
@@ -104,27 +112,27 @@ def auto_alignment(ckpt_shapes: Mapping[str, Sequence[int]],
             sig = frozenset((m, c) for m, c in cand.mapping.items() if m in model_shapes)
             if sig not in seen or len(cand.pairs) < len(seen[sig].pairs):
                 seen[sig] = cand
-    ranked = sorted(seen.values(), key=lambda a: a.score, reverse=True)
+    ranked = sorted(seen.values(), key=lambda a: a.rank, reverse=True)
     best = ranked[0]
     need = min(len(keys), len(model_shapes))
-    if best.score == 0:
+    if best.names == 0:
         raise FusionLoadError(
             [f'{filename}: no checkpoint tensor lands on the targeted modules '
              f'({", ".join(t or "<whole model>" for t in targets)}) under any '
              f'prefix alignment; checkpoint keys look like '
              f'{", ".join(keys[:3])}; model keys look like '
              f'{", ".join(list(model_shapes)[:3])}'], 'no matching keys')
-    ties = [a for a in ranked[1:] if a.score == best.score]
+    ties = [a for a in ranked[1:] if a.rank == best.rank]
     if ties:
         raise FusionLoadError(
             [f'{filename}: prefix alignments tie at {best.score} tensors: '
              f'{"; ".join(a.describe() for a in [best] + ties)}; pass '
              'prefix={checkpoint_prefix: model_prefix} to choose'],
             'ambiguous prefix')
-    if best.score * 2 < need:
+    if best.names * 2 < need:
         raise FusionLoadError(
             [f'{filename}: best prefix alignment ({best.describe()}) places only '
-             f'{best.score} of {need} tensors; candidates: '
-             f'{"; ".join(f"{a.describe()} ({a.score})" for a in ranked[:4])}; '
+             f'{best.names} of {need} tensors; candidates: '
+             f'{"; ".join(f"{a.describe()} ({a.names})" for a in ranked[:4])}; '
              'is this the right checkpoint for these modules?'], 'poor match')
     return best

@@ -261,8 +261,8 @@ def test_unrelated_and_empty_modality(model, tmp_path):
     torch.save(sd, tmp_path / 'l.pth')
     _fails(model, [dict(modality='camera', checkpoint=str(tmp_path / 'l.pth'))],
            'l.pth', 'no checkpoint tensor lands')
-    _fails(model, [dict(modality='radar', checkpoint=str(tmp_path / 'l.pth'))],
-           "unknown modality 'radar'", 'camera')
+    _fails(model, [dict(modality='sonar', checkpoint=str(tmp_path / 'l.pth'))],
+           "unknown modality 'sonar'", 'camera')
     _fails(model, [dict(modules=['pts_bbox_head'], checkpoint=str(tmp_path / 'l.pth'))],
            "no submodule 'pts_bbox_head'", 'img_backbone, img_neck')
     _fails(model, [dict(modality='lidar', checkpoint=str(tmp_path / 'l.pth'), stict=True)],
