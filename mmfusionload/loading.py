@@ -5,7 +5,7 @@ plan against the model -> validate -> apply -> report. Nothing is written
 into the model until every source has been planned and validated.
 """
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
@@ -88,7 +88,7 @@ def plan_source(model: nn.Module,
         return plan
     report.targets = targets
     if preset is not None and preset.spconv_layout and spec.spconv_layout == 'auto':
-        spec.spconv_layout = preset.spconv_layout
+        spec = replace(spec, spconv_layout=preset.spconv_layout)
     state = ckpt.state
     if preset is not None and preset.convert is not None:
         state = preset.convert(dict(state))

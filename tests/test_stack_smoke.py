@@ -13,52 +13,18 @@ import torch
 
 import mmcv
 import mmcv.ops
+from mmfusionload import demo
 from mmfusionload.compat import patch_spconv_cpu_stream, spconv_available
 
 MANIFEST = 'mmdet3d_bevfusion_lidar-cam_spconv2'
 
-# --- BEVFusion nuScenes config values (projects/BEVFusion/configs) ---
-SPARSE_ENCODER = dict(
-    type='SparseEncoder',
-    in_channels=5,
-    sparse_shape=[1440, 1440, 41],
-    order=('conv', 'norm', 'act'),
-    norm_cfg=dict(type='BN1d', eps=0.001, momentum=0.01),
-    encoder_channels=((16, 16, 32), (32, 32, 64), (64, 64, 128), (128, 128)),
-    encoder_paddings=((0, 0, 1), (0, 0, 1), (0, 0, (1, 1, 0)), (0, 0)),
-    block_type='basicblock')
-SECOND_CFG = dict(
-    type='SECOND',
-    in_channels=256,
-    out_channels=[128, 256],
-    layer_nums=[5, 5],
-    layer_strides=[1, 2],
-    norm_cfg=dict(type='BN', eps=0.001, momentum=0.01),
-    conv_cfg=dict(type='Conv2d', bias=False))
-SECONDFPN_CFG = dict(
-    type='SECONDFPN',
-    in_channels=[128, 256],
-    out_channels=[256, 256],
-    upsample_strides=[1, 2],
-    norm_cfg=dict(type='BN', eps=0.001, momentum=0.01),
-    upsample_cfg=dict(type='deconv', bias=False),
-    use_conv_for_no_stride=True)
-SWIN_T = dict(
-    type='SwinTransformer',
-    embed_dims=96,
-    depths=[2, 2, 6, 2],
-    num_heads=[3, 6, 12, 24],
-    window_size=7,
-    mlp_ratio=4,
-    qkv_bias=True,
-    qk_scale=None,
-    drop_rate=0.,
-    attn_drop_rate=0.,
-    drop_path_rate=0.2,
-    patch_norm=True,
-    out_indices=[1, 2, 3],
-    with_cp=False,
-    convert_weights=True)
+# BEVFusion nuScenes config values (projects/BEVFusion/configs), built here
+# straight through the registries: MMDetection3D's own SparseEncoder and
+# MMDetection's SwinTransformer.
+SPARSE_ENCODER = dict(demo.SPARSE_ENCODER, type='SparseEncoder')
+SECOND_CFG = demo.SECOND_CFG
+SECONDFPN_CFG = demo.SECONDFPN_CFG
+SWIN_T = dict(demo.SWIN_T, type='SwinTransformer')
 
 # BEVFusion's own ``BEVFusionSparseEncoder`` works in (x, y, z) order, so its
 # ``conv_out`` kernel is (1, 1, 3); MMDetection3D's ``SparseEncoder`` (z, y, x)
