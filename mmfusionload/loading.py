@@ -171,7 +171,8 @@ def _account(plan: SourcePlan, targets: List[str], targeted: Dict[str, torch.Ten
     """Fill kept / missing / new and the strictness problems of a plan."""
     report, spec = plan.report, plan.spec
     provided = {_under(e.key, targets) for e in plan.entries}
-    report.kept = [t for t in targets if t not in provided]
+    report.kept = [t for t in targets if t not in provided
+                   and any(_under(k, [t]) for k in targeted)]
     if not provided - {None}:
         plan.problems.append(f'{spec.checkpoint}: provides nothing for the targeted '
                              f'modules ({", ".join(t or "<model>" for t in targets)})')

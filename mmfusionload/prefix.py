@@ -29,6 +29,8 @@ class Alignment:
         return (self.score, self.names)
 
     def describe(self) -> str:
+        if all(s == a for s, a in self.pairs.items()):
+            return 'identity'
         return ', '.join(f'{s or "<none>"} -> {a or "<none>"}'
                          for s, a in self.pairs.items()) or 'identity'
 

@@ -7,7 +7,8 @@ from collections import OrderedDict, defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Dict, Iterable, List, Optional
 
-_NUM = re.compile(r'^\d+$')
+# a component ending in a number without leading zeros: 'blocks' no, '3' and 'conv1' yes
+_NUM = re.compile(r'^(\D*?)(0|[1-9]\d*)$')
 
 
 def _fmt_ints(values: Iterable[str]) -> str:
@@ -24,12 +25,13 @@ def _fmt_ints(values: Iterable[str]) -> str:
 
 
 def compress_keys(keys: Iterable[str]) -> List[str]:
-    """Group keys that differ only in numeric components.
+    """Group keys that differ only in numbers.
 
     ``stages.0.blocks.0.w`` ... ``stages.3.blocks.5.w`` becomes
-    ``stages.{0..3}.blocks.{0..5}.w`` when every combination is present;
-    groups are merged one numeric position at a time, from the last, so the
-    result never names a key that is not in the input.
+    ``stages.{0..3}.blocks.{0..5}.w`` and ``layer1.conv1`` ... ``layer4.conv2``
+    becomes ``layer{1..4}.conv{1,2}`` when every combination is present;
+    groups are merged one position at a time, from the last, so the result
+    never names a key that is not in the input.
 
     Args:
         keys (Iterable[str]): Dotted keys.
@@ -43,14 +45,15 @@ def compress_keys(keys: Iterable[str]) -> List[str]:
         groups: 'OrderedDict[tuple, List[str]]' = OrderedDict()
         passthrough = []
         for parts in items:
-            if pos < len(parts) and _NUM.match(parts[pos]):
-                sig = (len(parts), tuple(parts[:pos]), tuple(parts[pos + 1:]))
-                groups.setdefault(sig, []).append(parts[pos])
+            m = _NUM.match(parts[pos]) if pos < len(parts) else None
+            if m:
+                sig = (len(parts), tuple(parts[:pos]), m.group(1), tuple(parts[pos + 1:]))
+                groups.setdefault(sig, []).append(m.group(2))
             else:
                 passthrough.append(parts)
         merged = []
-        for (_, head, tail), values in groups.items():
-            merged.append(list(head) + [_fmt_ints(values)] + list(tail))
+        for (_, head, stem, tail), values in groups.items():
+            merged.append(list(head) + [stem + _fmt_ints(values)] + list(tail))
         items = passthrough + merged
     return sorted('.'.join(p) for p in items)
 
