@@ -24,6 +24,8 @@ from .errors import FusionLoadError
 # Globals admitted beside torch's own weights-only allowlist, as 'module.name'.
 EXTRA_SAFE_GLOBALS = {
     'mmengine.logging.history_buffer.HistoryBuffer',
+    # training scripts (timm, Cream, DeiT) save their argparse arguments
+    'argparse.Namespace',
     'numpy.ndarray',
     'numpy.dtype',
     'numpy.core.multiarray._reconstruct',

@@ -357,11 +357,27 @@ class EfficientViT(BaseModule):
     def init_weights(self) -> None:
         """Load ``init_cfg=dict(type='Pretrained', checkpoint=...)`` with the package
         loader (containers, prefixes and attention tables handled there); otherwise
-        MMEngine's default initialisation."""
+        MMEngine's default initialisation.
+
+        Other keys of the ``Pretrained`` dict are source options of
+        :func:`~mmfusionload.loading.load_sources` (``prefer_ema=True``, ``strict``,
+        ``exclude``...; unknown ones are an error). MMEngine's ``prefix='backbone.'``
+        means: only the keys under that prefix, without it. ``map_location`` is
+        accepted and ignored (tensors are read on CPU and copied into the live ones).
+        """
         cfg = self.init_cfg
         if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
             from mmfusionload.loading import load_sources
-            load_sources(self, sources=[dict(checkpoint=cfg['checkpoint'])])
+            load_sources(self, sources=[pretrained_source(cfg)])
             self._is_init = True
         else:
             super().init_weights()
+
+
+def pretrained_source(init_cfg: dict) -> dict:
+    """The :func:`~mmfusionload.loading.load_sources` source of a ``Pretrained`` init_cfg."""
+    src = {k: v for k, v in init_cfg.items() if k not in ('type', 'map_location')}
+    prefix = src.get('prefix')
+    if isinstance(prefix, str) and prefix != 'auto':
+        src['prefix'] = {prefix if prefix.endswith('.') else prefix + '.': ''}
+    return src
