@@ -6,6 +6,7 @@ key-mapping presets and the tensor repairs.
 """
 from .errors import FusionLoadError
 from . import models  # noqa: F401  (registers EfficientViT)
+from . import formats  # noqa: F401
 from .hooks import FusionLoadHook
 from .load_from import repair_checkpoint
 from .loading import load_sources, plan_source, read_source

@@ -1,7 +1,228 @@
-"""The ``mmfusionload`` command line."""
+"""The ``mmfusionload`` command line (also ``python -m mmfusionload``).
+
+Commands:
+
+- ``inspect CONFIG``: dry run of every load the config would do (``load_from`` as
+  ``FusionLoadHook`` repairs it, the hook's sources, extra ``--source``); exit 1 if
+  the real run would fail.
+- ``convert SRC DST``: rewrite a checkpoint into the names and layout a model expects.
+- ``merge --config CONFIG -o OUT SOURCES...``: one initial fusion checkpoint from
+  per-modality checkpoints.
+- ``demo``: the BEVFusion-shaped demo.
+
+Exit codes: 0 success, 1 a load/convert problem (nothing written), 2 bad usage.
+"""
 import argparse
+import contextlib
+import os
+import os.path as osp
 import sys
-from typing import List, Optional
+from typing import Any, Dict, Iterator, List, Optional
+
+from .errors import FusionLoadError
+
+SOURCE_HELP = ('a checkpoint path (the whole model), or comma-separated key=value options '
+               'of a source, e.g. modality=lidar,checkpoint=lidar.pth or '
+               'modality=camera,checkpoint=swin.pth,preset=swin-original; lists join with '
+               "'+' (modality=lidar+head), prefix=CKPT_PREFIX:MODEL_PREFIX")
+LIST_OPTIONS = ('modality', 'modules', 'exclude')
+BOOL_OPTIONS = ('prefer_ema', 'allow_nonfinite', 'trust_checkpoint')
+TRUE, FALSE = ('1', 'true', 'yes', 'on'), ('0', 'false', 'no', 'off')
+
+
+# ---------------------------------------------------------------- helpers
+
+def _bool(key: str, value: str) -> bool:
+    if value.lower() in TRUE:
+        return True
+    if value.lower() in FALSE:
+        return False
+    raise FusionLoadError([f'{key}={value}: expected true or false'], 'bad --source')
+
+
+def parse_source_arg(text: str) -> Dict[str, Any]:
+    """A source dict from ``path`` or ``key=value,key=value`` (see ``SOURCE_HELP``)."""
+    if '=' not in text or (osp.exists(text) and not osp.isdir(text)):
+        return {'checkpoint': text}
+    out: Dict[str, Any] = {}
+    for part in text.split(','):
+        key, eq, value = part.partition('=')
+        key = key.strip().replace('-', '_')
+        if not eq or not key:
+            raise FusionLoadError([f'{text!r}: {part!r} is not key=value'], 'bad --source')
+        if key in LIST_OPTIONS:
+            items = [v for v in value.split('+') if v]
+            out[key] = items[0] if key == 'modality' and len(items) == 1 else items
+        elif key in BOOL_OPTIONS:
+            out[key] = _bool(key, value)
+        elif key == 'strict':
+            out[key] = 'all' if value == 'all' else _bool(key, value)
+        elif key == 'prefix':
+            if value == 'auto':
+                out[key] = 'auto'
+            else:
+                pairs = {}
+                for pair in value.split('+'):
+                    src, colon, dst = pair.partition(':')
+                    if not colon:
+                        raise FusionLoadError(
+                            [f'prefix={value}: expected auto or CKPT_PREFIX:MODEL_PREFIX'],
+                            'bad --source')
+                    pairs[src] = dst
+                out[key] = pairs
+        elif key == 'rename':
+            raise FusionLoadError(['rename= is not supported on the command line; use a '
+                                   'preset or a FusionLoadHook in a config'], 'bad --source')
+        else:
+            out[key] = value
+    return out
+
+
+def _stdout_console():
+    from rich.console import Console
+    width = None if sys.stdout.isatty() else int(os.environ.get('COLUMNS', 0) or 140)
+    return Console(width=width, highlight=False, soft_wrap=False)
+
+
+@contextlib.contextmanager
+def _progress(quiet: bool = False) -> Iterator[Any]:
+    """A ``rich`` progress display on stderr (silent when stderr is not a terminal).
+
+    Yields an object with ``step(description)`` (a spinner line per step) and
+    ``bar(description, total)`` returning an ``advance()`` callable.
+    """
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn,
+                               TextColumn, TimeElapsedColumn)
+    console = Console(stderr=True)
+    progress = Progress(SpinnerColumn(), TextColumn('{task.description}'), BarColumn(),
+                        MofNCompleteColumn(), TimeElapsedColumn(), console=console,
+                        transient=True, disable=quiet or not console.is_terminal)
+
+    class Steps:
+        current: Optional[int] = None
+
+        def step(self, description: str) -> None:
+            if self.current is not None:
+                progress.update(self.current, completed=1, total=1)
+            self.current = progress.add_task(description, total=None)
+
+        def bar(self, description: str, total: int):
+            task = progress.add_task(description, total=total)
+            return lambda: progress.advance(task)
+
+    with progress:
+        yield Steps()
+
+
+def _print_problems(console, err: FusionLoadError) -> None:
+    console.print(str(err), markup=False, highlight=False)
+
+
+def _cfg_options(args) -> Optional[dict]:
+    return dict(args.cfg_options) if getattr(args, 'cfg_options', None) else None
+
+
+# ---------------------------------------------------------------- commands
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .inspection import inspect_config, model_summary, render
+    console = _stdout_console()
+    sources = [parse_source_arg(s) for s in args.source]
+    with _progress(args.quiet) as p:
+        model, results = inspect_config(args.config, sources, _cfg_options(args), p.step)
+    console.print(model_summary(model), markup=False)
+    render(results, console, model)
+    ok = all(r.ok for r in results)
+    if args.json:
+        import json
+        with open(args.json, 'w', encoding='utf-8') as f:
+            json.dump(dict(ok=ok, groups=[dict(r.report.to_dict(), notes=r.notes)
+                                          for r in results]), f, indent=1)
+    console.print('inspect: ' + ('every load would succeed' if ok else
+                                 'the run would FAIL (see the problems above)'),
+                  markup=False)
+    return 0 if ok else 1
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .convert import convert_checkpoint
+    from .inspection import build_model, load_config, render, Inspection
+    from .report import LoadReport
+    console = _stdout_console()
+    model = None
+    options: Dict[str, Any] = {}
+    if args.modality:
+        options['modality'] = args.modality if len(args.modality) > 1 else args.modality[0]
+    if args.modules:
+        options['modules'] = args.modules
+    if args.no_strict:
+        options['strict'] = False
+    if (options or args.cfg_options) and not args.config:
+        raise FusionLoadError(['--modality, --modules, --no-strict and --cfg-options need '
+                               '--config'], 'bad usage')
+    with _progress(args.quiet) as p:
+        if args.config:
+            p.step('building the model')
+            model = build_model(load_config(args.config, _cfg_options(args)))
+        p.step(f'converting {osp.basename(args.src)}')
+        try:
+            result = convert_checkpoint(
+                args.src, args.dst, preset=args.preset, spconv_layout=args.spconv_layout,
+                to_layout=args.to_layout, strip_prefix=args.strip_prefix,
+                add_prefix=args.add_prefix, model=model, source_options=options,
+                trust_checkpoint=args.trust_checkpoint, progress=p.bar,
+                extra_meta=dict(config=osp.abspath(args.config)) if args.config else None)
+        except FusionLoadError as e:
+            report = getattr(e, 'report', None)
+            if report is None:
+                raise
+            render([Inspection('convert', LoadReport([report], dry_run=True,
+                                                     problems=e.problems))], console, model)
+            console.print(f'convert: nothing written to {args.dst}', markup=False)
+            return 1
+    if result.report is not None:
+        render([Inspection('convert', LoadReport([result.report], dry_run=True))], console,
+               model)
+    moved = sum(1 for s, d in result.sparse.values() if s != d)
+    layouts = sorted({d for _, d in result.sparse.values()})
+    console.print(f'wrote {args.dst}: {len(result.state)} tensors'
+                  + (f', {len(result.sparse)} sparse kernel(s) in {"/".join(layouts)} layout'
+                     f' ({moved} permuted)' if result.sparse else '')
+                  + (', verified against the model' if model is not None else ''),
+                  markup=False)
+    for note in result.notes:
+        console.print(f'note: {note}', markup=False)
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from .inspection import Inspection, render
+    from .merge import merge_checkpoints
+    console = _stdout_console()
+    sources = [parse_source_arg(s) for s in args.sources]
+    with _progress(args.quiet) as p:
+        try:
+            model, report, meta = merge_checkpoints(
+                args.config, sources, args.out, _cfg_options(args),
+                init_weights=args.init_weights, allow_overlap=args.allow_overlap,
+                progress=p.step)
+        except FusionLoadError as e:
+            if getattr(e, 'report', None) is None:
+                raise
+            render([Inspection('merge', e.report)], console)
+            console.print(f'merge: nothing written to {args.out}', markup=False)
+            return 1
+    render([Inspection('merge', report)], console, model)
+    untouched = meta['mmfusionload']['not_loaded']
+    if untouched:
+        how = ('their init_weights() values' if args.init_weights else
+               'their constructor values; --init-weights runs init_weights() first')
+        console.print(f'note: no source provides {", ".join(untouched)}: saved with {how}',
+                      markup=False)
+    console.print(f'wrote {args.out}: {len(model.state_dict())} tensors from '
+                  f'{len(report.sources)} source(s)', markup=False)
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -10,10 +231,68 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+# ---------------------------------------------------------------- parser
+
 def build_parser() -> argparse.ArgumentParser:
+    from mmengine.config import DictAction
     parser = argparse.ArgumentParser(
         prog='mmfusionload', description='Per-modality, layout-aware checkpoint loading.')
     sub = parser.add_subparsers(dest='command', required=True)
+
+    def common(p, config=True):
+        if config:
+            p.add_argument('--cfg-options', nargs='+', action=DictAction,
+                           help='override config settings, key=value (MMEngine syntax)')
+        p.add_argument('-q', '--quiet', action='store_true', help='no progress display')
+
+    ins = sub.add_parser('inspect', help='dry-run every checkpoint load a config would do')
+    ins.add_argument('config', help='config file (MMDetection3D/MMDetection)')
+    ins.add_argument('--source', action='append', default=[], metavar='SOURCE',
+                     help='extra source to check (repeatable): ' + SOURCE_HELP)
+    ins.add_argument('--json', metavar='PATH', help='also write the reports as JSON')
+    common(ins)
+    ins.set_defaults(func=_inspect)
+
+    conv = sub.add_parser('convert', help='rewrite a checkpoint into the names and sparse-'
+                          'kernel layout a model expects')
+    conv.add_argument('src', help='input checkpoint (.pth or .safetensors)')
+    conv.add_argument('dst', help='output checkpoint: .pth or .safetensors (by suffix); '
+                      'never the input')
+    conv.add_argument('--preset', help='key preset (mit-bevfusion, swin-original, '
+                      'cream-efficientvit, or any registered one)')
+    conv.add_argument('--spconv-layout', default='auto', choices=('auto', 'spconv2', 'mmcv'),
+                      help="layout of the input's sparse kernels (default: the preset's, "
+                      'else _metadata, else the shape)')
+    conv.add_argument('--to-layout', choices=('spconv2', 'mmcv'),
+                      help="layout to write (default: the model's with --config, else "
+                      'unchanged)')
+    conv.add_argument('--config', help='build this model and let it decide names and layout '
+                      '(verifies every tensor fits)')
+    conv.add_argument('--modality', action='append', help='with --config: load only these '
+                      'modalities (repeatable)')
+    conv.add_argument('--modules', action='append', help='with --config: load only these '
+                      'submodules (repeatable)')
+    conv.add_argument('--no-strict', action='store_true', help='with --config: allow tensors '
+                      'of the loaded modules to be missing from the input')
+    conv.add_argument('--strip-prefix', metavar='P', help='remove P from the keys')
+    conv.add_argument('--add-prefix', metavar='P', help='prepend P to the keys')
+    conv.add_argument('--trust-checkpoint', action='store_true',
+                      help='unpickle arbitrary objects (only for files you trust)')
+    common(conv)
+    conv.set_defaults(func=_convert)
+
+    mer = sub.add_parser('merge', help='one initial fusion checkpoint from per-modality '
+                         'checkpoints')
+    mer.add_argument('--config', required=True, help='the fusion model config')
+    mer.add_argument('-o', '--out', required=True, help='output (.pth or .safetensors)')
+    mer.add_argument('sources', nargs='+', metavar='SOURCE', help=SOURCE_HELP)
+    mer.add_argument('--init-weights', action='store_true',
+                     help='run model.init_weights() before loading (as the Runner does)')
+    mer.add_argument('--allow-overlap', action='store_true',
+                     help='let a later source overwrite tensors an earlier one wrote')
+    common(mer)
+    mer.set_defaults(func=_merge)
+
     demo = sub.add_parser('demo', help='load mismatched LiDAR and camera checkpoints into a '
                           'BEVFusion-shaped model and print the report')
     demo.add_argument('--work-dir', default=None, help='where to write the checkpoints')
@@ -23,7 +302,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except FusionLoadError as e:
+        _print_problems(_stdout_console(), e)
+        return 1
+    except (KeyError, ValueError, TypeError, ImportError, OSError, SyntaxError) as e:
+        # config and registry errors: one line, no traceback (MMFUSIONLOAD_DEBUG=1 for it)
+        if os.environ.get('MMFUSIONLOAD_DEBUG'):
+            raise
+        msg = str(e).strip().splitlines()
+        print(f'error: {type(e).__name__}: {msg[0] if msg else ""}', file=sys.stderr)
+        return 1
 
 
 if __name__ == '__main__':

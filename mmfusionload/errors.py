@@ -12,7 +12,12 @@ class FusionLoadError(RuntimeError):
         problems (Iterable[str]): One line per problem, each naming the file,
             the key and the shapes involved where they apply.
         title (str): First line of the message.
+
+    Attributes:
+        report (LoadReport, optional): The report of the failed load, when the
+            error comes from :func:`~mmfusionload.load_sources`.
     """
+    report = None
 
     def __init__(self, problems: Iterable[str], title: str = 'checkpoint load failed'):
         self.problems: List[str] = [str(p) for p in problems]

@@ -7,10 +7,15 @@ import torch.nn as nn
 
 from .containers import unwrap
 from .modality import resolve_targets
-from .repairs import Entry, RepairProblem, repairs_in_order
+from .repairs import Entry, RepairProblem, is_derived, repairs_in_order
 from .repairs.spconv_layout import MMCV, SPCONV2, module_layout
 from .report import SourceReport
 from .source import SourceSpec
+
+def is_optional(key: str) -> bool:
+    """Keys a checkpoint may lack: derived tables and BN's ``num_batches_tracked``."""
+    return is_derived(key) or key.endswith('num_batches_tracked')
+
 
 # ``_metadata`` version that tells MMDetection3D's spconv 2.x override the
 # kernel is already in its layout (it permutes when the version is below 2).
@@ -75,6 +80,11 @@ def repair_checkpoint(checkpoint: MutableMapping[str, Any],
             report.regenerated.append(key)
             state[key] = target.detach()
             continue
+        if entry.shape != tuple(target.shape):
+            problems.append(f'{filename}: size mismatch for {key}: checkpoint '
+                            f'{list(tensor.shape)}, model {list(target.shape)}')
+            state[key] = tensor
+            continue
         state[key] = entry.materialize() if entry.steps else tensor
         report.loaded.append(key)
         for name, _ in entry.steps:
@@ -90,6 +100,7 @@ def repair_checkpoint(checkpoint: MutableMapping[str, Any],
             if key not in state and any(key.startswith(t + '.') for t in fill):
                 state[key] = value.detach()
                 report.new.append(key)
+    report.missing = [k for k in model_state if k not in state and not is_optional(k)]
     state._metadata = metadata  # type: ignore[attr-defined]
     if ckpt.container == '<bare>':
         checkpoint.clear()

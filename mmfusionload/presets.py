@@ -23,7 +23,7 @@ class KeyPreset:
         spconv_layout (str, optional): Layout of the format's sparse-conv
             kernels (``'spconv2'`` or ``'mmcv'``) when the source says
             ``'auto'``.
-        convert (Callable, optional): Whole-dict conversion run after the
+        convert (Callable, optional): Whole-dict conversion run before the
             rules, for formats that need more than renames (returns a dict).
     """
 
@@ -77,11 +77,8 @@ def get_preset(name: str) -> KeyPreset:
     return factory()
 
 
-# A small preset for a checkpoint whose keys carry a foreign top-level name:
-# ``encoders.lidar.backbone.*`` -> ``pts_middle_encoder.*``. The full
-# foreign-format presets live in ``mmfusionload.formats``.
-register_preset('lidar-encoder-rename',
-                KeyPreset([(r'^encoders\.lidar\.backbone\.', 'pts_middle_encoder.')]))
+# The foreign-format presets ('mit-bevfusion', 'swin-original',
+# 'cream-efficientvit') live in ``mmfusionload.formats``.
 
 
 def rename_keys(keys: Sequence[str],

@@ -12,9 +12,12 @@ import _compat_pickle
 import os
 import os.path as osp
 import pickle
+import sys
 import zipfile
+from collections import OrderedDict
 from types import ModuleType
-from typing import Any, Callable, Dict, Optional
+from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional,
+                    Tuple)
 
 import torch
 from mmengine.runner.checkpoint import CheckpointLoader
@@ -41,6 +44,8 @@ EXTRA_SAFE_GLOBALS = {
     'datetime.timedelta',
     'datetime.date',
 }
+# HistoryBuffer's built-in statistics (its registry fills only once one is built).
+HISTORY_BUFFER_STATISTICS = {'min', 'max', 'current', 'mean'}
 # Modules whose numpy classes ``getattr`` may fetch (see ``_safe_getattr``).
 SAFE_GETATTR_OWNERS = ('numpy', 'numpy.dtypes', 'numpy.core.multiarray',
                        'numpy._core.multiarray')
@@ -72,7 +77,7 @@ def _safe_getattr(owner: Any, name: str) -> Any:
     else:
         from mmengine.logging.history_buffer import HistoryBuffer
         if (owner is HistoryBuffer or type(owner) is HistoryBuffer) and \
-                name in HistoryBuffer._statistics_methods:
+                name in HISTORY_BUFFER_STATISTICS | set(HistoryBuffer._statistics_methods):
             return getattr(owner, name)
         owner_name = getattr(owner, '__name__', type(owner).__name__)
     raise UnsafeGlobalError(f'getattr({owner_name}, {name!r})')
@@ -131,22 +136,211 @@ def is_safetensors(path: str) -> bool:
     return len(head) == 9 and head[8:9] == b'{' and head[:4] != _ZIP_MAGIC
 
 
+# ---------------------------------------------------------------------------
+# Memory-mapped tensors: find them, give their pages back, check them cheaply.
+#
+# Both readers return tensors that are views of a private, read-only-in-practice
+# mapping of the file (``torch.load(mmap=True)`` and safetensors' ``safe_open``):
+# reading a tensor faults its pages in, and those pages then count in the
+# process's RSS (as ``RssFile``) until the mapping is dropped. ``release_pages``
+# hands the pages of one tensor back to the page cache after it has been read, so
+# a load's peak RSS stays near one tensor instead of the whole checkpoint; the
+# data is re-read from the page cache on the next access.
+_MADV_DONTNEED = 4
+_MAPPED_ATTR = '_mmfl_mapped'
+_MADVISE: Dict[str, Any] = {}
+
+
+def _madvise() -> Optional[Callable]:
+    """libc's ``madvise`` on Linux, else None (found once)."""
+    if 'fn' not in _MADVISE:
+        fn = None
+        if sys.platform.startswith('linux'):
+            try:
+                import ctypes
+                fn = ctypes.CDLL(None, use_errno=True).madvise
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+                fn.restype = ctypes.c_int
+                _MADVISE['page'] = os.sysconf('SC_PAGE_SIZE')
+            except (OSError, AttributeError, ValueError):  # pragma: no cover
+                fn = None
+        _MADVISE['fn'] = fn
+    return _MADVISE['fn']
+
+
+def _file_mappings(path: str) -> List[Tuple[int, int]]:
+    """Address ranges of this process's private mappings of ``path`` (Linux)."""
+    real = osp.realpath(path)
+    out = []
+    try:
+        with open('/proc/self/maps') as f:
+            for line in f:
+                parts = line.split(None, 5)
+                if len(parts) == 6 and parts[5].rstrip('\n') == real and parts[1][3] == 'p':
+                    lo, hi = parts[0].split('-')
+                    out.append((int(lo, 16), int(hi, 16)))
+    except OSError:  # pragma: no cover - not Linux
+        return []
+    return out
+
+
+def mark_mapped(tensors: Iterable[torch.Tensor], path: str) -> int:
+    """Tag the tensors whose data lies in a private file mapping of ``path``.
+
+    Only tagged tensors are ever released by :func:`release_pages`; a tensor
+    copied out of the file (an older safetensors, a legacy ``.pth``) is left alone.
+
+    Returns:
+        int: How many tensors were tagged.
+    """
+    if _madvise() is None:
+        return 0
+    ranges = None
+    n = 0
+    for t in tensors:
+        if not torch.is_tensor(t) or t.device.type != 'cpu' or t.numel() == 0:
+            continue
+        if ranges is None:
+            ranges = _file_mappings(path)
+            if not ranges:
+                return 0
+        start = t.data_ptr()
+        end = start + t.numel() * t.element_size()
+        if any(lo <= start and end <= hi for lo, hi in ranges):
+            setattr(t, _MAPPED_ATTR, t._version)
+            n += 1
+    return n
+
+
+def release_pages(t: torch.Tensor) -> bool:
+    """Give back the memory pages a memory-mapped checkpoint tensor occupies.
+
+    A no-op for tensors :func:`mark_mapped` did not tag, for tensors written
+    in place since (their version counter moved; a private page written to is
+    no longer the file's), and off Linux. Only whole pages inside the tensor are
+    released, never a neighbour's. The values stay the same: the next read
+    faults the pages in again from the page cache.
+
+    Returns:
+        bool: Whether pages were released.
+    """
+    version = getattr(t, _MAPPED_ATTR, None)
+    if version is None or t._version != version:
+        return False
+    fn = _madvise()
+    if fn is None:
+        return False
+    page = _MADVISE['page']
+    ptr = t.data_ptr()
+    lo = -(-ptr // page) * page
+    hi = (ptr + t.numel() * t.element_size()) // page * page
+    if hi <= lo:
+        return False
+    return fn(lo, hi - lo, _MADV_DONTNEED) == 0
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether a tensor holds no NaN/Inf, in one read and without a mask.
+
+    ``torch.isfinite(t).all()`` writes a bool mask as large as ``t``; a sum is
+    finite only if every element is (NaN and Inf propagate through addition),
+    so the mask is built only when the sum overflows.
+    """
+    if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
+        return True
+    if t.dtype in (torch.float16, torch.bfloat16) or t.dtype.itemsize == 1:
+        s = t.sum(dtype=torch.float32)
+    else:
+        s = t.sum()
+    if bool(torch.isfinite(s).all()):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
+class SafetensorsState(Mapping):
+    """A safetensors file as a lazy ``key -> tensor`` mapping.
+
+    Keys, shapes and dtypes come from the header (:meth:`shape`, :meth:`dtype`);
+    a tensor is created on first access through ``safe_open(...).get_tensor``,
+    which maps the file rather than reading it, so a tensor's data is read only
+    when something reads the tensor. ``_metadata`` carries the module versions
+    stored under the ``module_versions`` metadata key.
+
+    Args:
+        path (str): The file.
+    """
+
+    def __init__(self, path: str):
+        from safetensors import safe_open
+        self.path = path
+        self._file = safe_open(path, framework='pt')
+        self._keys = list(self._file.keys())
+        self._index = set(self._keys)
+        self._cache: Dict[str, torch.Tensor] = {}
+        self.metadata: Dict[str, str] = dict(self._file.metadata() or {})
+        self._mapped: Optional[bool] = None
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        t = self._cache.get(key)
+        if t is None:
+            if key not in self._index:
+                raise KeyError(key)
+            t = self._file.get_tensor(key)
+            if self._mapped is None and t.numel():  # is get_tensor zero-copy? check once
+                self._mapped = mark_mapped([t], self.path) > 0
+            elif self._mapped and t.numel():
+                setattr(t, _MAPPED_ATTR, t._version)
+            self._cache[key] = t
+        return t
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key) -> bool:
+        return key in self._index
+
+    @property
+    def materialized(self) -> List[str]:
+        """Keys whose tensors have been created."""
+        return list(self._cache)
+
+    def shape(self, key: str) -> Tuple[int, ...]:
+        """The tensor's shape, from the header."""
+        return tuple(self._file.get_slice(key).get_shape())
+
+    def dtype(self, key: str) -> str:
+        """The tensor's dtype as safetensors names it (``F32``, ``BF16``...)."""
+        return self._file.get_slice(key).get_dtype()
+
+
 def _read_safetensors(path: str) -> Dict[str, Any]:
-    """Read a safetensors file as a checkpoint dict with ``state_dict`` and ``meta``."""
+    """Read a safetensors file as a checkpoint dict with ``state_dict`` and ``meta``.
+
+    The state dict is a lazy :class:`SafetensorsState` (nothing is read here).
+    """
     import json
 
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-    with safe_open(path, framework='pt') as f:
-        meta = f.metadata() or {}
-    state = load_file(path)
+    state = SafetensorsState(path)
+    meta = dict(state.metadata)
     versions = json.loads(meta.pop('module_versions', '{}'))
-    from collections import OrderedDict
-    state = OrderedDict(state)
     if versions:
         state._metadata = OrderedDict(  # type: ignore[attr-defined]
             (k, {'version': v}) for k, v in versions.items())
     return {'state_dict': state, 'meta': meta}
+
+
+def _tensors_in(obj: Any, depth: int = 0) -> Iterable[torch.Tensor]:
+    if torch.is_tensor(obj):
+        yield obj
+    elif depth < 4 and isinstance(obj, Mapping) and not isinstance(obj, SafetensorsState):
+        for v in obj.values():
+            yield from _tensors_in(v, depth + 1)
+    elif depth < 4 and isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors_in(v, depth + 1)
 
 
 def read_checkpoint(path: str,
@@ -196,9 +390,13 @@ def read_checkpoint(path: str,
             kwargs['weights_only'] = False
         else:
             kwargs.update(weights_only=False, pickle_module=_restricted_pickle_module())
-        if is_zip and (mmap is None or mmap):
+        mapped = is_zip and (mmap is None or mmap)
+        if mapped:
             kwargs['mmap'] = True
-        return torch.load(path, **kwargs)
+        ckpt = torch.load(path, **kwargs)
+        if mapped:
+            mark_mapped(_tensors_in(ckpt), path)
+        return ckpt
     except UnsafeGlobalError as e:
         raise FusionLoadError([
             f'{path}: the file asks to unpickle {e.name!r}, which is not a '

@@ -4,7 +4,8 @@ import os
 import os.path as osp
 import sys
 
-from mmengine.config import Config, ConfigDict, DictAction
+from mmengine.config import Config, DictAction
+from mmengine.logging import print_log
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
@@ -79,14 +80,35 @@ def build_config(args: argparse.Namespace) -> Config:
     return cfg
 
 
+def use_fusion_load_hook(cfg: Config) -> None:
+    """Read and repair the tested checkpoint through ``FusionLoadHook``.
+
+    The checkpoint given on the command line is the whole trained model, so
+    the hook's pretrained sources (which a training config lists) must not
+    overwrite it: they are dropped, and the hook only repairs ``load_from``.
+    A config without the hook gets one, so the checkpoint still goes through
+    the safe reader and the repairs.
+    """
+    hooks = [dict(h) for h in cfg.get('custom_hooks', [])]
+    found = False
+    for hook in hooks:
+        if hook.get('type') in ('FusionLoadHook', 'mmfusionload.FusionLoadHook'):
+            if hook.get('sources'):
+                print_log(f'tools/test.py: testing {cfg.load_from}; the FusionLoadHook '
+                          'sources of the training config are not loaded', logger='current')
+            hook['sources'] = []
+            found = True
+    if not found:
+        hooks.append(dict(type='FusionLoadHook'))
+    cfg.custom_hooks = hooks
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     cfg = build_config(args)
-    if isinstance(cfg.get('model'), (dict, ConfigDict)) and 'FusionLoadHook' not in str(
-            cfg.get('custom_hooks', [])):
-        # The checkpoint is still read and repaired by the package: add the hook
-        # with no sources so load_from goes through the safe reader and repairs.
-        cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [dict(type='FusionLoadHook')]
+    use_fusion_load_hook(cfg)
+    from mmfusionload.compat import patch_spconv_cpu_stream
+    patch_spconv_cpu_stream()  # spconv 2.x on a machine without CUDA (no-op with CUDA)
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
     runner.test()
 

@@ -1,0 +1,379 @@
+"""Rewrite a checkpoint into the names and sparse-kernel layout a target model expects.
+
+Two ways:
+
+- with a model (``mmfusionload convert --config``): the model decides. The source is
+  planned against it exactly as :func:`~mmfusionload.load_sources` would
+  (:func:`~mmfusionload.plan_source`, every repair, strictness), and the tensors
+  written are what the load would copy into the model (``Entry.materialize``);
+  ``_metadata`` is the model's own.
+- without a model: a preset's renames, a prefix strip/add, and a sparse-kernel
+  permutation between ``spconv2`` ``[out, *k, in]`` and ``mmcv`` ``[*k, in, out]``.
+  Without a model a sparse kernel is recognised as a 5-D ``*.weight`` (BEVFusion and
+  MMDetection3D's LiDAR encoders have no dense ``Conv3d``); its kernel dims must fit.
+
+Files are written atomically (a temporary file in the destination's folder, then
+``os.replace``); the source file is never the destination.
+"""
+import json
+import os
+import os.path as osp
+import tempfile
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .containers import Unwrapped, unwrap
+from .errors import FusionLoadError
+from .load_from import LAYOUT_VERSION
+from .loading import plan_source, read_source, validate
+from .presets import get_preset, rename_keys
+from .reader import read_checkpoint
+from .repairs.spconv_layout import LAYOUTS, MMCV, SPCONV2, convert_kernel, module_layout
+from .report import SourceReport
+from .source import parse_source
+
+TORCH_SUFFIXES = ('.pth', '.pt', '.ckpt', '.bin')
+SAFETENSORS_SUFFIX = '.safetensors'
+# Largest kernel extent taken for a sparse-conv kernel dim when there is no model.
+MAX_KERNEL = 7
+Progress = Optional[Callable[[str, int], Callable[[], None]]]
+
+
+@dataclass
+class Converted:
+    """A converted checkpoint, ready to write.
+
+    Args:
+        state (OrderedDict): Tensors, with ``_metadata``.
+        meta (dict): The checkpoint's ``meta`` (kept) plus a ``mmfusionload`` entry.
+        report (SourceReport, optional): The plan's report (with a model).
+        sparse (dict): Key -> (layout in the file, layout written) of sparse kernels.
+        notes (list[str]): Remarks for the user.
+    """
+    state: 'OrderedDict[str, torch.Tensor]'
+    meta: Dict[str, Any]
+    report: Optional[SourceReport] = None
+    sparse: Dict[str, tuple] = field(default_factory=dict)
+    notes: List[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- writing
+
+def same_file(a: str, b: str) -> bool:
+    """Whether two paths name the same file (existing or not)."""
+    if osp.realpath(a) == osp.realpath(b):
+        return True
+    try:
+        return osp.exists(a) and osp.exists(b) and osp.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_destination(dst: str, inputs: Sequence[str]) -> None:
+    """Refuse a destination that is one of the inputs or has an unknown suffix."""
+    problems = []
+    for src in inputs:
+        if same_file(src, dst):
+            problems.append(f'{dst}: is the input checkpoint {src}; write to another file '
+                            '(the input is never overwritten)')
+    if not dst.endswith(TORCH_SUFFIXES + (SAFETENSORS_SUFFIX, )):
+        problems.append(f'{dst}: unknown suffix; use .pth (torch) or .safetensors')
+    if not osp.isdir(osp.dirname(osp.abspath(dst))):
+        problems.append(f'{dst}: folder {osp.dirname(osp.abspath(dst))} does not exist')
+    if problems:
+        raise FusionLoadError(problems, 'bad destination')
+
+
+def _file_mode(path: str) -> int:
+    """Permissions for a new ``path``: its current ones, else ``0o666`` less the umask."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        mask = os.umask(0)
+        os.umask(mask)
+        return 0o666 & ~mask
+
+
+def atomic_write(dst: str, writer: Callable[[str], None]) -> None:
+    """Call ``writer(tmp)`` on a temporary file next to ``dst``, then rename it to ``dst``.
+
+    On any error the temporary file is removed and ``dst`` is left as it was. The
+    result has ``dst``'s permissions when it existed, else the umask's default
+    (``mkstemp`` would leave it private to the owner).
+    """
+    folder = osp.dirname(osp.abspath(dst))
+    fd, tmp = tempfile.mkstemp(prefix=f'.{osp.basename(dst)}.', suffix='.tmp', dir=folder)
+    os.close(fd)
+    try:
+        writer(tmp)
+        with open(tmp, 'rb') as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode(dst))
+        os.replace(tmp, dst)
+    except BaseException:
+        if osp.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def module_versions(state: Mapping[str, torch.Tensor]) -> Dict[str, int]:
+    """Module name -> ``_metadata`` version of a state dict."""
+    meta = getattr(state, '_metadata', None) or {}
+    return {k: int(v['version']) for k, v in meta.items()
+            if isinstance(v, Mapping) and v.get('version') is not None}
+
+
+def _safetensors_metadata(meta: Mapping[str, Any], versions: Dict[str, int]) -> Dict[str, str]:
+    out = {'format': 'pt'}
+    for k, v in meta.items():
+        if str(k) in ('format', 'module_versions'):
+            continue
+        out[str(k)] = v if isinstance(v, str) else json.dumps(v, default=str)
+    out['module_versions'] = json.dumps(versions)
+    return out
+
+
+def save_checkpoint(path: str, state: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+    """Write ``{'state_dict': state, 'meta': meta}`` atomically.
+
+    ``.safetensors``: the tensors, ``meta`` entries as metadata strings (non-strings
+    as JSON) and the ``_metadata`` versions as JSON under ``module_versions``.
+    Otherwise ``torch.save`` (``_metadata`` travels with the state dict).
+    """
+    if path.endswith(SAFETENSORS_SUFFIX):
+        from safetensors.torch import save_file
+        tensors, seen = OrderedDict(), set()
+        for k, v in state.items():
+            t = v.detach().cpu().contiguous()
+            ptr = t.untyped_storage().data_ptr()
+            if t.numel() and ptr in seen:
+                t = t.clone()
+            seen.add(t.untyped_storage().data_ptr())
+            tensors[k] = t
+        md = _safetensors_metadata(meta, module_versions(state))
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=md))
+    else:
+        sd = OrderedDict(state)
+        sd._metadata = OrderedDict(getattr(state, '_metadata', None) or {})  # type: ignore
+        atomic_write(path, lambda tmp: torch.save({'state_dict': sd, 'meta': dict(meta)}, tmp))
+
+
+# ---------------------------------------------------------------- without a model
+
+def _kernel_fits(shape: Sequence[int], layout: str) -> bool:
+    dims = shape[:3] if layout == MMCV else shape[1:4]
+    return len(shape) == 5 and all(1 <= d <= MAX_KERNEL for d in dims)
+
+
+def _sparse_source_layout(key: str, shape, option: str, version: Optional[int]) -> Optional[str]:
+    """Layout of a 5-D kernel without a model: option, ``_metadata`` version, shape."""
+    if option in LAYOUTS:
+        layout = option
+    elif version is not None:
+        layout = SPCONV2 if version >= 2 else MMCV
+    else:
+        fits = [lay for lay in LAYOUTS if _kernel_fits(shape, lay)]
+        if len(fits) != 1:
+            return None
+        layout = fits[0]
+    if not _kernel_fits(shape, layout):
+        raise FusionLoadError(
+            [f'{key}: shape {list(shape)} is not a {layout} sparse kernel '
+             f'({"[*k, in, out]" if layout == MMCV else "[out, *k, in]"} with kernel dims '
+             f'<= {MAX_KERNEL}); pass --config to let the model decide'], 'bad layout')
+    return layout
+
+
+def convert_state(ckpt: Unwrapped,
+                  preset: Optional[str] = None,
+                  strip_prefix: Optional[str] = None,
+                  add_prefix: Optional[str] = None,
+                  spconv_layout: str = 'auto',
+                  to_layout: Optional[str] = None,
+                  filename: str = '') -> Converted:
+    """Rename and re-layout a checkpoint without a model.
+
+    Args:
+        ckpt (Unwrapped): The source's tensors.
+        preset (str, optional): A registered key preset.
+        strip_prefix (str, optional): Removed from the keys that start with it.
+        add_prefix (str, optional): Prepended to every key (after stripping).
+        spconv_layout (str): Layout of the file's sparse kernels: ``'auto'`` (the
+            preset's, else ``_metadata``, else the shape), ``'spconv2'`` or ``'mmcv'``.
+        to_layout (str, optional): Layout to write (default: as in the file).
+        filename (str): For messages.
+
+    Returns:
+        Converted: The tensors and metadata.
+    """
+    p = get_preset(preset) if preset else None
+    state: Mapping[str, torch.Tensor] = ckpt.state
+    if p is not None and p.convert is not None:
+        state = p.convert(dict(state))
+    if spconv_layout == 'auto' and p is not None and p.spconv_layout:
+        spconv_layout = p.spconv_layout
+    mapping = rename_keys(list(state), (), p, filename)  # new -> file key
+    if strip_prefix and not any(k.startswith(strip_prefix) for k in mapping):
+        raise FusionLoadError([f'{filename}: no key starts with {strip_prefix!r} '
+                               f'(keys look like {", ".join(list(mapping)[:3])})'],
+                              'bad prefix')
+    out: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
+    file_key: Dict[str, str] = {}
+    problems = []
+    for new, old in mapping.items():
+        key = new
+        if strip_prefix and key.startswith(strip_prefix):
+            key = key[len(strip_prefix):]
+        key = (add_prefix or '') + key
+        if key in file_key:
+            problems.append(f'{filename}: {file_key[key]!r} and {old!r} both become {key!r}')
+            continue
+        file_key[key] = old
+        out[key] = state[old]
+    if problems:
+        raise FusionLoadError(problems, 'key collision')
+
+    metadata: 'OrderedDict[str, dict]' = OrderedDict()
+    src_meta = ckpt.metadata
+    for key, old in file_key.items():
+        mod, old_mod = key.rpartition('.')[0], old.rpartition('.')[0]
+        if old_mod in src_meta and mod not in metadata:
+            metadata[mod] = dict(src_meta[old_mod])
+    result = Converted(out, {})
+    undecided = []
+    for key, t in out.items():
+        if t.dim() != 5 or not key.endswith('.weight'):
+            continue
+        mod, old_mod = key.rpartition('.')[0], file_key[key].rpartition('.')[0]
+        version = (src_meta.get(old_mod) or {}).get('version')
+        src = _sparse_source_layout(key, tuple(t.shape), spconv_layout, version)
+        if src is None:
+            undecided.append(key)
+            continue
+        dst = to_layout or src
+        if dst != src:
+            out[key] = convert_kernel(t, src, dst)
+        result.sparse[key] = (src, dst)
+        metadata.setdefault(mod, {})['version'] = LAYOUT_VERSION[dst]
+    if undecided and to_layout:
+        raise FusionLoadError(
+            [f'{filename}: cannot tell the layout of {len(undecided)} sparse kernel(s) '
+             f'({", ".join(undecided[:3])}) from the shape; pass --spconv-layout '
+             'spconv2|mmcv or --config'], 'ambiguous layout')
+    if undecided:
+        result.notes.append(f'{len(undecided)} 5-D kernel(s) of unknown layout written as they '
+                            'are, without a layout version')
+    out._metadata = metadata  # type: ignore[attr-defined]
+    return result
+
+
+# ---------------------------------------------------------------- with a model
+
+def convert_with_model(model: nn.Module,
+                       source: Dict[str, Any],
+                       to_layout: Optional[str] = None,
+                       progress: Progress = None) -> Converted:
+    """What :func:`~mmfusionload.load_sources` would copy into ``model``, as a state dict.
+
+    Args:
+        model (nn.Module): The target model.
+        source (dict): One source (``checkpoint``, ``preset``, ``prefix``,
+            ``spconv_layout``, ``modality``...).
+        to_layout (str, optional): Write sparse kernels in this layout instead of
+            the model's (for an install with the other sparse-conv backend).
+        progress: ``progress(description, total)`` returning an ``advance()``.
+
+    Returns:
+        Converted: Tensors under the model's names in the model's layout (or
+        ``to_layout``), regenerated tensors with the model's own values, and the
+        model's ``_metadata``.
+
+    Raises:
+        FusionLoadError: Anything the load would refuse.
+    """
+    spec = parse_source(dict(source))
+    ckpt = read_source(spec)
+    model_state = dict(model.state_dict(keep_vars=True))
+    plan = plan_source(model, spec, ckpt, model_state)
+    problems = validate([plan])
+    if problems:
+        err = FusionLoadError(problems, 'the checkpoint does not fit the model; nothing written')
+        err.report = plan.report  # type: ignore[attr-defined]
+        raise err
+    entries = {e.key: e for e in plan.entries}
+    advance = progress('materializing', len(entries)) if progress else (lambda: None)
+    state: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
+    result = Converted(state, dict(ckpt.meta), plan.report)
+    model_meta = getattr(model.state_dict(), '_metadata', None) or {}
+    metadata = OrderedDict((k, dict(v)) for k, v in model_meta.items())
+    for key in model_state:
+        e = entries.get(key)
+        if e is None:
+            continue
+        t = e.materialize() if e.skip is None else e.target
+        t = t.detach().clone() if t is e.source or t is e.target else t.detach()
+        layout = module_layout(e.module)
+        if layout is not None and e.param_name == 'weight' and t.dim() >= 3:
+            dst = to_layout or layout
+            if dst != layout:
+                t = convert_kernel(t, layout, dst)
+            result.sparse[key] = (layout, dst)
+            metadata.setdefault(e.module_name, {})['version'] = LAYOUT_VERSION[dst]
+        state[key] = t
+        advance()
+    state._metadata = metadata  # type: ignore[attr-defined]
+    return result
+
+
+def convert_checkpoint(src: str,
+                       dst: str,
+                       preset: Optional[str] = None,
+                       spconv_layout: str = 'auto',
+                       to_layout: Optional[str] = None,
+                       strip_prefix: Optional[str] = None,
+                       add_prefix: Optional[str] = None,
+                       model: Optional[nn.Module] = None,
+                       source_options: Optional[Dict[str, Any]] = None,
+                       trust_checkpoint: bool = False,
+                       progress: Progress = None,
+                       extra_meta: Optional[Dict[str, Any]] = None) -> Converted:
+    """Convert ``src`` and write it to ``dst`` (atomically; never over ``src``).
+
+    With ``model`` the model decides names and layout (see
+    :func:`convert_with_model`); ``strip_prefix``/``add_prefix`` then become the
+    source's explicit ``prefix`` rewrite and ``source_options`` (``modality``,
+    ``modules``, ``strict``, ``exclude``...) are passed through. Without it see
+    :func:`convert_state`. The checkpoint's ``meta`` is kept, with a
+    ``mmfusionload`` entry recording the conversion.
+
+    Returns:
+        Converted: What was written.
+    """
+    if to_layout is not None and to_layout not in LAYOUTS:
+        raise FusionLoadError([f'--to-layout must be spconv2 or mmcv, got {to_layout!r}'],
+                              'bad option')
+    check_destination(dst, [src])
+    if model is not None:
+        source = dict(source_options or {}, checkpoint=src, spconv_layout=spconv_layout,
+                      trust_checkpoint=trust_checkpoint)
+        if preset:
+            source['preset'] = preset
+        if strip_prefix or add_prefix:
+            source['prefix'] = {strip_prefix or '': add_prefix or ''}
+        result = convert_with_model(model, source, to_layout, progress)
+    else:
+        ckpt = unwrap(read_checkpoint(src, trust_checkpoint=trust_checkpoint), src)
+        result = convert_state(ckpt, preset, strip_prefix, add_prefix, spconv_layout,
+                               to_layout, src)
+        result.meta = dict(ckpt.meta)
+    layouts = sorted({d for _, d in result.sparse.values()})
+    result.meta['mmfusionload'] = dict(
+        converted_from=osp.abspath(src), preset=preset,
+        spconv_layout=layouts[0] if len(layouts) == 1 else (layouts or None),
+        verified_against_model=model is not None, **(extra_meta or {}))
+    save_checkpoint(dst, result.state, result.meta)
+    return result
