@@ -12,6 +12,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .report import LoadReport
+
 # BEVFusion's nuScenes config values (projects/BEVFusion/configs/*.py).
 SPARSE_ENCODER = dict(
     type='BEVFusionSparseEncoder',
@@ -125,7 +127,7 @@ def to_mmcv_layout(state: dict, model: nn.Module) -> 'OrderedDict':
     return out
 
 
-def run_demo(work_dir: Optional[str] = None) -> 'LoadReport':
+def run_demo(work_dir: Optional[str] = None) -> LoadReport:
     """Write mismatched checkpoints of a BEVFusion-shaped model and load them per modality.
 
     Args:

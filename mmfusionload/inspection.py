@@ -15,9 +15,8 @@ import torch.nn as nn
 
 from .errors import FusionLoadError
 from .load_from import fill_targets_of, repair_checkpoint
-from .loading import OPTIONAL_KEYS, load_sources
+from .loading import load_sources
 from .reader import read_checkpoint
-from .repairs import is_derived
 from .report import LoadReport, SourceReport, compress_keys
 from .source import parse_source
 
@@ -86,10 +85,10 @@ class Inspection:
 def dry_run_load_from(model: nn.Module, path: str, hook: Optional[dict]) -> Inspection:
     """Plan ``load_from`` as the config's ``FusionLoadHook`` would repair it.
 
-    Reads a copy of the checkpoint (the file is never written), runs
-    :func:`~mmfusionload.repair_checkpoint` on it, then checks what MMEngine would
-    meet: keys whose shapes still differ (MMEngine would leave those tensors at
-    their initial values) and keys of the model the checkpoint lacks.
+    Reads a copy of the checkpoint (the file is never written) and runs
+    :func:`~mmfusionload.repair_checkpoint` on it, which reports what MMEngine
+    would meet: keys whose shapes still differ (MMEngine would leave those
+    tensors at their initial values) and keys of the model the checkpoint lacks.
     """
     report = LoadReport(dry_run=True, title='load_from')
     result = Inspection('load_from', report)
@@ -118,19 +117,6 @@ def dry_run_load_from(model: nn.Module, path: str, hook: Optional[dict]) -> Insp
                             f'the model\'s own values so that MMEngine does not report them '
                             f'missing; the {HOOK_TYPE} sources load them')
         src.new = []
-    state = ckpt['state_dict']
-    model_state = model.state_dict()
-    for key, tensor in state.items():
-        want = model_state.get(key)
-        if want is not None and tuple(tensor.shape) != tuple(want.shape):
-            line = f'{key}: {list(tensor.shape)} vs {list(want.shape)}'
-            if not any(p.startswith(f'{path}: ') and key in p for p in src.mismatched):
-                src.mismatched.append(line)
-                report.problems.append(f'{path}: size mismatch for {key}: checkpoint '
-                                       f'{list(tensor.shape)}, model {list(want.shape)}')
-    src.missing = [k for k in model_state if k not in state and not is_derived(k)
-                   and not any(re.search(p, k) for p in OPTIONAL_KEYS)]
-    src.loaded = [k for k in src.loaded if not any(m.startswith(k + ':') for m in src.mismatched)]
     if not hook:
         result.notes.append('the config has no FusionLoadHook: MMEngine would load this file '
                             'without the repairs shown')

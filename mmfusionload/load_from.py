@@ -1,6 +1,6 @@
 """Repair a checkpoint dict in place before MMEngine applies it (``load_from``)."""
 from collections import OrderedDict
-from typing import Any, Dict, MutableMapping, Optional, Sequence
+from typing import Any, Dict, MutableMapping, Sequence
 
 import torch
 import torch.nn as nn

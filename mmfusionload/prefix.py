@@ -1,6 +1,6 @@
 """Align checkpoint key prefixes with the model's: ``backbone.`` vs ``img_backbone.`` vs none."""
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Mapping, Sequence, Tuple
 
 from .errors import FusionLoadError
 

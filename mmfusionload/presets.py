@@ -1,6 +1,6 @@
 """Key-mapping presets: named rename rules for checkpoints in foreign formats."""
 import re
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 

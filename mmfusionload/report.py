@@ -3,7 +3,7 @@ import io
 import json
 import os.path as osp
 import re
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Dict, Iterable, List, Optional
 

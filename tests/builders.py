@@ -2,8 +2,7 @@
 import copy
 import json
 import os.path as osp
-from collections import OrderedDict
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 import torch.nn as nn

@@ -1,7 +1,5 @@
 """load_sources on a BEVFusion-shaped model of real modules: every layout, prefix and bad input."""
-import copy
 import os
-import pickle
 import re
 from collections import OrderedDict
 
