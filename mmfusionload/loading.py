@@ -14,11 +14,12 @@ from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 
 from .containers import Unwrapped, unwrap
+from .distributed import read_all
 from .errors import FusionLoadError
 from .modality import resolve_targets
 from .prefix import Alignment, auto_alignment, explicit_alignment
 from .presets import KeyPreset, get_preset, rename_keys
-from .reader import read_checkpoint
+from .reader import all_finite, read_checkpoint, release_pages
 from .repairs import Entry, RepairProblem, is_derived, repairs_in_order
 from .report import LoadReport, SourceReport, compress_keys
 from .source import SourceSpec, parse_source
@@ -206,10 +207,11 @@ def validate(plans: Sequence[SourcePlan], allow_overlap: bool = False) -> List[s
         if plan.spec.allow_nonfinite:
             continue
         for e in plan.to_load:
-            if e.source.is_floating_point() and not bool(torch.isfinite(e.source).all()):
+            if not all_finite(e.source):
                 bad = int((~torch.isfinite(e.source)).sum())
                 problems.append(f'{e.filename}: {e.file_key} holds {bad} NaN/Inf '
                                 'value(s) (allow_nonfinite=True to load anyway)')
+            release_pages(e.source)  # read once: hand its mapped pages back
     writers: Dict[str, str] = {}
     for plan in plans:
         for e in plan.to_load:
@@ -231,6 +233,7 @@ def apply(plans: Sequence[SourcePlan], extra_models: Sequence[nn.Module] = ()) -
             for state in extras:
                 if e.key in state:
                     state[e.key].copy_(t)
+            release_pages(e.source)
 
 
 def load_sources(model: nn.Module,
@@ -239,7 +242,8 @@ def load_sources(model: nn.Module,
                  allow_overlap: bool = False,
                  extra_models: Sequence[nn.Module] = (),
                  logger: Optional[Any] = 'current',
-                 title: str = 'mmfusionload') -> LoadReport:
+                 title: str = 'mmfusionload',
+                 broadcast: Union[bool, str] = 'auto') -> LoadReport:
     """Load checkpoints into parts of a model, all or nothing.
 
     Args:
@@ -254,6 +258,13 @@ def load_sources(model: nn.Module,
             tensors (e.g. an EMA copy).
         logger: MMEngine logger (or ``'current'``, or None for silence).
         title (str): Report title.
+        broadcast (bool | str): Under an initialized ``torch.distributed``
+            process group of more than one process, rank 0 reads every file
+            and broadcasts the tensors; the other ranks never open the files.
+            ``'auto'`` (default): broadcast when such a group exists; ``True``:
+            the same, an error without a process group; ``False``: every rank
+            reads its own files. When broadcasting, call this on every rank.
+            See :mod:`mmfusionload.distributed`.
 
     Returns:
         LoadReport: What was (or would be) loaded.
@@ -275,11 +286,9 @@ def load_sources(model: nn.Module,
         problems.append('no sources given')
     model_state = dict(model.state_dict(keep_vars=True))
     plans: List[SourcePlan] = []
-    for spec in specs:
-        try:
-            ckpt = read_source(spec)
-        except FusionLoadError as e:
-            problems += e.problems
+    for spec, ckpt in zip(specs, read_all(specs, read_source, broadcast)):
+        if isinstance(ckpt, FusionLoadError):
+            problems += ckpt.problems
             report.sources.append(SourceReport(spec.checkpoint, spec.label))
             continue
         plan = plan_source(model, spec, ckpt, model_state)
@@ -290,7 +299,9 @@ def load_sources(model: nn.Module,
     if problems and not dry_run:
         if logger is not None:
             print_log(report.format(), logger=logger)
-        raise FusionLoadError(problems, 'checkpoint load failed; the model is unchanged')
+        err = FusionLoadError(problems, 'checkpoint load failed; the model is unchanged')
+        err.report = report
+        raise err
     if not dry_run:
         apply(plans, extra_models)
         report.applied = True

@@ -9,6 +9,7 @@ other global is refused with a message naming it. Pass
 ``trust_checkpoint=True`` to load a file you trust completely.
 """
 import _compat_pickle
+import cmath
 import os
 import os.path as osp
 import pickle
@@ -248,11 +249,9 @@ def all_finite(t: torch.Tensor) -> bool:
     """
     if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
         return True
-    if t.dtype in (torch.float16, torch.bfloat16) or t.dtype.itemsize == 1:
-        s = t.sum(dtype=torch.float32)
-    else:
-        s = t.sum()
-    if bool(torch.isfinite(s).all()):
+    low = t.dtype.itemsize < 4 and not t.is_complex()  # float16/bfloat16/float8
+    total = (t.sum(dtype=torch.float32) if low else t.sum()).item()
+    if cmath.isfinite(total):
         return True
     return bool(torch.isfinite(t).all())
 
@@ -343,6 +342,99 @@ def _tensors_in(obj: Any, depth: int = 0) -> Iterable[torch.Tensor]:
             yield from _tensors_in(v, depth + 1)
 
 
+_NOT_HANDLED = object()
+
+
+def _native_byteorder(path: str) -> bool:
+    """Whether a zip checkpoint's tensors are stored in this machine's byte order
+    (torch byte-swaps the mapped pages otherwise, and they are no longer the file's)."""
+    try:
+        reader = torch._C.PyTorchFileReader(path)
+        order = (reader.get_record('byteorder').decode()
+                 if reader.has_record('byteorder') else 'little')
+    except Exception:
+        return False
+    return order == sys.byteorder
+
+
+def _rebuild_tensor_mapped(storage, storage_offset, size, stride, requires_grad,
+                           backward_hooks, metadata=None):
+    """``torch._utils._rebuild_tensor_v2`` for CPU storages of a mapped file, tagged for
+    :func:`release_pages` (torch's own also looks for fake/meta modes, per tensor)."""
+    t = torch.empty((0, ), dtype=storage.dtype).set_(storage._untyped_storage, storage_offset,
+                                                     size, stride)
+    if requires_grad:
+        t.requires_grad = True
+    if metadata:
+        torch._utils.set_tensor_metadata(t, metadata)
+    t._backward_hooks = backward_hooks
+    if t.numel():
+        setattr(t, _MAPPED_ATTR, t._version)
+    return t
+
+
+def _load_zip_mapped(path: str, pickle_module: Any) -> Any:
+    """``torch.load(path, mmap=True, map_location='cpu')`` for the common case, faster.
+
+    The file is mapped once and every storage is a slice of that mapping, as
+    ``torch.load(mmap=True)`` does, but tensors are rebuilt without torch's
+    per-tensor fake-mode and device bookkeeping (a third of a BEVFusion load's
+    read time). ``pickle_module`` decides which globals may be unpickled, as in
+    ``torch.load``. Returns ``_NOT_HANDLED`` for anything unusual (another byte
+    order, another pickle layout, a fake/meta mode active, no ``madvise``), for
+    which the caller uses ``torch.load``.
+    """
+    import io
+
+    from torch.serialization import StorageType
+    if _madvise() is None or torch._guards.detect_fake_mode(None) is not None:
+        return _NOT_HANDLED
+    reader = torch._C.PyTorchFileReader(path)
+    if not reader.has_record('data.pkl'):
+        return _NOT_HANDLED
+    order = reader.get_record('byteorder').decode() if reader.has_record('byteorder') \
+        else 'little'
+    if order != sys.byteorder:
+        return _NOT_HANDLED
+    whole = torch.UntypedStorage.from_file(path, False, os.path.getsize(path))
+    storages: Dict[str, Any] = {}
+
+    def persistent_load(saved_id):
+        typename, storage_type, key, _location, numel = saved_id
+        if (typename.decode() if isinstance(typename, bytes) else typename) != 'storage':
+            raise pickle.UnpicklingError(f'unknown persistent id {typename!r}')
+        key = key.decode() if isinstance(key, bytes) else key
+        typed = storages.get(key)
+        if typed is None:
+            dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
+            nbytes = numel * dtype.itemsize
+            offset = reader.get_record_offset(f'data/{key}')
+            typed = torch.storage.TypedStorage(wrap_storage=whole[offset:offset + nbytes],
+                                               dtype=dtype, _internal=True)
+            storages[key] = typed
+        return typed
+
+    class MappedUnpickler(pickle_module.Unpickler):  # type: ignore[name-defined]
+
+        def find_class(self, module: str, name: str) -> Any:
+            if type(name) is str and 'Storage' in name:  # as torch.load does
+                try:
+                    return StorageType(name)
+                except KeyError:
+                    pass
+            if module == 'torch._utils' and name == '_rebuild_tensor_v2':
+                super().find_class(module, name)  # the allowlist still decides
+                return _rebuild_tensor_mapped
+            return super().find_class('torch._tensor' if module == 'torch.tensor' else module,
+                                      name)
+
+    unpickler = MappedUnpickler(io.BytesIO(reader.get_record('data.pkl')), encoding='utf-8')
+    unpickler.persistent_load = persistent_load
+    result = unpickler.load()
+    torch._utils._validate_loaded_sparse_tensors()
+    return result
+
+
 def read_checkpoint(path: str,
                     map_location: Any = 'cpu',
                     trust_checkpoint: bool = False,
@@ -391,10 +483,14 @@ def read_checkpoint(path: str,
         else:
             kwargs.update(weights_only=False, pickle_module=_restricted_pickle_module())
         mapped = is_zip and (mmap is None or mmap)
+        if mapped and str(map_location) == 'cpu':
+            ckpt = _load_zip_mapped(path, kwargs.get('pickle_module', pickle))
+            if ckpt is not _NOT_HANDLED:
+                return ckpt
         if mapped:
             kwargs['mmap'] = True
         ckpt = torch.load(path, **kwargs)
-        if mapped:
+        if mapped and _native_byteorder(path):
             mark_mapped(_tensors_in(ckpt), path)
         return ckpt
     except UnsafeGlobalError as e:

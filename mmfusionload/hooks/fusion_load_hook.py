@@ -1,6 +1,6 @@
 """``FusionLoadHook``: per-modality checkpoints and the ``load_from`` repair in a Runner."""
 import os.path as osp
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 from mmengine.dist import is_main_process
 from mmengine.hooks import EMAHook, Hook
@@ -38,6 +38,11 @@ class FusionLoadHook(Hook):
             ``resume``, ``Pretrained``) with plain unpickling. Only for
             trusted files. Defaults to False.
         report_file (str, optional): JSON report name in ``work_dir``.
+        broadcast (bool | str): In a distributed run, rank 0 reads each source
+            file and broadcasts its tensors to the other ranks, which never open
+            it (``'auto'``: whenever the process group has more than one
+            process; ``False``: every rank reads). See
+            :func:`~mmfusionload.load_sources`.
 
     Example:
         >>> custom_imports = dict(imports=['mmfusionload'])
@@ -54,7 +59,8 @@ class FusionLoadHook(Hook):
                  load_from_spconv_layout: str = 'auto',
                  allow_overlap: bool = False,
                  trust_checkpoint: bool = False,
-                 report_file: Optional[str] = 'fusionload_report.json'):
+                 report_file: Optional[str] = 'fusionload_report.json',
+                 broadcast: Union[bool, str] = 'auto'):
         self.sources: List[SourceSpec] = [parse_source(dict(s) if isinstance(s, dict) else s)
                                           for s in sources]
         self.load_on_resume = load_on_resume
@@ -62,6 +68,7 @@ class FusionLoadHook(Hook):
         self.load_from_spconv_layout = load_from_spconv_layout
         self.allow_overlap = allow_overlap
         self.report_file = report_file
+        self.broadcast = broadcast
         self.report: Optional[LoadReport] = None
         self._load_from_report = None
         self._resumed = False
@@ -107,7 +114,7 @@ class FusionLoadHook(Hook):
             report = load_sources(runner.model, self.sources,
                                   allow_overlap=self.allow_overlap,
                                   extra_models=ema, logger=None,
-                                  title='FusionLoadHook')
+                                  title='FusionLoadHook', broadcast=self.broadcast)
         if self._load_from_report is not None:
             report.sources.insert(0, self._load_from_report)
         self.report = report

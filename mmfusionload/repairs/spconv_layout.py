@@ -37,20 +37,14 @@ def kernel_shape(module: nn.Module, layout: str) -> Tuple[int, ...]:
     return (cout, *k, cin) if layout == SPCONV2 else (*k, cin, cout)
 
 
-def permutation(src: str, dst: str, nk: int) -> Tuple[int, ...]:
-    """Dimension order that turns a ``src``-layout kernel with ``nk`` kernel dims into ``dst``."""
-    if src == dst:
-        return tuple(range(nk + 2))
-    if src == SPCONV2:  # [out, k.., in] -> [k.., in, out]
-        return (*range(1, nk + 2), 0)
-    return (nk + 1, *range(nk + 1))  # [k.., in, out] -> [out, k.., in]
-
-
 def convert_kernel(t: torch.Tensor, src: str, dst: str) -> torch.Tensor:
     """Permute a sparse-conv kernel between layouts; the result is contiguous."""
     if src == dst:
         return t
-    return t.permute(permutation(src, dst, t.dim() - 2)).contiguous()
+    # the same permutation as a 2-D transpose, several times faster than an N-D permute
+    if src == SPCONV2:  # [out, k.., in] -> [k.., in, out]
+        return t.reshape(t.shape[0], -1).t().contiguous().view(*t.shape[1:], t.shape[0])
+    return t.reshape(-1, t.shape[-1]).t().contiguous().view(t.shape[-1], *t.shape[:-1])
 
 
 def source_layout(module: nn.Module, shape: Tuple[int, ...], option: str,

@@ -1,0 +1,238 @@
+"""Fast paths: memory-mapped reads, lazy safetensors, page release, repairs on the target device."""
+import os.path as osp
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch.nn as nn
+
+import mmfusionload.loading as loading
+from mmfusionload import load_sources
+from mmfusionload.reader import (SafetensorsState, all_finite, read_checkpoint,
+                                 release_pages)
+
+safetensors_torch = pytest.importorskip('safetensors.torch')
+
+
+class FastModel(nn.Module):
+    """A LiDAR branch (a spconv kernel when spconv is installed, a large linear layer)
+    and a small camera branch."""
+
+    def __init__(self, big: int = 64):
+        super().__init__()
+        layers = []
+        try:
+            import spconv.pytorch as spconv
+            layers.append(spconv.SubMConv3d(4, 8, 3, indice_key='subm1'))
+        except ImportError:  # pragma: no cover - spconv is part of the stack
+            layers.append(nn.Conv3d(4, 8, 3))
+        layers += [nn.BatchNorm1d(8), nn.Linear(big, big)]
+        self.pts_middle_encoder = nn.Sequential(*layers)
+        self.img_backbone = nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 8))
+
+
+def _trained(big: int = 64, seed: int = 1) -> 'OrderedDict[str, torch.Tensor]':
+    g = torch.Generator().manual_seed(seed)
+    out = OrderedDict()
+    for k, v in FastModel(big).state_dict().items():
+        out[k] = torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
+    return out
+
+
+def _files(d, big: int = 64):
+    """The same LiDAR (MMCV kernel layout) and camera (``backbone.``, float16) tensors as
+    ``.pth`` and ``.safetensors``; also one combined file of both."""
+    from mmfusionload.demo import to_mmcv_layout
+    sd = _trained(big)
+    lidar = to_mmcv_layout(OrderedDict((k, v) for k, v in sd.items()
+                                       if k.startswith('pts_')), FastModel(big))
+    camera = OrderedDict(('backbone.' + k[len('img_backbone.'):], v.half())
+                         for k, v in sd.items() if k.startswith('img_backbone.'))
+    both = OrderedDict(list(lidar.items()) + [('img_' + k, v) for k, v in camera.items()])
+    paths = {}
+    for name, state in (('lidar', lidar), ('camera', camera), ('both', both)):
+        paths[name + '.pth'] = osp.join(d, name + '.pth')
+        torch.save({'state_dict': state}, paths[name + '.pth'])
+        paths[name + '.safetensors'] = osp.join(d, name + '.safetensors')
+        safetensors_torch.save_file({k: v.contiguous() for k, v in state.items()},
+                                    paths[name + '.safetensors'])
+    return sd, paths
+
+
+def _sources(paths, ext):
+    return [dict(modality='lidar', checkpoint=paths['lidar' + ext]),
+            dict(modality='camera', checkpoint=paths['camera' + ext])]
+
+
+def _state(model):
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def test_safetensors_and_pth_load_the_same(tmp_path):
+    sd, paths = _files(str(tmp_path))
+    loaded = {}
+    for ext in ('.pth', '.safetensors'):
+        torch.manual_seed(0)
+        model = FastModel()
+        report = load_sources(model, _sources(paths, ext), logger=None)
+        loaded[ext] = (_state(model), [sorted(s.loaded) for s in report.sources],
+                       [{n: sorted(v) for n, v in s.adapted.items()} for s in report.sources])
+    (a, la, ra), (b, lb, rb) = loaded['.pth'], loaded['.safetensors']
+    assert la == lb and ra == rb
+    assert 'spconv_layout' in ra[0] or 'spconv' not in str(type(FastModel().pts_middle_encoder[0]))
+    assert 'cast' in ra[1]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    for k in la[0]:
+        assert torch.equal(a[k], sd[k]), k
+    for k in la[1]:  # the camera file held float16 copies
+        assert torch.equal(a[k], sd[k].half().float()), k
+
+
+def test_safetensors_state_is_lazy(tmp_path):
+    _, paths = _files(str(tmp_path))
+    state = read_checkpoint(paths['both.safetensors'])['state_dict']
+    assert isinstance(state, SafetensorsState)
+    assert state.materialized == []
+    key = 'pts_middle_encoder.2.weight'
+    assert state.shape(key) == (64, 64) and state.dtype(key) == 'F32'
+    assert state.materialized == []
+    assert state[key].shape == (64, 64) and state.materialized == [key]
+
+
+def _mapped_rss_kb(path: str) -> int:
+    """Resident kB of this process's mappings of ``path`` (from /proc/self/smaps)."""
+    real, total, inside = osp.realpath(path), 0, False
+    with open('/proc/self/smaps') as f:
+        for line in f:
+            head = line.split()
+            if head and '-' in head[0] and len(head) >= 5 and ':' in head[3]:
+                inside = len(head) >= 6 and head[5] == real
+            elif inside and head and head[0] == 'Rss:':
+                total += int(head[1])
+    return total
+
+
+@pytest.mark.skipif(not osp.exists('/proc/self/smaps'), reason='needs Linux /proc')
+@pytest.mark.parametrize('ext', ['.safetensors', '.pth'])
+def test_camera_only_load_never_reads_lidar_data(tmp_path, monkeypatch, ext):
+    """One file with a 16 MiB LiDAR part; loading only the camera reads none of it."""
+    big = 2048
+    _, paths = _files(str(tmp_path), big=big)
+    kept = []
+
+    def spy(spec):
+        kept.append(real_read(spec))  # keep the mapping alive to look at it afterwards
+        return kept[-1]
+
+    real_read = loading.read_source
+    monkeypatch.setattr(loading, 'read_source', spy)
+    model = FastModel(big)
+    report = load_sources(model, [dict(modality='camera', checkpoint=paths['both' + ext])],
+                          logger=None)
+    assert report.sources[0].loaded and kept
+    lidar_kb = big * big * 4 // 1024
+    assert _mapped_rss_kb(paths['both' + ext]) < lidar_kb // 8
+
+
+def test_release_pages_and_all_finite(tmp_path):
+    sd, paths = _files(str(tmp_path), big=1024)
+    for ext in ('.pth', '.safetensors'):
+        state = read_checkpoint(paths['lidar' + ext])['state_dict']
+        t = state['pts_middle_encoder.2.weight']
+        want = sd['pts_middle_encoder.2.weight']
+        assert all_finite(t) and torch.equal(t, want)
+        assert release_pages(t)  # 4 MiB: whole pages to give back
+        assert torch.equal(t, want)  # read again from the page cache
+        t.add_(0)  # written in place: its pages are no longer the file's
+        assert not release_pages(t)
+    assert not release_pages(torch.ones(4096))  # not from a file
+    for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        x = torch.ones(1000, dtype=dt)
+        assert all_finite(x)
+        x[7] = float('nan')
+        assert not all_finite(x)
+        x[7] = float('inf')
+        assert not all_finite(x)
+        x[7], x[8] = float('inf'), float('-inf')
+        assert not all_finite(x)
+    assert all_finite(torch.full((64, ), 3e38))  # the sum overflows, the values are finite
+    assert all_finite(torch.full((64, ), 6e4, dtype=torch.float16))
+    assert all_finite(torch.arange(10)) and all_finite(torch.empty(0))
+
+
+def test_repairs_run_on_the_target_device_bit_for_bit(tmp_path, device):
+    """Loading into a model on ``device`` gives the CPU load's values exactly; repairs
+    run on the target's device with one host-to-device copy per tensor."""
+    _, paths = _files(str(tmp_path))
+    torch.manual_seed(0)
+    ref = FastModel()
+    load_sources(ref, _sources(paths, '.pth'), logger=None)
+    torch.manual_seed(0)
+    model = FastModel().to(device)
+    plans = []
+    real_apply = loading.apply
+
+    def spy(p, *a, **kw):
+        plans.extend(p)
+        return real_apply(p, *a, **kw)
+
+    loading.apply, saved = spy, loading.apply
+    try:
+        load_sources(model, _sources(paths, '.pth'), logger=None)
+    finally:
+        loading.apply = saved
+    got, want = _state(model), _state(ref)
+    assert list(got) == list(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+    steps = 0
+    for plan in plans:
+        for e in plan.to_load:
+            assert e.source.device.type == 'cpu'  # read on the host, mapped
+            out = e.materialize()
+            assert out.device == e.target.device
+            steps += len(e.steps)
+            if not e.steps and e.target.device.type == 'cpu':
+                assert out is e.source  # no copy before the one into the parameter
+    assert steps > 0
+
+
+def _same(a, b, path='ckpt'):
+    assert type(a) is type(b), (path, type(a), type(b))
+    if torch.is_tensor(a):
+        assert (a.dtype, a.shape, a.stride(), a.storage_offset(), a.requires_grad) == \
+            (b.dtype, b.shape, b.stride(), b.storage_offset(), b.requires_grad), path
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert list(a) == list(b), path
+        assert getattr(a, '_metadata', None) == getattr(b, '_metadata', None), path
+        for k in a:
+            _same(a[k], b[k], f'{path}.{k}')
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f'{path}[{i}]')
+    elif not callable(a) and type(a).__module__.split('.')[0] != 'numpy':
+        assert a == b, path
+
+
+def test_mapped_zip_reader_matches_torch_load(tmp_path):
+    """The memory-mapped ``.pth`` reader rebuilds what ``torch.load`` rebuilds."""
+    import numpy as np
+    m = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    base = torch.arange(24.).reshape(4, 6)
+    obj = {'state_dict': m.state_dict(), 'param': nn.Parameter(torch.ones(2)),
+           'views': (base, base[1:], base.t(), base[:, 2]), 'bf16': torch.ones(3).bfloat16(),
+           'bool': torch.tensor([True, False]), 'scalar': torch.tensor(3),
+           'empty': torch.empty(0, 5),
+           'grad': torch.zeros(2, requires_grad=True), 'np': np.arange(3), 'meta': {'epoch': 2}}
+    path = str(tmp_path / 'mixed.pth')
+    torch.save(obj, path)
+    got = read_checkpoint(path, trust_checkpoint=True)
+    _same(torch.load(path, weights_only=False), got)
+    views = got['views']  # one storage, as saved
+    assert len({v.untyped_storage().data_ptr() for v in views}) == 1
+    assert getattr(got['state_dict']['0.weight'], '_mmfl_mapped', None) is not None
+    restricted = read_checkpoint(path)  # the restricted unpickler, same tensors
+    _same(got['state_dict'], restricted['state_dict'])
