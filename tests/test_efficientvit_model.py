@@ -181,12 +181,16 @@ def test_out_indices():
 def test_build_from_registry_and_dict_arch():
     import mmfusionload.models  # noqa: F401
     from mmdet.registry import MODELS
+    from mmengine.registry import DefaultScope
 
-    model = MODELS.build(dict(type='EfficientViT', arch='m4'))
+    with DefaultScope.overwrite_default_scope('mmdet'):  # whatever scope an earlier Runner left
+        model = MODELS.build(dict(type='EfficientViT', arch='m4'))
+        model3d = MODELS.build(dict(type='mmdet.EfficientViT', arch='m0'))
+    assert isinstance(model3d, EfficientViT)
     assert isinstance(model, EfficientViT) and model.embed_dims == (128, 256, 384)
     arch = dict(embed_dim=[32, 48, 64], depth=[1, 1, 1], num_heads=[2, 2, 2],
                 kernels=[5, 3])
-    model = MODELS.build(dict(type='EfficientViT', arch=arch, out_indices=(2, ))).eval()
+    model = EfficientViT(arch=arch, out_indices=(2, )).eval()
     with torch.no_grad():
         (out, ) = model(torch.randn(1, 3, 96, 96))
     assert out.shape == (1, 64, 2, 2)

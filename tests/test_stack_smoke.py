@@ -126,13 +126,16 @@ def test_hard_voxelization(device):
     pytest.param('img_backbone.', SWIN_T, id='SwinTransformer'),
 ])
 def test_bevfusion_modules_match_manifest(prefix, cfg, manifest):
+    from mmengine.registry import DefaultScope
     if cfg['type'] == 'SwinTransformer':
         from mmdet.registry import MODELS
         from mmdet.utils import register_all_modules
         register_all_modules(init_default_scope=False)
+        scope = 'mmdet'
     else:
-        MODELS = _mmdet3d_models()
-    model = MODELS.build(cfg)
+        MODELS, scope = _mmdet3d_models(), 'mmdet3d'
+    with DefaultScope.overwrite_default_scope(scope):  # whatever scope an earlier Runner left
+        model = MODELS.build(cfg)
     state = model.state_dict()
     expected = {
         e['key'][len(prefix):]: e
