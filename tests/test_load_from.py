@@ -130,5 +130,9 @@ def test_import_registers_without_heavy_modules():
             'from mmengine.registry import HOOKS\n'
             'from mmdet.registry import MODELS\n'
             'assert HOOKS.get("FusionLoadHook") is mmfusionload.FusionLoadHook\n'
+            'from mmdet.registry import HOOKS as DET_HOOKS\n'
+            'from mmdet3d.registry import HOOKS as DET3D_HOOKS\n'
+            'assert DET_HOOKS.get("FusionLoadHook") is mmfusionload.FusionLoadHook\n'
+            'assert DET3D_HOOKS.get("FusionLoadHook") is mmfusionload.FusionLoadHook\n'
             'assert MODELS.get("EfficientViT") is mmfusionload.models.EfficientViT\n')
     subprocess.run([sys.executable, '-c', code], check=True)

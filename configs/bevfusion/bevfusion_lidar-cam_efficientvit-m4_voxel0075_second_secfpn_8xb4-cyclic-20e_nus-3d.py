@@ -1,13 +1,10 @@
 # BEVFusion (LiDAR + camera) with an EfficientViT-M4 image backbone instead of Swin-T.
 #
-# Inherits MMDetection3D's own BEVFusion config from your MMDetection3D source tree
-# (`projects/` is not in the mmdet3d wheel). Set MMDET3D_ROOT to that tree, as an
-# ABSOLUTE path: MMEngine substitutes `{{$VAR:default}}` before it reads `_base_`, and then
-# joins a relative result to the folder of *this file*, not to the working directory. The
-# default, `../../../mmdetection3d`, is a checkout next to this repository.
-# Run from the MMDetection3D root (its `projects.BEVFusion` must be importable):
+# Inherits the Swin-T fusion config next to it (and through it MMDetection3D's own BEVFusion
+# config from your source tree: set MMDET3D_ROOT as explained there), and runs the same way:
 #
-#   cd $MMDET3D_ROOT && MMDET3D_ROOT=$PWD python /path/to/mmfusionload/tools/train.py \
+#   cd /path/to/mmdetection3d
+#   MMDET3D_ROOT=$PWD python /path/to/mmfusionload/tools/train.py \
 #       /path/to/mmfusionload/configs/bevfusion/<this file>
 #
 # Weights: FusionLoadHook loads the LiDAR-only BEVFusion checkpoint into the LiDAR branch
@@ -15,13 +12,7 @@
 # file `efficientvit_m4.pth` into the image backbone (`head.*` dropped, stage-3 attention
 # biases resized 4x4 -> 7x7, index tables rebuilt); the report goes to the log and to
 # <work_dir>/fusionload_report.json.
-_base_ = [
-    '{{$MMDET3D_ROOT:../../../mmdetection3d}}/projects/BEVFusion/configs/'
-    'bevfusion_lidar-cam_voxel0075_second_secfpn_8xb4-cyclic-20e_nus-3d.py'
-]
-custom_imports = dict(
-    imports=['projects.BEVFusion.bevfusion', 'mmfusionload'],
-    allow_failed_imports=False)
+_base_ = ['./bevfusion_lidar-cam_swint_voxel0075_second_secfpn_8xb4-cyclic-20e_nus-3d.py']
 
 model = dict(
     img_backbone=dict(

@@ -10,26 +10,15 @@
 # file once (`mmfusionload convert ... --preset mit-bevfusion`) and test the upstream
 # config with the converted checkpoint.
 #
-# Inherits MMDetection3D's own BEVFusion config from your MMDetection3D source tree:
-# set MMDET3D_ROOT to it as an ABSOLUTE path and run from it (see
-# bevfusion_lidar-cam_swint_voxel0075_second_secfpn_8xb4-cyclic-20e_nus-3d.py):
+# Inherits the Swin-T fusion config next to it (and through it MMDetection3D's own BEVFusion
+# config from your source tree: set MMDET3D_ROOT as explained there) and replaces its hook:
 #
 #   cd /path/to/mmdetection3d
 #   MMDET3D_ROOT=$PWD python /path/to/mmfusionload/tools/train.py \
 #       /path/to/mmfusionload/configs/bevfusion/<this file>
 #
 # Another file: --cfg-options custom_hooks.0.sources.0.checkpoint=PATH
-_base_ = [
-    '{{$MMDET3D_ROOT:../../../mmdetection3d}}/projects/BEVFusion/configs/'
-    'bevfusion_lidar-cam_voxel0075_second_secfpn_8xb4-cyclic-20e_nus-3d.py'
-]
-custom_imports = dict(
-    imports=['projects.BEVFusion.bevfusion', 'mmfusionload'],
-    allow_failed_imports=False)
-
-# Every weight comes from the hook below, not from `load_from` or `init_cfg`.
-load_from = None
-model = dict(img_backbone=dict(init_cfg=None))
+_base_ = ['./bevfusion_lidar-cam_swint_voxel0075_second_secfpn_8xb4-cyclic-20e_nus-3d.py']
 
 custom_hooks = [
     dict(
