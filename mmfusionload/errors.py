@@ -21,6 +21,7 @@ class FusionLoadError(RuntimeError):
 
     def __init__(self, problems: Iterable[str], title: str = 'checkpoint load failed'):
         self.problems: List[str] = [str(p) for p in problems]
+        self.title = title
         lines = [f'{title} ({len(self.problems)} problem'
                  f'{"s" if len(self.problems) != 1 else ""}):']
         lines += [f'  - {p}' for p in self.problems]
