@@ -152,7 +152,7 @@ def read_all(specs: Sequence[Any],
             collective failed (e.g. a rank left; bounded by the group's timeout).
     """
     if not should_broadcast(broadcast):
-        return read_local(specs, read_fn)
+        return read_local(specs, read_fn, catch_all=True)
     dist = _dist()
     rank = dist.get_rank()
     timeout = group_timeout()
@@ -230,8 +230,7 @@ def _make_header(results: List[ReadResult], bucket_bytes: int) -> Dict[str, Any]
     sources = []
     for res in results:
         if isinstance(res, FusionLoadError):
-            sources.append(dict(problems=list(res.problems),
-                                title=str(res).splitlines()[0].rsplit(' (', 1)[0]))
+            sources.append(dict(problems=list(res.problems), title=res.title))
             continue
         bad = [p for p in (_tensor_problem(k, t) for k, t in res.state.items()) if p]
         if bad:

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch.nn as nn
 
 from .errors import FusionLoadError
+from .hooks import is_fusion_load_hook
 from .load_from import fill_targets_of, repair_checkpoint
 from .loading import load_sources
 from .reader import read_checkpoint
@@ -54,13 +55,7 @@ def build_model(cfg) -> nn.Module:
 
 def fusion_hooks(cfg) -> List[dict]:
     """The ``FusionLoadHook`` entries of ``cfg.custom_hooks`` (as plain dicts)."""
-    out = []
-    for hook in cfg.get('custom_hooks', None) or []:
-        kind = hook.get('type')
-        name = kind if isinstance(kind, str) else getattr(kind, '__name__', '')
-        if name.split('.')[-1] == HOOK_TYPE:
-            out.append(dict(hook))
-    return out
+    return [dict(h) for h in cfg.get('custom_hooks', None) or [] if is_fusion_load_hook(h)]
 
 
 @dataclass

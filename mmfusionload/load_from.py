@@ -6,16 +6,12 @@ import torch
 import torch.nn as nn
 
 from .containers import unwrap
+from .errors import FusionLoadError
 from .modality import resolve_targets
-from .repairs import Entry, RepairProblem, is_derived, repairs_in_order
+from .repairs import Entry, RepairProblem, may_be_absent, repairs_in_order, run_repairs
 from .repairs.spconv_layout import MMCV, SPCONV2, module_layout
 from .report import SourceReport
 from .source import SourceSpec
-
-def is_optional(key: str) -> bool:
-    """Keys a checkpoint may lack: derived tables and BN's ``num_batches_tracked``."""
-    return is_derived(key) or key.endswith('num_batches_tracked')
-
 
 # ``_metadata`` version that tells MMDetection3D's spconv 2.x override the
 # kernel is already in its layout (it permutes when the version is below 2).
@@ -47,6 +43,9 @@ def repair_checkpoint(checkpoint: MutableMapping[str, Any],
     Returns:
         SourceReport: What was repaired.
     """
+    if spconv_layout not in ('auto', 'spconv2', 'mmcv'):
+        raise FusionLoadError([f"spconv_layout must be 'auto', 'spconv2' or 'mmcv', "
+                               f'got {spconv_layout!r}'], 'bad option')
     ckpt = unwrap(checkpoint, filename)
     report = SourceReport(filename, 'load_from', targets=['<model>'],
                           container=ckpt.container, prefix='identity',
@@ -68,10 +67,7 @@ def repair_checkpoint(checkpoint: MutableMapping[str, Any],
         version = (metadata.get(mod_name) or {}).get('version')
         entry = Entry(key, key, tensor, target, module, mod_name, version, spec, filename)
         try:
-            for repair in repairs:
-                repair(entry)
-                if entry.skip:
-                    break
+            run_repairs(entry, repairs)
         except RepairProblem as e:
             problems.append(str(e))
             state[key] = tensor
@@ -100,7 +96,7 @@ def repair_checkpoint(checkpoint: MutableMapping[str, Any],
             if key not in state and any(key.startswith(t + '.') for t in fill):
                 state[key] = value.detach()
                 report.new.append(key)
-    report.missing = [k for k in model_state if k not in state and not is_optional(k)]
+    report.missing = [k for k in model_state if k not in state and not may_be_absent(k)]
     state._metadata = metadata  # type: ignore[attr-defined]
     if ckpt.container == '<bare>':
         checkpoint.clear()

@@ -20,13 +20,11 @@ from .modality import resolve_targets
 from .prefix import Alignment, auto_alignment, explicit_alignment
 from .presets import KeyPreset, get_preset, rename_keys
 from .reader import all_finite, read_checkpoint, release_pages
-from .repairs import Entry, RepairProblem, is_derived, repairs_in_order
+from .repairs import Entry, RepairProblem, may_be_absent, repairs_in_order, run_repairs
 from .report import LoadReport, SourceReport, compress_keys
 from .source import SourceSpec, parse_source
 
 SourceLike = Union[SourceSpec, Dict[str, Any]]
-# Model keys a checkpoint may lack without being "missing".
-OPTIONAL_KEYS = (r'(^|\.)num_batches_tracked$', )
 
 
 @dataclass
@@ -85,7 +83,7 @@ def plan_source(model: nn.Module,
         targets = resolve_targets(model, spec.modality, spec.modules)
         preset: Optional[KeyPreset] = get_preset(spec.preset) if spec.preset else None
     except FusionLoadError as e:
-        plan.problems += e.problems
+        plan.problems += [f'{fname}: {p}' for p in e.problems]
         return plan
     report.targets = targets
     if preset is not None and preset.spconv_layout and spec.spconv_layout == 'auto':
@@ -139,10 +137,7 @@ def plan_source(model: nn.Module,
     repairs = repairs_in_order()
     for e in plan.entries:
         try:
-            for repair in repairs:
-                repair(e)
-                if e.skip:
-                    break
+            run_repairs(e, repairs)
         except RepairProblem as err:
             plan.problems.append(str(err))
             report.mismatched.append(f'{e.key}: {list(e.source.shape)} vs '
@@ -185,8 +180,7 @@ def _account(plan: SourcePlan, targets: List[str], targeted: Dict[str, torch.Ten
     for key in targeted:
         if key in arrived or _under(key, targets) not in provided:
             continue
-        if (any(p.search(key) for p in excludes) or is_derived(key)
-                or any(re.search(p, key) for p in OPTIONAL_KEYS)):
+        if any(p.search(key) for p in excludes) or may_be_absent(key):
             continue
         if preset is not None and preset.is_new(key):
             report.new.append(key)
@@ -222,17 +216,52 @@ def validate(plans: Sequence[SourcePlan], allow_overlap: bool = False) -> List[s
     return problems
 
 
-@torch.no_grad()
-def apply(plans: Sequence[SourcePlan], extra_models: Sequence[nn.Module] = ()) -> None:
-    """Write every planned tensor into the model (and into ``extra_models``)."""
+def check_targets(plans: Sequence[SourcePlan], extra_models: Sequence[nn.Module] = ()
+                  ) -> List[str]:
+    """Problems that would only show while writing: targets that cannot take a copy.
+
+    A target whose elements overlap in memory (an ``expand``-ed buffer) or an
+    extra model (EMA) whose tensor has another shape would fail half-way
+    through :func:`apply`; they are found here, before anything is written.
+    """
+    problems = []
     extras = [dict(unwrap_model(m).state_dict(keep_vars=True)) for m in extra_models]
     for plan in plans:
         for e in plan.to_load:
-            t = e.materialize()
-            e.target.copy_(t)
+            if torch._debug_has_internal_overlap(e.target) == 1:
+                problems.append(f'{e.key}: the model tensor {list(e.target.shape)} shares '
+                                'memory between its elements and cannot be loaded')
             for state in extras:
-                if e.key in state:
-                    state[e.key].copy_(t)
+                if e.key in state and tuple(state[e.key].shape) != e.shape:
+                    problems.append(f'{e.key}: extra model (EMA) holds '
+                                    f'{list(state[e.key].shape)}, the load gives {list(e.shape)}')
+    return problems
+
+
+@torch.no_grad()
+def apply(plans: Sequence[SourcePlan], extra_models: Sequence[nn.Module] = ()) -> None:
+    """Write every planned tensor into the model (and into ``extra_models``).
+
+    Raises:
+        FusionLoadError: Writing failed (e.g. out of memory moving a tensor to
+            its device); the message says how many tensors were written.
+    """
+    extras = [dict(unwrap_model(m).state_dict(keep_vars=True)) for m in extra_models]
+    written = 0
+    for plan in plans:
+        for e in plan.to_load:
+            try:
+                t = e.materialize()
+                e.target.copy_(t)
+                for state in extras:
+                    if e.key in state:
+                        state[e.key].copy_(t)
+            except Exception as err:
+                raise FusionLoadError(
+                    [f'{e.filename}: writing {e.key} failed: {type(err).__name__}: {err}'],
+                    f'checkpoint load failed while writing, after {written} tensor(s); '
+                    'the model is partly loaded') from err
+            written += 1
             release_pages(e.source)
 
 
@@ -291,10 +320,16 @@ def load_sources(model: nn.Module,
             problems += ckpt.problems
             report.sources.append(SourceReport(spec.checkpoint, spec.label))
             continue
-        plan = plan_source(model, spec, ckpt, model_state)
+        try:
+            plan = plan_source(model, spec, ckpt, model_state)
+        except Exception as e:  # a foreign-format conversion or rename that breaks
+            problems.append(f'{spec.checkpoint}: {type(e).__name__}: {e}')
+            report.sources.append(SourceReport(spec.checkpoint, spec.label))
+            continue
         plans.append(plan)
         report.sources.append(plan.report)
     problems += validate(plans, allow_overlap)
+    problems += check_targets(plans, extra_models)
     report.problems = problems
     if problems and not dry_run:
         if logger is not None:

@@ -10,6 +10,7 @@ other global is refused with a message naming it. Pass
 """
 import _compat_pickle
 import cmath
+import functools
 import os
 import os.path as osp
 import pickle
@@ -47,11 +48,11 @@ EXTRA_SAFE_GLOBALS = {
 }
 # HistoryBuffer's built-in statistics (its registry fills only once one is built).
 HISTORY_BUFFER_STATISTICS = {'min', 'max', 'current', 'mean'}
-# Modules whose numpy classes ``getattr`` may fetch (see ``_safe_getattr``).
-SAFE_GETATTR_OWNERS = ('numpy', 'numpy.dtypes', 'numpy.core.multiarray',
-                       'numpy._core.multiarray')
 
 _ZIP_MAGIC = b'PK\x03\x04'
+# torch's storage classes (``torch.FloatStorage``...), as old checkpoints name them.
+_STORAGE_NAMES = frozenset(n for n in dir(torch) if n.endswith('Storage')
+                           and isinstance(getattr(torch, n), type))
 
 
 def _torch_allowed_globals() -> Dict[str, Any]:
@@ -63,24 +64,16 @@ def _torch_allowed_globals() -> Dict[str, Any]:
 
 
 def _safe_getattr(owner: Any, name: str) -> Any:
-    """``getattr`` restricted to the uses numpy's and MMEngine's pickles make.
+    """``getattr`` restricted to the one use MMEngine's pickles make.
 
-    numpy 2 pickles dtype classes as ``getattr(numpy.dtypes, 'Float64DType')``;
     MMEngine's ``HistoryBuffer`` pickles its statistics methods as
-    ``getattr(HistoryBuffer, 'mean')``.
+    ``getattr(HistoryBuffer, 'mean')``; anything else is refused.
     """
-    if isinstance(owner, ModuleType):
-        if owner.__name__ in SAFE_GETATTR_OWNERS and not name.startswith('_'):
-            value = getattr(owner, name, None)
-            if isinstance(value, type) and value.__module__.startswith('numpy'):
-                return value
-        owner_name = owner.__name__
-    else:
-        from mmengine.logging.history_buffer import HistoryBuffer
-        if (owner is HistoryBuffer or type(owner) is HistoryBuffer) and \
-                name in HISTORY_BUFFER_STATISTICS | set(HistoryBuffer._statistics_methods):
-            return getattr(owner, name)
-        owner_name = getattr(owner, '__name__', type(owner).__name__)
+    from mmengine.logging.history_buffer import HistoryBuffer
+    if (owner is HistoryBuffer or type(owner) is HistoryBuffer) and \
+            name in HISTORY_BUFFER_STATISTICS | set(HistoryBuffer._statistics_methods):
+        return getattr(owner, name)
+    owner_name = getattr(owner, '__name__', type(owner).__name__)
     raise UnsafeGlobalError(f'getattr({owner_name}, {name!r})')
 
 
@@ -114,13 +107,17 @@ def _restricted_pickle_module() -> ModuleType:
                 return super().find_class(module, name)
             if full == 'builtins.getattr':
                 return _safe_getattr
-            if module == 'torch' and name.endswith('Storage'):
+            if module == 'torch' and name in _STORAGE_NAMES:
                 return super().find_class(module, name)
             raise UnsafeGlobalError(full)
 
+    def load(file, **kwargs) -> Any:
+        # torch's reader of old-format (non-zip) files calls ``pickle_module.load``
+        return RestrictedUnpickler(file, **kwargs).load()
+
     mod = ModuleType('mmfusionload_restricted_pickle')
     mod.Unpickler = RestrictedUnpickler  # type: ignore[attr-defined]
-    mod.load = pickle.load  # type: ignore[attr-defined]
+    mod.load = load  # type: ignore[attr-defined]
     mod.__name__ = 'pickle'
     return mod
 
@@ -185,31 +182,47 @@ def _file_mappings(path: str) -> List[Tuple[int, int]]:
     return out
 
 
-def mark_mapped(tensors: Iterable[torch.Tensor], path: str) -> int:
+def _tag_if_inside(t: torch.Tensor, ranges: Iterable[Tuple[int, int]]) -> bool:
+    """Tag ``t`` for :func:`release_pages` if its own bytes lie inside one of ``ranges``."""
+    if not torch.is_tensor(t) or t.device.type != 'cpu' or t.numel() == 0:
+        return False
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    if any(lo <= start and end <= hi for lo, hi in ranges):
+        setattr(t, _MAPPED_ATTR, t._version)
+        return True
+    return False
+
+
+def mark_mapped(tensors: Iterable[torch.Tensor], path: str,
+                ranges: Optional[List[Tuple[int, int]]] = None) -> int:
     """Tag the tensors whose data lies in a private file mapping of ``path``.
 
     Only tagged tensors are ever released by :func:`release_pages`; a tensor
-    copied out of the file (an older safetensors, a legacy ``.pth``) is left alone.
+    copied out of the file (an older safetensors, a legacy ``.pth``) or backed by
+    any other memory is left alone: each tensor's own byte range is checked.
+
+    Args:
+        tensors (Iterable[Tensor]): Candidates.
+        path (str): The file.
+        ranges (list[tuple[int, int]], optional): The file's mapped address ranges
+            (:func:`_file_mappings`), when already known; read from
+            ``/proc/self/maps`` on the first candidate otherwise.
 
     Returns:
         int: How many tensors were tagged.
     """
     if _madvise() is None:
         return 0
-    ranges = None
     n = 0
     for t in tensors:
         if not torch.is_tensor(t) or t.device.type != 'cpu' or t.numel() == 0:
             continue
         if ranges is None:
             ranges = _file_mappings(path)
-            if not ranges:
-                return 0
-        start = t.data_ptr()
-        end = start + t.numel() * t.element_size()
-        if any(lo <= start and end <= hi for lo, hi in ranges):
-            setattr(t, _MAPPED_ATTR, t._version)
-            n += 1
+        if not ranges:
+            return 0
+        n += _tag_if_inside(t, ranges)
     return n
 
 
@@ -277,7 +290,8 @@ class SafetensorsState(Mapping):
         self._index = set(self._keys)
         self._cache: Dict[str, torch.Tensor] = {}
         self.metadata: Dict[str, str] = dict(self._file.metadata() or {})
-        self._mapped: Optional[bool] = None
+        # the file's mapped address ranges, read once (safe_open maps the file once)
+        self._ranges: Optional[List[Tuple[int, int]]] = None
 
     def __getitem__(self, key: str) -> torch.Tensor:
         t = self._cache.get(key)
@@ -285,10 +299,11 @@ class SafetensorsState(Mapping):
             if key not in self._index:
                 raise KeyError(key)
             t = self._file.get_tensor(key)
-            if self._mapped is None and t.numel():  # is get_tensor zero-copy? check once
-                self._mapped = mark_mapped([t], self.path) > 0
-            elif self._mapped and t.numel():
-                setattr(t, _MAPPED_ATTR, t._version)
+            if t.numel() and _madvise() is not None:
+                if self._ranges is None:
+                    self._ranges = _file_mappings(self.path)
+                # every tensor's own bytes are checked: only a view of the mapping is tagged
+                _tag_if_inside(t, self._ranges)
             self._cache[key] = t
         return t
 
@@ -357,10 +372,14 @@ def _native_byteorder(path: str) -> bool:
     return order == sys.byteorder
 
 
-def _rebuild_tensor_mapped(storage, storage_offset, size, stride, requires_grad,
+def _rebuild_tensor_mapped(bounds, storage, storage_offset, size, stride, requires_grad,
                            backward_hooks, metadata=None):
     """``torch._utils._rebuild_tensor_v2`` for CPU storages of a mapped file, tagged for
-    :func:`release_pages` (torch's own also looks for fake/meta modes, per tensor)."""
+    :func:`release_pages` (torch's own also looks for fake/meta modes, per tensor).
+
+    ``bounds`` is the mapping's ``(start, end)`` address range: a tensor is tagged only
+    when its own bytes lie inside it.
+    """
     t = torch.empty((0, ), dtype=storage.dtype).set_(storage._untyped_storage, storage_offset,
                                                      size, stride)
     if requires_grad:
@@ -368,8 +387,7 @@ def _rebuild_tensor_mapped(storage, storage_offset, size, stride, requires_grad,
     if metadata:
         torch._utils.set_tensor_metadata(t, metadata)
     t._backward_hooks = backward_hooks
-    if t.numel():
-        setattr(t, _MAPPED_ATTR, t._version)
+    _tag_if_inside(t, (bounds, ))
     return t
 
 
@@ -397,6 +415,8 @@ def _load_zip_mapped(path: str, pickle_module: Any) -> Any:
     if order != sys.byteorder:
         return _NOT_HANDLED
     whole = torch.UntypedStorage.from_file(path, False, os.path.getsize(path))
+    rebuild = functools.partial(_rebuild_tensor_mapped,
+                                (whole.data_ptr(), whole.data_ptr() + whole.nbytes()))
     storages: Dict[str, Any] = {}
 
     def persistent_load(saved_id):
@@ -424,7 +444,7 @@ def _load_zip_mapped(path: str, pickle_module: Any) -> Any:
                     pass
             if module == 'torch._utils' and name == '_rebuild_tensor_v2':
                 super().find_class(module, name)  # the allowlist still decides
-                return _rebuild_tensor_mapped
+                return rebuild
             return super().find_class('torch._tensor' if module == 'torch.tensor' else module,
                                       name)
 

@@ -1,5 +1,6 @@
 """A source: one checkpoint and what to load from it."""
-from dataclasses import dataclass, field, fields
+import re
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from .errors import FusionLoadError
@@ -53,19 +54,40 @@ class SourceSpec:
 ALLOWED = tuple(f.name for f in fields(SourceSpec))
 
 
+def _names(value: Any, what: str, problems: List[str]) -> Optional[List[str]]:
+    """``value`` as a list of strings (None stays None), or a problem."""
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+        problems.append(f'{what} must be a string or a list of strings, got {value!r}')
+        return None
+    return list(items)
+
+
+def _regex(pattern: Any, what: str, problems: List[str]) -> None:
+    if not isinstance(pattern, str):
+        problems.append(f'{what} must be a regex string, got {pattern!r}')
+        return
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        problems.append(f'{what} {pattern!r} is not a valid regex: {e}')
+
+
 def parse_source(cfg: Union[SourceSpec, Dict[str, Any]]) -> SourceSpec:
-    """Check a source dict and turn it into a :class:`SourceSpec`.
+    """Check a source dict (or spec) and turn it into a :class:`SourceSpec`.
 
     Raises:
         FusionLoadError: Unknown keys (the message lists the allowed ones),
             a missing ``checkpoint`` or a bad option value.
     """
     if isinstance(cfg, SourceSpec):
-        return cfg
+        cfg = asdict(cfg)
     if not isinstance(cfg, dict):
         raise FusionLoadError([f'a source must be a dict, got {type(cfg).__name__}'],
                               'bad source')
-    problems = []
+    problems: List[str] = []
     unknown = sorted(set(cfg) - set(ALLOWED))
     if unknown:
         problems.append(f'unknown source option(s) {unknown}; allowed: {", ".join(ALLOWED)}')
@@ -74,23 +96,35 @@ def parse_source(cfg: Union[SourceSpec, Dict[str, Any]]) -> SourceSpec:
     if problems:
         raise FusionLoadError(problems, 'bad source')
     spec = SourceSpec(**cfg)
+    where = f'source {spec.checkpoint}:'
     spec.checkpoint = str(spec.checkpoint)
+    modality = _names(spec.modality, f'{where} modality', problems)
+    spec.modality = modality[0] if isinstance(spec.modality, str) else modality
+    spec.modules = _names(spec.modules, f'{where} modules', problems)
+    spec.exclude = _names(spec.exclude, f'{where} exclude', problems) or []
+    for pattern in spec.exclude:
+        _regex(pattern, f'{where} exclude', problems)
+    if spec.preset is not None and not isinstance(spec.preset, str):
+        problems.append(f'{where} preset must be a name, got {spec.preset!r}')
     if spec.spconv_layout not in ('auto', 'spconv2', 'mmcv'):
-        problems.append(f"spconv_layout must be 'auto', 'spconv2' or 'mmcv', "
+        problems.append(f"{where} spconv_layout must be 'auto', 'spconv2' or 'mmcv', "
                         f'got {spec.spconv_layout!r}')
     if spec.strict not in (True, False, 'all'):
-        problems.append(f"strict must be True, False or 'all', got {spec.strict!r}")
-    if not (spec.prefix == 'auto' or isinstance(spec.prefix, dict)):
-        problems.append("prefix must be 'auto' or a {checkpoint_prefix: model_prefix} "
-                        f'dict, got {spec.prefix!r}')
-    if isinstance(spec.exclude, str):
-        spec.exclude = [spec.exclude]
-    if isinstance(spec.modules, str):
-        spec.modules = [spec.modules]
+        problems.append(f"{where} strict must be True, False or 'all', got {spec.strict!r}")
+    if not (spec.prefix == 'auto' or (isinstance(spec.prefix, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in spec.prefix.items()))):
+        problems.append(f"{where} prefix must be 'auto' or a {{checkpoint_prefix: "
+                        f'model_prefix}} dict of strings, got {spec.prefix!r}')
     rules: Sequence = spec.rename or []
-    if any(not (isinstance(r, (list, tuple)) and len(r) == 2) for r in rules):
-        problems.append(f'rename must be a list of (regex, replacement) pairs, got {rules!r}')
-    spec.rename = [tuple(r) for r in rules]  # type: ignore[misc]
+    if not isinstance(rules, (list, tuple)) or any(
+            not (isinstance(r, (list, tuple)) and len(r) == 2 and isinstance(r[1], str))
+            for r in rules):
+        problems.append(f'{where} rename must be a list of (regex, replacement) pairs, '
+                        f'got {rules!r}')
+    else:
+        for pattern, repl in rules:
+            _regex(pattern, f'{where} rename', problems)
+        spec.rename = [tuple(r) for r in rules]  # type: ignore[misc]
     if problems:
         raise FusionLoadError(problems, 'bad source')
     return spec

@@ -1,4 +1,6 @@
 """The load_from repair, applied through MMEngine's own checkpoint loading."""
+import os
+import pickle
 import subprocess
 import sys
 from collections import OrderedDict
@@ -102,6 +104,41 @@ def test_ambiguous_load_from_needs_option(tmp_path):
 
 
 # ---------------------------------------------------------------- safe reading
+class _Touch:
+    """Unpickling this runs ``touch <path>``: a file appears if code ran."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.system, (f'touch {self.path}', ))
+
+
+@pytest.mark.parametrize('fmt', ['zip', 'legacy', 'raw'])
+def test_code_never_runs_in_any_file_format(tmp_path, fmt):
+    ran = tmp_path / 'code_ran'
+    path = tmp_path / f'evil_{fmt}.pth'
+    obj = {'state_dict': {'w': torch.ones(2)}, 'payload': _Touch(ran)}
+    if fmt == 'zip':
+        torch.save(obj, path)
+    elif fmt == 'legacy':
+        torch.save(obj, path, _use_new_zipfile_serialization=False)
+    else:  # a bare pickle, read by torch's old-format reader
+        with open(path, 'wb') as f:
+            pickle.dump(_Touch(ran), f, protocol=2)
+    with pytest.raises(FusionLoadError, match='system') as e:
+        read_checkpoint(str(path))
+    assert not ran.exists()
+    assert str(path) in str(e.value) and 'trust_checkpoint=True' in str(e.value)
+
+
+def test_legacy_format_checkpoint_still_loads(tmp_path):
+    sd = {'w': torch.arange(4.0), 'meta': {'epoch': 3}}
+    torch.save({'state_dict': sd}, tmp_path / 'old.pth', _use_new_zipfile_serialization=False)
+    got = read_checkpoint(str(tmp_path / 'old.pth'))
+    assert torch.equal(got['state_dict']['w'], torch.arange(4.0))
+
+
 def test_reader_rebuilds_numpy_and_refuses_code(tmp_path):
     obj = {'state_dict': {'w': torch.ones(2)},
            'meta': {'seed': np.int64(3), 'arr': np.arange(4.0), 'dtype': np.dtype('float32')}}

@@ -317,3 +317,33 @@ def test_kernel_conversion_both_directions():
     w2 = torch.randn(8, 3, 3, 4)
     m2 = convert_kernel(w2, 'spconv2', 'mmcv')
     assert m2.shape == (3, 3, 4, 8) and m2[2, 1, 3, 5] == w2[5, 2, 1, 3]
+
+
+@pytest.mark.parametrize('bad', [
+    dict(rename=[('(', 'x')]), dict(exclude=['[']), dict(exclude=[3]),
+    dict(prefix={'img_backbone.': None}), dict(modality=3), dict(modality=['camera', 3]),
+    dict(preset=['a']), dict(spconv_layout='SPCONV2'), dict(strict='yes'),
+    dict(rename='pts_'), dict(modules='nope')])
+def test_bad_option_values_are_fusion_load_errors(model, tmp_path, bad):
+    torch.save({k: v for k, v in model.state_dict().items() if k.startswith('pts_neck.')},
+               tmp_path / 'n.pth')
+    _fails(model, [dict(checkpoint=str(tmp_path / 'n.pth'), **bad)], 'n.pth')
+
+
+def test_bad_replacement_and_int_keys_are_fusion_load_errors(model, tmp_path):
+    torch.save({k: v for k, v in model.state_dict().items() if k.startswith('pts_neck.')},
+               tmp_path / 'n.pth')
+    _fails(model, [dict(modality='lidar', checkpoint=str(tmp_path / 'n.pth'),
+                        rename=[('pts', r'\3')])], 'n.pth')
+    torch.save({1: torch.zeros(1), 2: torch.zeros(2)}, tmp_path / 'ints.pth')
+    _fails(model, [dict(modality='lidar', checkpoint=str(tmp_path / 'ints.pth'))], 'ints.pth')
+
+
+def test_target_that_cannot_take_a_copy_is_found_before_writing(tmp_path):
+    import torch.nn as nn
+    model = nn.Module()
+    model.a = nn.Linear(2, 2)
+    model.a.register_buffer('shared', torch.zeros(1).expand(4))
+    sd = {'a.weight': torch.ones(2, 2), 'a.bias': torch.ones(2), 'a.shared': torch.ones(4)}
+    torch.save(sd, tmp_path / 'x.pth')
+    _fails(model, [dict(checkpoint=str(tmp_path / 'x.pth'))], 'a.shared', 'shares memory')

@@ -11,6 +11,7 @@ from mmengine.runner import Runner
 
 sys.path.insert(0, os.getcwd())
 import mmfusionload  # noqa: E402,F401  (registers FusionLoadHook, EfficientViT, presets)
+from mmfusionload.hooks import is_fusion_load_hook  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -92,7 +93,7 @@ def use_fusion_load_hook(cfg: Config) -> None:
     hooks = [dict(h) for h in cfg.get('custom_hooks', [])]
     found = False
     for hook in hooks:
-        if hook.get('type') in ('FusionLoadHook', 'mmfusionload.FusionLoadHook'):
+        if is_fusion_load_hook(hook):
             if hook.get('sources'):
                 print_log(f'tools/test.py: testing {cfg.load_from}; the FusionLoadHook '
                           'sources of the training config are not loaded', logger='current')

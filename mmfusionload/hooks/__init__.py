@@ -1,3 +1,3 @@
-from .fusion_load_hook import FusionLoadHook
+from .fusion_load_hook import FusionLoadHook, is_fusion_load_hook
 
-__all__ = ['FusionLoadHook']
+__all__ = ['FusionLoadHook', 'is_fusion_load_hook']

@@ -7,6 +7,7 @@ from mmengine.hooks import EMAHook, Hook
 from mmengine.logging import print_log
 from mmengine.registry import HOOKS
 
+from ..errors import FusionLoadError
 from ..load_from import fill_targets_of, repair_checkpoint
 from ..loading import load_sources, unwrap_model
 from ..reader import install_checkpoint_loader
@@ -61,6 +62,12 @@ class FusionLoadHook(Hook):
                  trust_checkpoint: bool = False,
                  report_file: Optional[str] = 'fusionload_report.json',
                  broadcast: Union[bool, str] = 'auto'):
+        if load_from_spconv_layout not in ('auto', 'spconv2', 'mmcv'):
+            raise FusionLoadError([f"load_from_spconv_layout must be 'auto', 'spconv2' or "
+                                   f"'mmcv', got {load_from_spconv_layout!r}"], 'bad option')
+        if broadcast not in (True, False, 'auto'):
+            raise FusionLoadError([f"broadcast must be 'auto', True or False, got {broadcast!r}"],
+                                  'bad option')
         self.sources: List[SourceSpec] = [parse_source(dict(s) if isinstance(s, dict) else s)
                                           for s in sources]
         self.load_on_resume = load_on_resume
@@ -121,3 +128,14 @@ class FusionLoadHook(Hook):
         print_log('\n' + report.format(), logger='current')
         if self.report_file and is_main_process() and runner.work_dir:
             report.to_json(osp.join(runner.work_dir, self.report_file))
+
+
+def is_fusion_load_hook(cfg: dict) -> bool:
+    """Whether a ``custom_hooks`` entry builds a :class:`FusionLoadHook`.
+
+    ``type`` may be the class, ``'FusionLoadHook'`` or a scoped name such as
+    ``'mmengine.FusionLoadHook'``.
+    """
+    kind = cfg.get('type') if isinstance(cfg, dict) else type(cfg)
+    name = kind if isinstance(kind, str) else getattr(kind, '__name__', '')
+    return name.split('.')[-1] == FusionLoadHook.__name__

@@ -2,11 +2,11 @@
 
 Add one with ``@REPAIRS.register_module()`` on a :class:`Repair` subclass.
 """
-from typing import List
+from typing import List, Optional
 
 from ..registry import REPAIRS
 from .base import Entry, Repair, RepairProblem
-from .derived import SkipDerived, is_derived, register_derived
+from .derived import SkipDerived, is_derived, may_be_absent, register_derived
 from .dtype import CastDtype
 from .pos_bias import (ResizePositionBias, resize_attention_biases,
                        resize_relative_position_table)
@@ -20,9 +20,26 @@ def repairs_in_order() -> List[Repair]:
                   key=lambda r: r.priority)
 
 
+def run_repairs(entry: Entry, repairs: Optional[List[Repair]] = None) -> None:
+    """Run the repairs on ``entry`` in order, until one marks it skipped.
+
+    Args:
+        entry (Entry): The planned tensor; repairs add steps or skip it.
+        repairs (list[Repair], optional): Defaults to :func:`repairs_in_order`.
+
+    Raises:
+        RepairProblem: A repair cannot place the tensor.
+    """
+    for repair in repairs if repairs is not None else repairs_in_order():
+        repair(entry)
+        if entry.skip:
+            return
+
+
 __all__ = [
     'Entry', 'Repair', 'RepairProblem', 'SkipDerived', 'CastDtype',
-    'ResizePositionBias', 'SpconvLayout', 'is_derived', 'register_derived',
+    'ResizePositionBias', 'SpconvLayout', 'is_derived', 'may_be_absent', 'register_derived',
+    'run_repairs',
     'repairs_in_order', 'resize_attention_biases', 'resize_relative_position_table',
     'convert_kernel', 'kernel_shape', 'module_layout', 'source_layout'
 ]

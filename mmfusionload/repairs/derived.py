@@ -32,6 +32,11 @@ def is_derived(key: str) -> bool:
     return any(re.search(p, key) for p in DERIVED_ALWAYS + DERIVED_IF_DIFFERENT)
 
 
+def may_be_absent(key: str) -> bool:
+    """Whether a checkpoint may lack the model key: derived tensors and BN's counter."""
+    return is_derived(key) or bool(re.search(r'(^|\.)num_batches_tracked$', key))
+
+
 @REPAIRS.register_module()
 class SkipDerived(Repair):
     """Leave derived index tables and frustum-like tensors to the model."""

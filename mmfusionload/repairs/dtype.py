@@ -9,7 +9,7 @@ from .base import Entry, Repair, RepairProblem
 class CastDtype(Repair):
     """Cast a floating-point tensor to the target's floating dtype."""
     name = 'cast'
-    priority = 90
+    priority = 15  # before a resize, which then computes in the model's precision
 
     def __call__(self, entry: Entry) -> None:
         dst = entry.target.dtype
