@@ -2,11 +2,12 @@
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping
+from typing import Any, Dict, Iterator, List, Mapping, Tuple
 
 import torch
 
 from .errors import FusionLoadError
+from .reader import SafetensorsState
 
 STATE_KEYS = ('state_dict', 'model')
 EMA_KEYS = ('state_dict_ema', 'model_ema', 'ema_state_dict')
@@ -19,7 +20,10 @@ class Unwrapped:
     """A checkpoint's tensors with the keys the model would use.
 
     Args:
-        state (OrderedDict): Key -> tensor.
+        state (Mapping): Key -> tensor: an ``OrderedDict``, or for a lazy source
+            (a ``.safetensors`` file) a lazy mapping whose tensors are created on
+            first access (:class:`~mmfusionload.reader.SafetensorsState` or a
+            :class:`RenamedState` of one); use :func:`shape_of` for shapes.
         metadata (dict): ``_metadata`` of the state dict (module -> info), keyed
             like ``state``.
         container (str): Where the tensors were found (``'state_dict'``,
@@ -28,7 +32,7 @@ class Unwrapped:
         meta (dict): The checkpoint's ``meta`` entry, if any.
         skipped (list[str]): Entries that were not tensors.
     """
-    state: 'OrderedDict[str, torch.Tensor]'
+    state: Mapping[str, torch.Tensor]
     metadata: Dict[str, dict]
     container: str
     stripped: List[str] = field(default_factory=list)
@@ -36,7 +40,61 @@ class Unwrapped:
     skipped: List[str] = field(default_factory=list)
 
 
+class RenamedState(Mapping):
+    """A lazy state dict under new keys: ``view[new]`` is ``base[names[new]]``.
+
+    Keeps a :class:`~mmfusionload.reader.SafetensorsState` lazy through unwrapping:
+    no tensor is created until its key is looked up.
+
+    Args:
+        base (Mapping): The lazy state dict (``shape(key)`` from its header).
+        names (dict): New key -> key in ``base``, in order.
+    """
+
+    def __init__(self, base: Mapping, names: Dict[str, str]):
+        self.base = base
+        self.names = dict(names)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.base[self.names[key]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __contains__(self, key) -> bool:
+        return key in self.names
+
+    def shape(self, key: str) -> Tuple[int, ...]:
+        """The tensor's shape, from the header (no tensor is created)."""
+        return self.base.shape(self.names[key])
+
+    def dtype(self, key: str) -> str:
+        """The tensor's dtype as the file names it."""
+        return self.base.dtype(self.names[key])
+
+    @property
+    def materialized(self) -> List[str]:
+        """Keys (new names) whose tensors have been created."""
+        done = set(self.base.materialized)
+        return [new for new, old in self.names.items() if old in done]
+
+
+def is_lazy(state: Any) -> bool:
+    """Whether ``state`` creates its tensors on access (and every value is a tensor)."""
+    return isinstance(state, (SafetensorsState, RenamedState))
+
+
+def shape_of(state: Mapping, key: str) -> Tuple[int, ...]:
+    """A tensor's shape, without creating the tensor of a lazy state dict."""
+    return tuple(state.shape(key)) if is_lazy(state) else tuple(state[key].shape)
+
+
 def _is_state_dict(obj: Any) -> bool:
+    if is_lazy(obj):  # a safetensors file holds tensors only: no need to create them
+        return len(obj) > 0
     return (isinstance(obj, Mapping) and len(obj) > 0
             and sum(torch.is_tensor(v) for v in obj.values()) >= max(1, len(obj) // 2))
 
@@ -94,7 +152,7 @@ def unwrap(ckpt: Any, filename: str, prefer_ema: bool = False) -> Unwrapped:
     """
     state, container = find_state_dict(ckpt, filename, prefer_ema)
     metadata = dict(getattr(state, '_metadata', None) or {})
-    keys = [k for k in state.keys()]
+    keys = list(state.keys())
     stripped = []
     for prefix in WRAPPER_PREFIXES:
         if sum(k.startswith(prefix) for k in keys) * 2 > len(keys):
@@ -109,18 +167,26 @@ def unwrap(ckpt: Any, filename: str, prefer_ema: bool = False) -> Unwrapped:
                 key = _strip(key, p)
         return _ORIG_MOD.sub(r'\1', key) if compiled else key
 
+    lazy = is_lazy(state)
     out: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
+    names: Dict[str, Any] = {}  # new key -> original key
     skipped = []
-    for k, v in state.items():
-        if not torch.is_tensor(v):
+    # a lazy state dict holds tensors only: go by its keys, create no tensor
+    for k, v in ((k, None) for k in keys) if lazy else state.items():
+        if not lazy and not torch.is_tensor(v):
             skipped.append(str(k))
             continue
         new = fix(str(k))
-        if new in out:
+        if new in names:
             raise FusionLoadError(
-                [f'{filename}: keys {k!r} and another both become {new!r} '
+                [f'{filename}: keys {names[new]!r} and {k!r} both become {new!r} '
                  f'after removing {stripped}'], 'key collision')
-        out[new] = v
+        names[new] = k
+        if not lazy:
+            out[new] = v
+    if lazy:
+        renamed = any(new != old for new, old in names.items())
+        out = RenamedState(state, names) if renamed else state  # type: ignore[assignment]
     fixed_meta = {}
     for k, v in metadata.items():
         # module names in _metadata carry no trailing dot; compare with one

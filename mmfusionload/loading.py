@@ -13,7 +13,7 @@ import torch.nn as nn
 from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 
-from .containers import Unwrapped, unwrap
+from .containers import Unwrapped, shape_of, unwrap
 from .distributed import read_all
 from .errors import FusionLoadError
 from .modality import resolve_targets
@@ -78,6 +78,7 @@ def plan_source(model: nn.Module,
     fname = spec.checkpoint
     report = SourceReport(fname, spec.label, container=ckpt.container,
                           stripped=list(ckpt.stripped))
+    report.skipped = list(ckpt.skipped)
     plan = SourcePlan(spec, report)
     try:
         targets = resolve_targets(model, spec.modality, spec.modules)
@@ -97,7 +98,7 @@ def plan_source(model: nn.Module,
 
     try:
         renamed = rename_keys(list(state), spec.rename, preset, fname)
-        shapes = {new: tuple(state[old].shape) for new, old in renamed.items()}
+        shapes = {new: shape_of(state, old) for new, old in renamed.items()}
         tshapes = {k: tuple(v.shape) for k, v in targeted.items()}
         if spec.prefix == 'auto':
             align: Alignment = auto_alignment(shapes, tshapes, targets, fname)

@@ -44,15 +44,22 @@ def merge_into(model: nn.Module,
         FusionLoadError: A bad destination or any load problem; nothing is written.
     """
     check_destination(out, _source_paths(sources))
-    # plan first so that a failure comes with the full report; then load for real
-    report = load_sources(model, sources, dry_run=True, allow_overlap=allow_overlap,
-                          logger=None, title='merge')
-    if not report.ok:
-        err = FusionLoadError(report.problems, 'checkpoint load failed; nothing written')
-        err.report = report  # type: ignore[attr-defined]
-        raise err
-    report = load_sources(model, sources, allow_overlap=allow_overlap, logger=None,
-                          title='merge')
+    return _load_and_save(model, sources, out, allow_overlap, config)
+
+
+def _load_and_save(model: nn.Module, sources: Sequence[Dict[str, Any]], out: str,
+                   allow_overlap: bool,
+                   config: Optional[str]) -> Tuple[LoadReport, Dict[str, Any]]:
+    """:func:`merge_into` once ``out`` has been checked."""
+    # one read of every file: a failure raises before the model is touched, with the
+    # full report attached (``err.report``)
+    try:
+        report = load_sources(model, sources, allow_overlap=allow_overlap, logger=None,
+                              title='merge')
+    except FusionLoadError as e:
+        err = FusionLoadError(e.problems, 'checkpoint load failed; nothing written')
+        err.report = e.report  # type: ignore[attr-defined]
+        raise err from e
     provided = {t for s in report.sources for t in s.targets if t not in s.kept}
     children = [n for n, _ in model.named_children()
                 if any(True for _ in model.get_submodule(n).state_dict())]
@@ -100,12 +107,12 @@ def merge_checkpoints(config: str,
     step = progress or (lambda _: None)
     if not sources:
         raise FusionLoadError(['no sources given'], 'nothing to merge')
-    check_destination(out, _source_paths(sources))
+    check_destination(out, _source_paths(sources))  # before the (slow) model build
     step('building the model')
     model = build_model(load_config(config, cfg_options))
     if init_weights:
         step('init_weights')
         model.init_weights()
     step('loading the sources')
-    report, meta = merge_into(model, sources, out, allow_overlap, config)
+    report, meta = _load_and_save(model, sources, out, allow_overlap, config)
     return model, report, meta

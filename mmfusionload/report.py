@@ -79,6 +79,8 @@ class SourceReport:
         kept (list[str]): Targets the source provides nothing for.
         ignored (int): Checkpoint tensors outside the targets.
         stripped (list[str]): Wrapper prefixes removed.
+        skipped (list[str]): Entries of the checkpoint's state dict that are not
+            tensors (left out of the load).
     """
     checkpoint: str
     label: str
@@ -96,6 +98,7 @@ class SourceReport:
     kept: List[str] = field(default_factory=list)
     ignored: int = 0
     stripped: List[str] = field(default_factory=list)
+    skipped: List[str] = field(default_factory=list)
 
     def counts(self) -> Dict[str, int]:
         out = {k: len(getattr(self, k)) for k in (

@@ -381,6 +381,44 @@ def test_merge_failure_writes_nothing(cfg_dir, built, ckpts, tmp_path, capsys):
     assert not out.exists() and os.listdir(tmp_path) == []
 
 
+def test_merge_reads_each_file_once(cfg_dir, built, ckpts, tmp_path, monkeypatch):
+    """One load: every source file is read (and checked) once, the destination is checked
+    once; a failing merge still carries the full report and writes nothing."""
+    import mmfusionload.loading as loading
+    import mmfusionload.merge as merge
+    from mmfusionload import FusionLoadError
+    cfg, _ = built
+    reads, checks = [], []
+    real_read, real_check = loading.read_source, merge.check_destination
+
+    def read(spec):
+        reads.append(spec.checkpoint)
+        return real_read(spec)
+
+    def check(*a, **kw):
+        checks.append(a[0])
+        return real_check(*a, **kw)
+
+    monkeypatch.setattr(loading, 'read_source', read)
+    monkeypatch.setattr(merge, 'check_destination', check)
+    out = tmp_path / 'init.pth'
+    _, report, _ = merge.merge_checkpoints(cfg, [
+        dict(modality='lidar', checkpoint=ckpts['lidar']),
+        dict(modality='camera', checkpoint=ckpts['swin'], preset='swin-original')], str(out))
+    assert report.ok and report.applied and out.exists()
+    assert reads == [ckpts['lidar'], ckpts['swin']] and checks == [str(out)]
+    reads.clear(), checks.clear()
+    bad = tmp_path / 'bad.pth'
+    with pytest.raises(FusionLoadError, match='nothing written') as info:
+        merge.merge_checkpoints(cfg, [dict(modality='lidar', checkpoint=ckpts['lidar']),
+                                      dict(modality='camera', checkpoint=ckpts['swin'])],
+                                str(bad))
+    assert info.value.report is not None and len(info.value.report.sources) == 2
+    assert not info.value.report.applied and info.value.report.problems
+    assert reads == [ckpts['lidar'], ckpts['swin']] and checks == [str(bad)]
+    assert not bad.exists()
+
+
 # ---------------------------------------------------------------- a real process
 
 def test_python_m_mmfusionload_subprocess(cfg_dir, built, ckpts, tmp_path):

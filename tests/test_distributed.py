@@ -275,3 +275,12 @@ def test_rank0_keeps_what_it_sends():
     assert isinstance(out[0], FusionLoadError) and 'cannot be broadcast' in out[0].problems[0]
     assert out[1].meta == {} and header['sources'][1]['meta'] == {}
     assert [t[0] for t in header['sources'][1]['tensors']] == ['w']
+
+
+def test_header_carries_the_error_title():
+    """The title of a rank-0 failure travels as the error's ``title``, whatever it holds."""
+    from mmfusionload.distributed import _make_header
+    for title in ('cannot read checkpoint', 'two\nlines (and brackets)', 'x (3 problems):'):
+        err = FusionLoadError(['a', 'b (c)'], title)
+        src = _make_header([err], 1000)['sources'][0]
+        assert src == dict(problems=['a', 'b (c)'], title=title)

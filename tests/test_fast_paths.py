@@ -98,6 +98,44 @@ def test_safetensors_state_is_lazy(tmp_path):
     assert state.shape(key) == (64, 64) and state.dtype(key) == 'F32'
     assert state.materialized == []
     assert state[key].shape == (64, 64) and state.materialized == [key]
+    # reading and unwrapping a source creates no tensor either, wrapper prefixes or not
+    from mmfusionload.containers import RenamedState, shape_of
+    from mmfusionload.loading import read_source
+    from mmfusionload.source import parse_source
+    ckpt = read_source(parse_source(dict(modality='camera',
+                                         checkpoint=paths['both.safetensors'])))
+    assert isinstance(ckpt.state, SafetensorsState) and ckpt.state.materialized == []
+    assert ckpt.container == 'state_dict' and ckpt.skipped == []
+    wrapped = str(tmp_path / 'ddp.safetensors')
+    safetensors_torch.save_file({'module.' + k: v for k, v in
+                                 safetensors_torch.load_file(paths['both.safetensors']).items()},
+                                wrapped)
+    ckpt = read_source(parse_source(dict(modality='camera', checkpoint=wrapped)))
+    assert isinstance(ckpt.state, RenamedState) and ckpt.stripped == ['module.']
+    assert list(ckpt.state) == list(state) and ckpt.state.materialized == []
+    assert shape_of(ckpt.state, key) == (64, 64) and ckpt.state.materialized == []
+    assert torch.equal(ckpt.state[key], state[key]) and ckpt.state.materialized == [key]
+
+
+def test_one_modality_load_creates_only_its_tensors(tmp_path, monkeypatch):
+    """Loading the camera from a file that also holds the LiDAR creates only the camera's
+    tensors: nothing else of the lazy safetensors mapping is touched."""
+    _, paths = _files(str(tmp_path))
+    kept = []
+
+    def spy(spec):
+        kept.append(real_read(spec))
+        return kept[-1]
+
+    real_read = loading.read_source
+    monkeypatch.setattr(loading, 'read_source', spy)
+    model = FastModel()
+    report = load_sources(model, [dict(modality='camera', checkpoint=paths['both.safetensors'])],
+                          logger=None)
+    state = kept[0].state
+    assert isinstance(state, SafetensorsState) and report.sources[0].loaded
+    assert sorted(state.materialized) == sorted(report.sources[0].loaded)  # same keys here
+    assert not any(k.startswith('pts_') for k in state.materialized)
 
 
 def _mapped_rss_kb(path: str) -> int:
@@ -159,6 +197,55 @@ def test_release_pages_and_all_finite(tmp_path):
     assert all_finite(torch.full((64, ), 3e38))  # the sum overflows, the values are finite
     assert all_finite(torch.full((64, ), 6e4, dtype=torch.float16))
     assert all_finite(torch.arange(10)) and all_finite(torch.empty(0))
+
+
+class _CopyingFile:
+    """A ``safe_open`` handle that hands out a private copy for some keys (as a reader
+    does for a byte-swapped or misaligned tensor): memory not backed by the file."""
+
+    def __init__(self, real, copied):
+        self.real, self.copied = real, set(copied)
+
+    def get_tensor(self, key):
+        t = self.real.get_tensor(key)
+        return t.clone() if key in self.copied else t
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+@pytest.mark.skipif(not osp.exists('/proc/self/maps'), reason='needs Linux /proc')
+def test_only_tensors_inside_the_file_mapping_are_released(tmp_path):
+    """A tensor that is not a view of the file's mapping is never tagged: releasing its
+    (anonymous) pages would turn its values into zeros."""
+    sd, paths = _files(str(tmp_path), big=1024)
+    big = 'pts_middle_encoder.2.weight'  # 4 MiB: whole pages to give back
+    state = read_checkpoint(paths['lidar.safetensors'])['state_dict']
+    state._file = _CopyingFile(state._file, [big])
+    first = state['pts_middle_encoder.2.bias']  # from the mapping: tagged
+    assert getattr(first, '_mmfl_mapped', None) is not None
+    t = state[big]  # a private copy, read after a mapped one
+    assert getattr(t, '_mmfl_mapped', None) is None
+    assert not release_pages(t) and torch.equal(t, sd[big])
+
+    # the zip reader: only a tensor whose bytes lie inside the file's mapping is tagged
+    from mmfusionload.reader import _rebuild_tensor_mapped
+    path = paths['lidar.pth']
+    whole = torch.UntypedStorage.from_file(path, False, osp.getsize(path))
+    bounds = (whole.data_ptr(), whole.data_ptr() + whole.nbytes())
+
+    def rebuild(untyped, n):
+        typed = torch.storage.TypedStorage(wrap_storage=untyped, dtype=torch.uint8,
+                                           _internal=True)
+        return _rebuild_tensor_mapped(bounds, typed, 0, (n, ), (1, ), False, OrderedDict())
+
+    inside = rebuild(whole[:64], 64)
+    assert getattr(inside, '_mmfl_mapped', None) is not None
+    other = torch.arange(1 << 22, dtype=torch.int32).view(torch.uint8)
+    outside = rebuild(other.untyped_storage(), other.numel())
+    assert getattr(outside, '_mmfl_mapped', None) is None
+    assert not release_pages(outside) and torch.equal(outside, other)
+    assert outside.view(torch.int32)[-1] == (1 << 22) - 1
 
 
 def test_repairs_run_on_the_target_device_bit_for_bit(tmp_path, device):
