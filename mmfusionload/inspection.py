@@ -18,7 +18,7 @@ from .hooks import is_fusion_load_hook
 from .load_from import fill_targets_of, repair_checkpoint
 from .loading import load_sources
 from .reader import read_checkpoint
-from .report import LoadReport, SourceReport, compress_keys
+from .report import LoadReport, SourceReport, format_group
 from .source import parse_source
 
 HOOK_TYPE = 'FusionLoadHook'
@@ -258,11 +258,8 @@ def detail_lines(src: SourceReport, max_lines: int = 12) -> List[str]:
                ('mismatched', src.mismatched), ('unexpected', src.unexpected),
                ('excluded', src.excluded)]
     for name, keys in groups:
-        if not keys:
-            continue
-        shown = keys if name == 'mismatched' else compress_keys(keys)
-        more = f' … {len(shown) - max_lines} more' if len(shown) > max_lines else ''
-        lines.append(f'  {name} ({len(keys)}): ' + '; '.join(shown[:max_lines]) + more)
+        if keys:
+            lines.append('  ' + format_group(name, keys, max_lines))
     return lines
 
 

@@ -58,6 +58,16 @@ def compress_keys(keys: Iterable[str]) -> List[str]:
     return sorted('.'.join(p) for p in items)
 
 
+def format_group(name: str, keys: List[str], max_lines: int = 12) -> str:
+    """One report line: ``name (count): key; key; … N more``, keys compressed.
+
+    ``mismatched`` entries are messages with shapes, shown as they are.
+    """
+    lines = keys if name == 'mismatched' else compress_keys(keys)
+    more = f' … {len(lines) - max_lines} more' if len(lines) > max_lines else ''
+    return f'{name} ({len(keys)}): ' + '; '.join(lines[:max_lines]) + more
+
+
 @dataclass
 class SourceReport:
     """What one source did.
@@ -186,13 +196,9 @@ class LoadReport:
                                    ('unexpected', s.unexpected), ('excluded', s.excluded),
                                    ('regenerated', s.regenerated), ('new', s.new)] + \
                         [(f'adapted ({k})', v) for k, v in s.adapted.items()]:
-                    if not keys:
-                        continue
-                    lines = keys if name == 'mismatched' else compress_keys(keys)
-                    shown = lines[:max_lines]
-                    more = f' … {len(lines) - len(shown)} more' if len(lines) > len(shown) else ''
-                    console.print(f'[{s.label}] {name} ({len(keys)}): '
-                                  + '; '.join(shown) + more, markup=False, highlight=False)
+                    if keys:
+                        console.print(f'[{s.label}] ' + format_group(name, keys, max_lines),
+                                      markup=False, highlight=False)
         for p in self.problems:
             console.print(f'problem: {p}', markup=False, highlight=False)
         return buf.getvalue().rstrip()
