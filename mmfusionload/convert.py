@@ -28,11 +28,11 @@ import torch.nn as nn
 
 from .containers import Unwrapped, unwrap
 from .errors import FusionLoadError
-from .load_from import LAYOUT_VERSION
 from .loading import plan_source, read_source, validate
 from .presets import get_preset, rename_keys
 from .reader import read_checkpoint
-from .repairs.spconv_layout import LAYOUTS, MMCV, SPCONV2, convert_kernel, module_layout
+from .repairs.spconv_layout import (LAYOUT_VERSION, LAYOUTS, MMCV, convert_kernel,
+                                    layout_of_version, module_layout)
 from .report import SourceReport
 from .source import parse_source
 
@@ -174,7 +174,7 @@ def _sparse_source_layout(key: str, shape, option: str, version: Optional[int]) 
     if option in LAYOUTS:
         layout = option
     elif version is not None:
-        layout = SPCONV2 if version >= 2 else MMCV
+        layout = layout_of_version(version)
     else:
         fits = [lay for lay in LAYOUTS if _kernel_fits(shape, lay)]
         if len(fits) != 1:

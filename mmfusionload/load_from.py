@@ -9,13 +9,10 @@ from .containers import unwrap
 from .errors import FusionLoadError
 from .modality import resolve_targets
 from .repairs import Entry, RepairProblem, may_be_absent, repairs_in_order, run_repairs
-from .repairs.spconv_layout import MMCV, SPCONV2, module_layout
+from .repairs.spconv_layout import LAYOUT_VERSION, module_layout
 from .report import SourceReport
 from .source import SourceSpec
 
-# ``_metadata`` version that tells MMDetection3D's spconv 2.x override the
-# kernel is already in its layout (it permutes when the version is below 2).
-LAYOUT_VERSION = {SPCONV2: 2, MMCV: 1}
 
 
 def repair_checkpoint(checkpoint: MutableMapping[str, Any],

@@ -360,15 +360,11 @@ def _tensors_in(obj: Any, depth: int = 0) -> Iterable[torch.Tensor]:
 _NOT_HANDLED = object()
 
 
-def _native_byteorder(path: str) -> bool:
+def _native_byteorder(reader: Any) -> bool:
     """Whether a zip checkpoint's tensors are stored in this machine's byte order
     (torch byte-swaps the mapped pages otherwise, and they are no longer the file's)."""
-    try:
-        reader = torch._C.PyTorchFileReader(path)
-        order = (reader.get_record('byteorder').decode()
-                 if reader.has_record('byteorder') else 'little')
-    except Exception:
-        return False
+    order = (reader.get_record('byteorder').decode()
+             if reader.has_record('byteorder') else 'little')
     return order == sys.byteorder
 
 
@@ -410,9 +406,7 @@ def _load_zip_mapped(path: str, pickle_module: Any) -> Any:
     reader = torch._C.PyTorchFileReader(path)
     if not reader.has_record('data.pkl'):
         return _NOT_HANDLED
-    order = reader.get_record('byteorder').decode() if reader.has_record('byteorder') \
-        else 'little'
-    if order != sys.byteorder:
+    if not _native_byteorder(reader):
         return _NOT_HANDLED
     whole = torch.UntypedStorage.from_file(path, False, os.path.getsize(path))
     rebuild = functools.partial(_rebuild_tensor_mapped,
@@ -510,7 +504,7 @@ def read_checkpoint(path: str,
         if mapped:
             kwargs['mmap'] = True
         ckpt = torch.load(path, **kwargs)
-        if mapped and _native_byteorder(path):
+        if mapped and _native_byteorder(torch._C.PyTorchFileReader(path)):
             mark_mapped(_tensors_in(ckpt), path)
         return ckpt
     except UnsafeGlobalError as e:

@@ -11,6 +11,16 @@ SPCONV2 = 'spconv2'
 MMCV = 'mmcv'
 LAYOUTS = (SPCONV2, MMCV)
 
+# ``_metadata`` version of a sparse-conv module saved in each layout: MMDetection3D's
+# spconv 2.x override permutes a kernel whose version is below 2.
+LAYOUT_VERSION = {SPCONV2: 2, MMCV: 1}
+
+
+def layout_of_version(version: int) -> str:
+    """The kernel layout a sparse-conv module's ``_metadata`` version stands for."""
+    return SPCONV2 if version >= 2 else MMCV
+
+
 # (module prefix, base class name) -> layout its ``weight`` is held in.
 SPARSE_CONV_CLASSES: Dict[Tuple[str, str], str] = {
     ('spconv.pytorch', 'SparseConvolution'): SPCONV2,
@@ -69,7 +79,7 @@ def source_layout(module: nn.Module, shape: Tuple[int, ...], option: str,
     if option != 'auto':
         layout, why = option, f'spconv_layout={option!r}'
     elif file_version is not None:
-        layout = SPCONV2 if file_version >= 2 else MMCV
+        layout = layout_of_version(file_version)
         why = f'checkpoint _metadata version {file_version}'
     elif fits[SPCONV2] and fits[MMCV]:
         raise RepairProblem(
