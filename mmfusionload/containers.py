@@ -8,9 +8,9 @@ import torch
 
 from .errors import FusionLoadError
 from .reader import SafetensorsState
+from .sharded import ShardedSafetensorsState
+from .trainers import choose_copy
 
-STATE_KEYS = ('state_dict', 'model')
-EMA_KEYS = ('state_dict_ema', 'model_ema', 'ema_state_dict')
 WRAPPER_PREFIXES = ('module.', )
 _ORIG_MOD = re.compile(r'(^|\.)_orig_mod\.')
 
@@ -31,6 +31,9 @@ class Unwrapped:
         stripped (list[str]): Wrapper prefixes removed from the keys.
         meta (dict): The checkpoint's ``meta`` entry, if any.
         skipped (list[str]): Entries that were not tensors.
+        family (str): The trainer family the container belongs to.
+        copy (str): Which copy was taken and why (``'state_dict: EMA weights,
+            MMEngine EMAHook'``).
     """
     state: Mapping[str, torch.Tensor]
     metadata: Dict[str, dict]
@@ -38,6 +41,8 @@ class Unwrapped:
     stripped: List[str] = field(default_factory=list)
     meta: Dict[str, Any] = field(default_factory=dict)
     skipped: List[str] = field(default_factory=list)
+    family: str = ''
+    copy: str = ''
 
 
 class RenamedState(Mapping):
@@ -84,7 +89,7 @@ class RenamedState(Mapping):
 
 def is_lazy(state: Any) -> bool:
     """Whether ``state`` creates its tensors on access (and every value is a tensor)."""
-    return isinstance(state, (SafetensorsState, RenamedState))
+    return isinstance(state, (SafetensorsState, ShardedSafetensorsState, RenamedState))
 
 
 def shape_of(state: Mapping, key: str) -> Tuple[int, ...]:
@@ -99,43 +104,29 @@ def _is_state_dict(obj: Any) -> bool:
             and sum(torch.is_tensor(v) for v in obj.values()) >= max(1, len(obj) // 2))
 
 
-def find_state_dict(ckpt: Any, filename: str, prefer_ema: bool = False):
-    """Locate the state dict inside a checkpoint.
+def find_state_dict(ckpt: Any, filename: str, prefer_ema: bool = False,
+                    weights: str = 'auto') -> Tuple[Mapping, str]:
+    """Locate the state dict inside a checkpoint (see :func:`choose_copy`).
 
     Args:
         ckpt: What the file holds.
         filename (str): For messages.
-        prefer_ema (bool): Take an EMA copy (``state_dict_ema``,
-            ``model_ema``, ``ema_state_dict``) when the file has one.
+        prefer_ema (bool): The same as ``weights='ema'``.
+        weights (str): ``'auto'``, ``'ema'`` or ``'raw'``.
 
     Returns:
         tuple[Mapping, str]: The state dict and the container's name.
     """
-    if not isinstance(ckpt, Mapping):
-        raise FusionLoadError(
-            [f'{filename}: holds a {type(ckpt).__name__}, not a checkpoint '
-             '(expected a dict of tensors or a dict with "state_dict"/"model")'],
-            'not a checkpoint')
-    order = (EMA_KEYS + STATE_KEYS) if prefer_ema else STATE_KEYS
-    for key in order:
-        inner = ckpt.get(key)
-        if _is_state_dict(inner):
-            return inner, key
-        if isinstance(inner, Mapping) and _is_state_dict(inner.get('state_dict')):
-            return inner['state_dict'], f'{key}.state_dict'
-    if _is_state_dict(ckpt):
-        return ckpt, '<bare>'
-    found = ', '.join(sorted(map(str, ckpt.keys()))[:12]) or 'nothing'
-    raise FusionLoadError(
-        [f'{filename}: no state dict found (looked for {", ".join(order)} or a '
-         f'bare dict of tensors; the file holds: {found})'], 'not a checkpoint')
+    choice = choose_copy(ckpt, filename, 'ema' if prefer_ema else weights)
+    return choice.state, choice.key
 
 
 def _strip(key: str, prefix: str) -> str:
     return key[len(prefix):] if key.startswith(prefix) else key
 
 
-def unwrap(ckpt: Any, filename: str, prefer_ema: bool = False) -> Unwrapped:
+def unwrap(ckpt: Any, filename: str, prefer_ema: bool = False,
+           weights: str = 'auto') -> Unwrapped:
     """Unwrap a checkpoint into a plain state dict.
 
     Removes model-wrapper prefixes (``module.`` when most keys carry it) and
@@ -145,12 +136,15 @@ def unwrap(ckpt: Any, filename: str, prefer_ema: bool = False) -> Unwrapped:
     Args:
         ckpt: What the file holds.
         filename (str): For messages.
-        prefer_ema (bool): Prefer an EMA state dict when present.
+        prefer_ema (bool): The same as ``weights='ema'`` (kept for old callers).
+        weights (str): Which copy: ``'auto'`` (what the file's trainer deploys),
+            ``'ema'`` (the averaged weights; an error without them) or ``'raw'``.
 
     Returns:
         Unwrapped: The tensors and where they came from.
     """
-    state, container = find_state_dict(ckpt, filename, prefer_ema)
+    choice = choose_copy(ckpt, filename, 'ema' if prefer_ema else weights)
+    state, container = choice.state, choice.key
     metadata = dict(getattr(state, '_metadata', None) or {})
     keys = list(state.keys())
     stripped = []
@@ -194,4 +188,5 @@ def unwrap(ckpt: Any, filename: str, prefer_ema: bool = False) -> Unwrapped:
         fixed_meta[name] = v
     meta = ckpt.get('meta', {}) if isinstance(ckpt, Mapping) else {}
     return Unwrapped(out, fixed_meta, container, stripped,
-                     meta if isinstance(meta, dict) else {}, skipped)
+                     meta if isinstance(meta, dict) else {}, skipped,
+                     family=choice.family, copy=choice.describe())

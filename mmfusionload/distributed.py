@@ -240,7 +240,7 @@ def _make_header(results: List[ReadResult], bucket_bytes: int) -> Dict[str, Any]
         meta = res.meta if _picklable(res.meta) else {}
         sources.append(dict(container=res.container, stripped=list(res.stripped), meta=meta,
                             skipped=list(res.skipped), metadata=dict(res.metadata),
-                            tensors=tensors))
+                            family=res.family, copy=res.copy, tensors=tensors))
     return dict(sources=sources, bucket_bytes=int(bucket_bytes))
 
 
@@ -332,5 +332,6 @@ def _rebuild(header: Dict[str, Any], buckets: List[torch.Tensor]) -> List[ReadRe
             state[key] = (torch.empty(shape, dtype=dt, device=device) if raw is None
                           else raw.view(dt).view(shape))
         out.append(Unwrapped(state, src['metadata'], src['container'], src['stripped'],
-                             src['meta'], src['skipped']))
+                             src['meta'], src['skipped'], family=src.get('family', ''),
+                             copy=src.get('copy', '')))
     return out

@@ -19,7 +19,8 @@ def repair_checkpoint(checkpoint: MutableMapping[str, Any],
                       model: nn.Module,
                       filename: str = 'load_from',
                       fill_targets: Sequence[str] = (),
-                      spconv_layout: str = 'auto') -> SourceReport:
+                      spconv_layout: str = 'auto',
+                      weights: str = 'auto') -> SourceReport:
     """Repair ``checkpoint`` in place so that MMEngine loads it into ``model``.
 
     Unwraps containers into ``checkpoint['state_dict']``, strips wrapper
@@ -36,6 +37,9 @@ def repair_checkpoint(checkpoint: MutableMapping[str, Any],
         filename (str): For messages and the report.
         fill_targets (Sequence[str]): Submodule names filled when absent.
         spconv_layout (str): Layout of the checkpoint's sparse kernels.
+        weights (str): Which copy goes into ``checkpoint['state_dict']``:
+            ``'auto'`` (the one the file's trainer deploys), ``'ema'`` or ``'raw'``
+            (see :func:`~mmfusionload.trainers.choose_copy`).
 
     Returns:
         SourceReport: What was repaired.
@@ -43,10 +47,11 @@ def repair_checkpoint(checkpoint: MutableMapping[str, Any],
     if spconv_layout not in ('auto', 'spconv2', 'mmcv'):
         raise FusionLoadError([f"spconv_layout must be 'auto', 'spconv2' or 'mmcv', "
                                f'got {spconv_layout!r}'], 'bad option')
-    ckpt = unwrap(checkpoint, filename)
+    ckpt = unwrap(checkpoint, filename, weights=weights)
     report = SourceReport(filename, 'load_from', targets=['<model>'],
                           container=ckpt.container, prefix='identity',
-                          stripped=list(ckpt.stripped))
+                          stripped=list(ckpt.stripped), family=ckpt.family,
+                          weights=ckpt.copy)
     spec = SourceSpec(checkpoint=filename, spconv_layout=spconv_layout)
     model_state = dict(model.state_dict(keep_vars=True))
     metadata: Dict[str, dict] = OrderedDict(ckpt.metadata)

@@ -16,6 +16,7 @@ from mmengine.model import is_model_wrapper
 from .containers import Unwrapped, shape_of, unwrap
 from .distributed import read_all
 from .errors import FusionLoadError
+from .identify import auto_preset, identify_state
 from .modality import resolve_targets
 from .prefix import Alignment, auto_alignment, explicit_alignment
 from .presets import KeyPreset, get_preset, rename_keys
@@ -56,7 +57,7 @@ def read_source(spec: SourceSpec) -> Unwrapped:
     """Read and unwrap one source's checkpoint (on CPU, memory-mapped when possible)."""
     raw = read_checkpoint(spec.checkpoint, map_location='cpu',
                           trust_checkpoint=spec.trust_checkpoint)
-    return unwrap(raw, spec.checkpoint, prefer_ema=spec.prefer_ema)
+    return unwrap(raw, spec.checkpoint, prefer_ema=spec.prefer_ema, weights=spec.weights)
 
 
 def plan_source(model: nn.Module,
@@ -77,11 +78,17 @@ def plan_source(model: nn.Module,
     """
     fname = spec.checkpoint
     report = SourceReport(fname, spec.label, container=ckpt.container,
-                          stripped=list(ckpt.stripped))
+                          stripped=list(ckpt.stripped), family=ckpt.family,
+                          weights=ckpt.copy)
     report.skipped = list(ckpt.skipped)
+    report.identity = identify_state(
+        fname, {k: shape_of(ckpt.state, k) for k in ckpt.state}, ckpt.metadata).one_line()
     plan = SourcePlan(spec, report)
     try:
         targets = resolve_targets(model, spec.modality, spec.modules)
+        if spec.preset == 'auto':
+            spec = replace(spec, preset=auto_preset(list(ckpt.state), fname))
+            report.identity += f'; preset=auto -> {spec.preset or "none"}'
         preset: Optional[KeyPreset] = get_preset(spec.preset) if spec.preset else None
     except FusionLoadError as e:
         plan.problems += [f'{fname}: {p}' for p in e.problems]

@@ -488,6 +488,9 @@ def read_checkpoint(path: str,
     if os.path.getsize(path) == 0:
         raise FusionLoadError([f'{path}: file is empty'], 'cannot read checkpoint')
     try:
+        from .sharded import is_sharded_index, read_sharded
+        if is_sharded_index(path):
+            return read_sharded(path)
         if is_safetensors(path):
             return _read_safetensors(path)
         is_zip = zipfile.is_zipfile(path)

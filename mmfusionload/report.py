@@ -91,6 +91,10 @@ class SourceReport:
         stripped (list[str]): Wrapper prefixes removed.
         skipped (list[str]): Entries of the checkpoint's state dict that are not
             tensors (left out of the load).
+        family (str): The checkpoint's trainer family (``'MMEngine Runner + EMAHook'``).
+        weights (str): Which copy was taken and why
+            (``'state_dict: EMA weights, MMEngine EMAHook (auto: ...)'``).
+        identity (str): The file's identified format, in one line.
     """
     checkpoint: str
     label: str
@@ -109,6 +113,9 @@ class SourceReport:
     ignored: int = 0
     stripped: List[str] = field(default_factory=list)
     skipped: List[str] = field(default_factory=list)
+    family: str = ''
+    weights: str = ''
+    identity: str = ''
 
     def counts(self) -> Dict[str, int]:
         out = {k: len(getattr(self, k)) for k in (
@@ -190,6 +197,10 @@ class LoadReport:
                           + (f', stripped {" ".join(s.stripped)}' if s.stripped else '')
                           + f', {s.ignored} tensor(s) outside the targets',
                           markup=False, highlight=False)
+            for head, text in (('format', s.identity), ('weights', s.weights)):
+                if text:
+                    console.print(f'[{s.label}] {head}: {text}', markup=False,
+                                  highlight=False)
         if details:
             for s in self.sources:
                 for name, keys in [('missing', s.missing), ('mismatched', s.mismatched),

@@ -20,10 +20,14 @@ class SourceSpec:
         spconv_layout (str): ``'auto'``, ``'spconv2'`` or ``'mmcv'``.
         exclude (list[str]): Regexes of model keys to leave as they are.
         strict (bool | str): True, False or ``'all'``.
-        prefer_ema (bool): Take the checkpoint's EMA weights when present.
+        prefer_ema (bool): The same as ``weights='ema'`` (kept for old configs).
         allow_nonfinite (bool): Accept NaN/Inf values.
         trust_checkpoint (bool): Unpickle arbitrary globals (trusted files only).
         name (str, optional): A label for the report.
+        weights (str): Which copy of the weights: ``'auto'`` (what the file's
+            trainer deploys, e.g. MMEngine's averaged ``state_dict`` when
+            ``EMAHook`` ran), ``'ema'`` (the averaged copy; an error when the file
+            has none) or ``'raw'`` (the trained, non-averaged copy).
     """
     checkpoint: str
     modality: Union[None, str, List[str]] = None
@@ -38,6 +42,7 @@ class SourceSpec:
     allow_nonfinite: bool = False
     trust_checkpoint: bool = False
     name: Optional[str] = None
+    weights: str = 'auto'
 
     @property
     def label(self) -> str:
@@ -125,6 +130,17 @@ def parse_source(cfg: Union[SourceSpec, Dict[str, Any]]) -> SourceSpec:
         for pattern, repl in rules:
             _regex(pattern, f'{where} rename', problems)
         spec.rename = [tuple(r) for r in rules]  # type: ignore[misc]
+    _check_weights(spec, where, problems)
     if problems:
         raise FusionLoadError(problems, 'bad source')
     return spec
+
+
+def _check_weights(spec: SourceSpec, where: str, problems: List[str]) -> None:
+    """``weights`` is one of auto/ema/raw; ``prefer_ema=True`` becomes ``'ema'``."""
+    if spec.weights not in ('auto', 'ema', 'raw'):
+        problems.append(f"{where} weights must be 'auto', 'ema' or 'raw', got {spec.weights!r}")
+    elif spec.prefer_ema:
+        if spec.weights == 'raw':
+            problems.append(f"{where} prefer_ema=True contradicts weights='raw'")
+        spec.weights, spec.prefer_ema = 'ema', False

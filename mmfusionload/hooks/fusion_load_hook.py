@@ -34,6 +34,11 @@ class FusionLoadHook(Hook):
             Defaults to True.
         load_from_spconv_layout (str): Sparse-kernel layout of the
             ``load_from`` checkpoint (``'auto'``, ``'spconv2'``, ``'mmcv'``).
+        load_from_weights (str): Which copy of the ``load_from`` checkpoint the
+            model gets: ``'auto'`` (what MMEngine deploys: ``state_dict``, the
+            averaged weights when ``EMAHook`` wrote the file), ``'ema'`` or ``'raw'``.
+            An ``EMAHook`` of this run starts from the same copy. Not used on
+            resume, where MMEngine restores both copies itself.
         allow_overlap (bool): Let a later source overwrite an earlier one.
         trust_checkpoint (bool): Read local checkpoints (``load_from``,
             ``resume``, ``Pretrained``) with plain unpickling. Only for
@@ -58,6 +63,7 @@ class FusionLoadHook(Hook):
                  load_on_resume: bool = False,
                  repair_load_from: bool = True,
                  load_from_spconv_layout: str = 'auto',
+                 load_from_weights: str = 'auto',
                  allow_overlap: bool = False,
                  trust_checkpoint: bool = False,
                  report_file: Optional[str] = 'fusionload_report.json',
@@ -68,6 +74,10 @@ class FusionLoadHook(Hook):
         if broadcast not in (True, False, 'auto'):
             raise FusionLoadError([f"broadcast must be 'auto', True or False, got {broadcast!r}"],
                                   'bad option')
+        if load_from_weights not in ('auto', 'ema', 'raw'):
+            raise FusionLoadError([f"load_from_weights must be 'auto', 'ema' or 'raw', "
+                                   f'got {load_from_weights!r}'], 'bad option')
+        self.load_from_weights = load_from_weights
         self.sources: List[SourceSpec] = [parse_source(dict(s) if isinstance(s, dict) else s)
                                           for s in sources]
         self.load_on_resume = load_on_resume
@@ -94,7 +104,8 @@ class FusionLoadHook(Hook):
         self._load_from_report = repair_checkpoint(
             checkpoint, model, filename=str(runner._load_from or 'load_from'),
             fill_targets=fill_targets_of(model, self.sources),
-            spconv_layout=self.load_from_spconv_layout)
+            spconv_layout=self.load_from_spconv_layout,
+            weights='auto' if runner._resume else self.load_from_weights)
 
     def before_train(self, runner) -> None:
         self._load(runner)

@@ -1,0 +1,380 @@
+"""Name a checkpoint's format before loading it: family, fingerprint, layout, options.
+
+:func:`identify` reads what a file holds and reports, from the file alone:
+
+- the trainer family and its containers (which copy is EMA; see
+  :mod:`mmfusionload.trainers`);
+- a format fingerprint from the key names (MMDetection3D BEVFusion, mit-han-lab
+  BEVFusion, OpenPCDet, Microsoft Swin, Cream EfficientViT, timm, MMDetection
+  detector, plain backbone), or ``unknown format`` with the top-level key groups;
+- the sparse-kernel layout with its evidence (``_metadata`` versions of the 5-D
+  kernels, else their shapes), and the spatial axis order when a kernel shows it;
+- the source options that load it (``preset='auto'`` resolves to the same preset).
+"""
+import re
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from .errors import FusionLoadError
+from .repairs.spconv_layout import LAYOUTS, MMCV, SPCONV2, layout_of_version
+from .trainers import Family, describe_copies, family_of
+
+UNKNOWN = 'unknown format'
+# Largest kernel extent taken for a sparse-conv kernel dim from its shape alone.
+MAX_KERNEL = 7
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """A format recognised by its key names.
+
+    Args:
+        name (str): The format.
+        preset (str, optional): The registered preset that loads it, if any.
+        modality (str, optional): What it usually provides in a fusion model.
+        test (Callable): ``test(keys) -> evidence`` (empty when it does not match).
+        generic (bool): Only tried when no specific format matched.
+    """
+    name: str
+    preset: Optional[str]
+    modality: Optional[str]
+    test: Callable[[Sequence[str]], str]
+    generic: bool = False
+
+
+def _having(*patterns: str, least: int = 1, all_of: bool = False):
+    regs = [re.compile(p) for p in patterns]
+
+    def test(keys: Sequence[str]) -> str:
+        hits = [(r.pattern, next((k for k in keys if r.search(k)), None)) for r in regs]
+        found = [(p, k) for p, k in hits if k is not None]
+        if (all_of and len(found) < len(regs)) or len(found) < least:
+            return ''
+        return 'keys like ' + ', '.join(k for _, k in found[:3])
+    return test
+
+
+def _unprefixed(test, prefix: str = 'backbone.'):
+    """``test`` on the keys with ``prefix`` removed (a detector holding the backbone)."""
+    def inner(keys: Sequence[str]) -> str:
+        own = [k[len(prefix):] for k in keys if k.startswith(prefix)]
+        return test(keys) or (test(own) if own else '')
+    return inner
+
+
+FINGERPRINTS: List[Fingerprint] = [
+    Fingerprint('MMDetection3D BEVFusion', None, None,
+                _having(r'^pts_middle_encoder\.', r'^(view_transform|fusion_layer)\.',
+                        r'^(bbox_head|pts_bbox_head)\.', least=2)),
+    Fingerprint('mit-han-lab BEVFusion', 'mit-bevfusion', None,
+                _having(r'^encoders\.(lidar|camera)\.', r'^fuser\.', r'^decoder\.backbone\.',
+                        r'^heads\.object\.', least=1)),
+    Fingerprint('OpenPCDet', 'openpcdet', 'lidar',
+                _having(r'^backbone_3d\.(conv_input|conv\d|conv_out)\.',
+                        r'^(vfe|map_to_bev_module|backbone_2d|dense_head)\.', least=1)),
+    Fingerprint('Microsoft Swin', 'swin-original', 'camera',
+                _unprefixed(_having(r'^layers\.\d+\.blocks\.\d+\.attn\.relative_position_bias_table',
+                                    r'^patch_embed\.proj\.weight', all_of=True))),
+    Fingerprint('Cream EfficientViT', 'cream-efficientvit', 'camera',
+                _unprefixed(_having(r'^patch_embed\.0\.c\.weight',
+                                    r'^blocks\d\.\d+\..*attention_biases', all_of=True))),
+    Fingerprint('MMDetection detector', None, 'camera',
+                _having(r'^backbone\.', r'^(neck|rpn_head|roi_head|bbox_head)\.', all_of=True),
+                generic=True),
+    Fingerprint('plain backbone', None, 'camera',
+                _having(r'^(conv1|stem|patch_embed|stages|layer1|layers|blocks|features)\.',
+                        least=1), generic=True),
+]
+
+
+def key_groups(keys: Sequence[str], limit: int = 12) -> List[str]:
+    """Top-level key groups with their counts (``backbone. (120)``)."""
+    counts: 'Counter[str]' = Counter(k.split('.', 1)[0] + ('.' if '.' in k else '')
+                                     for k in keys)
+    return [f'{g} ({n})' for g, n in counts.most_common(limit)]
+
+
+def match_formats(keys: Sequence[str]) -> List[Tuple[Fingerprint, str]]:
+    """The fingerprints the keys match, with evidence; generic ones only as a fallback."""
+    specific = [(f, ev) for f in FINGERPRINTS if not f.generic for ev in [f.test(keys)] if ev]
+    if specific:
+        return specific
+    return [(f, ev) for f in FINGERPRINTS if f.generic for ev in [f.test(keys)] if ev][:1]
+
+
+# ---------------------------------------------------------------- sparse kernels
+
+def _fits(shape: Tuple[int, ...]) -> Dict[str, bool]:
+    def small(ds):
+        return all(1 <= d <= MAX_KERNEL for d in ds)
+    return {SPCONV2: small(shape[1:4]), MMCV: small(shape[0:3])}
+
+
+def sparse_layout(shapes: Mapping[str, Tuple[int, ...]],
+                  metadata: Mapping[str, dict]) -> Tuple[Optional[str], str]:
+    """The file's sparse-kernel layout and the evidence for it.
+
+    5-D ``*.weight`` tensors are the sparse kernels (the LiDAR encoders have no dense
+    ``Conv3d``). Their modules' ``_metadata`` versions decide when recorded;
+    otherwise kernels whose shape fits only one layout do. Conflicting evidence, or
+    none, gives None.
+
+    Returns:
+        tuple: ``(layout or None, evidence)``.
+    """
+    kernels = {k: s for k, s in shapes.items() if len(s) == 5 and k.endswith('.weight')}
+    if not kernels:
+        return None, 'no sparse-conv kernels'
+    versions = {}
+    for k in kernels:
+        v = (metadata.get(k.rsplit('.', 1)[0]) or {}).get('version')
+        if v is not None:
+            versions[k] = layout_of_version(int(v))
+    if versions:
+        seen = set(versions.values())
+        if len(seen) == 1 and len(versions) == len(kernels):
+            lay = seen.pop()
+            return lay, (f'_metadata version {2 if lay == SPCONV2 else 1} on all '
+                         f'{len(kernels)} sparse-conv modules')
+        if len(seen) > 1:
+            return None, '_metadata versions disagree between sparse-conv modules'
+    only = {lay: [k for k, s in kernels.items() if _fits(s)[lay] and not
+                  _fits(s)[[x for x in LAYOUTS if x != lay][0]]] for lay in LAYOUTS}
+    if only[SPCONV2] and only[MMCV]:
+        return None, (f'shapes disagree: {only[SPCONV2][0]} {list(kernels[only[SPCONV2][0]])} '
+                      f'fits only spconv2, {only[MMCV][0]} {list(kernels[only[MMCV][0]])} '
+                      'only mmcv')
+    for lay, form in ((SPCONV2, '[out,*k,in]'), (MMCV, '[*k,in,out]')):
+        if only[lay]:
+            k = only[lay][0]
+            return lay, (f'{len(only[lay])} of {len(kernels)} kernels fit only the {lay} '
+                         f'{form} layout, e.g. {k} {list(kernels[k])}; no _metadata')
+    return None, (f'all {len(kernels)} kernel shapes fit both layouts and there is no '
+                  '_metadata')
+
+
+def axis_order(shapes: Mapping[str, Tuple[int, ...]],
+               layout: Optional[str]) -> Tuple[Optional[str], str]:
+    """The spatial axis order a kernel shows, e.g. a ``(3, 1, 1)`` height-reducing conv.
+
+    The encoders' last conv reduces the height axis alone (kernel 3 along it, 1 along
+    the two BEV axes): where that 3 sits says whether the order is z-y-x or x-y-z.
+    """
+    if layout is None:
+        return None, 'unknown without the kernel layout'
+    for k, s in shapes.items():
+        if len(s) != 5 or not k.endswith('.weight') or 'conv_out' not in k:
+            continue
+        spatial = tuple(s[1:4]) if layout == SPCONV2 else tuple(s[0:3])
+        if sorted(spatial) == [1, 1, 3]:
+            order = {0: 'z-y-x', 2: 'x-y-z'}.get(spatial.index(3))
+            if order:
+                return order, f'{k} has spatial kernel {spatial} (height axis reduced alone)'
+    return None, 'no kernel shows it'
+
+
+# ---------------------------------------------------------------- identity
+
+@dataclass
+class Identity:
+    """What a checkpoint is, from the file alone.
+
+    Args:
+        path (str): The file.
+        family (str): Trainer family.
+        copies (list[tuple[str, str]]): Container -> meaning (``'EMA weights (auto)'``).
+        formats (list[tuple[str, str]]): Matched format names and their evidence.
+        preset (str, optional): The preset that loads it when unambiguous.
+        layout (str, optional): Sparse-kernel layout.
+        layout_evidence (str): Why.
+        axes (str, optional): Spatial axis order.
+        axes_evidence (str): Why.
+        groups (list[str]): Top-level key groups.
+        options (dict): Source options that load it.
+        notes (list[str]): Further remarks.
+    """
+    path: str
+    family: str = ''
+    copies: List[Tuple[str, str]] = field(default_factory=list)
+    formats: List[Tuple[str, str]] = field(default_factory=list)
+    preset: Optional[str] = None
+    layout: Optional[str] = None
+    layout_evidence: str = ''
+    axes: Optional[str] = None
+    axes_evidence: str = ''
+    groups: List[str] = field(default_factory=list)
+    options: Dict[str, Any] = field(default_factory=dict)
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def format(self) -> str:
+        if not self.formats:
+            return UNKNOWN
+        return ' or '.join(n for n, _ in self.formats)
+
+    @property
+    def ambiguous(self) -> bool:
+        return len(self.formats) > 1
+
+    def one_line(self) -> str:
+        """The facts in one line (the top of a source's report)."""
+        parts = [self.format + (f' ({", ".join(self.groups[:6])})'
+                                if not self.formats else '')]
+        if self.layout or self.layout_evidence not in ('', 'no sparse-conv kernels'):
+            parts.append(f'sparse kernels {self.layout or "undecided"}')
+        if self.axes:
+            parts.append(f'axes {self.axes}')
+        if self.preset:
+            parts.append(f'preset {self.preset}')
+        return '; '.join(parts)
+
+    def lines(self) -> List[str]:
+        """Every fact, one per line (``mmfusionload identify``)."""
+        out = [f'file: {self.path}', f'family: {self.family}']
+        out += [f'  {k}: {m}' for k, m in self.copies]
+        if self.formats:
+            for name, ev in self.formats:
+                out.append(f'format: {name} ({ev})')
+            if self.ambiguous:
+                out.append('format: ambiguous; preset=auto refuses it, name the preset')
+        else:
+            out.append(f'format: {UNKNOWN}; top-level key groups: {", ".join(self.groups)}')
+        out.append(f'sparse-kernel layout: {self.layout or "-"} ({self.layout_evidence})')
+        out.append(f'spatial axis order: {self.axes or "-"} ({self.axes_evidence})')
+        if self.options:
+            opts = ', '.join(f'{k}={v!r}' for k, v in self.options.items())
+            out.append(f'source: dict({opts})')
+        out += [f'note: {n}' for n in self.notes]
+        return out
+
+    def to_dict(self) -> dict:
+        return dict(path=self.path, family=self.family, copies=self.copies,
+                    format=self.format, formats=self.formats, preset=self.preset,
+                    layout=self.layout, layout_evidence=self.layout_evidence,
+                    axes=self.axes, axes_evidence=self.axes_evidence, groups=self.groups,
+                    options=self.options, notes=self.notes)
+
+
+def _shapes(state: Mapping) -> 'OrderedDict[str, Tuple[int, ...]]':
+    lazy = hasattr(state, 'shape') and callable(getattr(state, 'shape'))
+    out: 'OrderedDict[str, Tuple[int, ...]]' = OrderedDict()
+    for k in state:
+        if lazy:
+            out[k] = tuple(state.shape(k))
+        else:
+            v = state[k]
+            if hasattr(v, 'shape'):
+                out[k] = tuple(v.shape)
+    return out
+
+
+def identify_state(path: str, shapes: Mapping[str, Tuple[int, ...]],
+                   metadata: Mapping[str, dict], family: str = '') -> Identity:
+    """Identify a state dict from its keys, shapes and ``_metadata`` (no tensor read)."""
+    keys = [k[len('module.'):] if k.startswith('module.') else k for k in shapes]
+    ident = Identity(path, family=family, groups=key_groups(keys))
+    ident.formats = [(f.name, ev) for f, ev in match_formats(keys)]
+    named = {f.name: f for f in FINGERPRINTS}
+    if len(ident.formats) == 1:
+        ident.preset = named[ident.formats[0][0]].preset
+    ident.layout, ident.layout_evidence = sparse_layout(dict(zip(keys, shapes.values())),
+                                                        metadata)
+    ident.axes, ident.axes_evidence = axis_order(dict(zip(keys, shapes.values())),
+                                                 ident.layout)
+    return ident
+
+
+def identify_checkpoint(ckpt: Any, path: str) -> Identity:
+    """Identify what a read checkpoint holds (see :func:`identify`)."""
+    fam: Family = family_of(ckpt, path)
+    chosen = fam.copy(fam.auto)
+    metadata = dict(getattr(chosen.state, '_metadata', None) or {})
+    ident = identify_state(path, _shapes(chosen.state), metadata,
+                           fam.name + (f' {fam.version}' if fam.version else ''))
+    ident.copies = describe_copies(fam)
+    if fam.name.startswith('timm') and all(
+            {f.name: f for f in FINGERPRINTS}[n].generic for n, _ in ident.formats):
+        ident.formats = [('timm', f'{fam.name} container ({", ".join(c.key for c in fam.copies)})')]
+    if fam.fixed:
+        ident.notes.append(fam.fixed)
+    opts: Dict[str, Any] = OrderedDict(checkpoint=path)
+    if ident.formats and not ident.ambiguous:
+        modality = {f.name: f.modality for f in FINGERPRINTS}[ident.formats[0][0]]
+        if modality:
+            opts['modality'] = modality
+    if ident.preset:
+        opts['preset'] = ident.preset
+    if ident.layout and 'fit both' not in ident.layout_evidence \
+            and not ident.layout_evidence.startswith('_metadata'):
+        opts['spconv_layout'] = ident.layout
+    if fam.has_ema:
+        ema = next(c.key for c in fam.copies if c.kind == 'ema')
+        ident.notes.append(f"weights='auto' takes {fam.auto}; weights='ema' takes {ema}, "
+                           "weights='raw' the non-averaged copy")
+    if ident.formats:
+        ident.options = dict(opts)
+    if ident.preset == 'openpcdet':
+        from .formats.openpcdet import not_converted
+        left = not_converted(list(chosen.state))
+        if left:
+            ident.notes.append(f'{", ".join(left)}: not converted by the openpcdet preset '
+                               '(detection heads are parameterised differently); only '
+                               'backbone_3d and backbone_2d load')
+    if ident.layout is None and 'no sparse-conv' not in ident.layout_evidence:
+        ident.notes.append("set spconv_layout='spconv2' or 'mmcv' on the source: the file "
+                           'does not decide it')
+    return ident
+
+
+def identify(path: str, trust_checkpoint: bool = False) -> Identity:
+    """Read ``path`` and identify it.
+
+    Args:
+        path (str): Checkpoint file or URI.
+        trust_checkpoint (bool): Unpickle arbitrary globals (trusted files only).
+
+    Returns:
+        Identity: The facts, and the source options that load the file.
+    """
+    from .reader import read_checkpoint
+    ckpt = read_checkpoint(path, map_location='cpu', trust_checkpoint=trust_checkpoint)
+    return identify_checkpoint(ckpt, path)
+
+
+def auto_preset(keys: Sequence[str], filename: str) -> Optional[str]:
+    """The preset ``preset='auto'`` stands for, from the keys.
+
+    Returns:
+        str | None: The preset, or None when the keys need none (MMDetection3D names).
+
+    Raises:
+        FusionLoadError: Several formats match (the message names them), or none.
+    """
+    found = match_formats([k[len('module.'):] if k.startswith('module.') else k
+                           for k in keys])
+    if not found:
+        raise FusionLoadError(
+            [f"{filename}: preset='auto' cannot name the format ({UNKNOWN}; top-level "
+             f'key groups: {", ".join(key_groups(keys))}); set preset= or rename='],
+            'bad source')
+    if len(found) > 1:
+        raise FusionLoadError(
+            [f"{filename}: preset='auto' is ambiguous: the keys match "
+             + '; '.join(f'{f.name} (preset {f.preset or "none"}: {ev})' for f, ev in found)
+             + '; name the preset'], 'bad source')
+    return found[0][0].preset
+
+
+def check_with_model(ident: Identity, config: str, cfg_options: Optional[dict] = None):
+    """Dry-run the identified source options against the model of ``config``.
+
+    Returns:
+        tuple: ``(model, LoadReport)``.
+    """
+    from .inspection import build_model, load_config
+    from .loading import load_sources
+    model = build_model(load_config(config, cfg_options))
+    opts = dict(ident.options or dict(checkpoint=ident.path))
+    report = load_sources(model, [opts], dry_run=True, logger=None, title='identify')
+    return model, report
