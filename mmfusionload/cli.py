@@ -8,6 +8,8 @@ Commands:
 - ``convert SRC DST``: rewrite a checkpoint into the names and layout a model expects.
 - ``merge --config CONFIG -o OUT SOURCES...``: one initial fusion checkpoint from
   per-modality checkpoints.
+- ``identify FILE [--config CONFIG]``: the file's family, containers, format, sparse
+  layout, axis order and the source options that load it.
 - ``demo``: the BEVFusion-shaped demo.
 
 Exit codes: 0 success, 1 a load/convert problem (nothing written), 2 bad usage.
@@ -231,6 +233,42 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+# ---------------------------------------------------------------- identify
+
+def _identify(args: argparse.Namespace) -> int:
+    """``identify FILE [--config CONFIG]``: what a checkpoint is and how to load it."""
+    from .identify import check_with_model, identify
+    from .inspection import Inspection, render
+    console = _stdout_console()
+    ident = identify(args.file, trust_checkpoint=args.trust_checkpoint)
+    for line in ident.lines():
+        console.print(line, markup=False, highlight=False)
+    ok = True
+    if args.config:
+        model, report = check_with_model(ident, args.config, _cfg_options(args))
+        render([Inspection('identify --config', report)], console, model)
+        ok = report.ok
+        console.print('identify: ' + ('these options load it into the model' if ok else
+                                      'these options would FAIL on this model'), markup=False)
+    if args.json:
+        import json
+        with open(args.json, 'w', encoding='utf-8') as f:
+            json.dump(dict(ident.to_dict(), ok=ok), f, indent=1)
+    return 0 if ok else 1
+
+
+def _add_identify(sub, common) -> None:
+    ide = sub.add_parser('identify', help='name a checkpoint\'s format, containers, sparse '
+                         'layout and the source options that load it')
+    ide.add_argument('file', help='checkpoint (.pth, .safetensors, *.safetensors.index.json)')
+    ide.add_argument('--config', help='also dry-run the options against this model')
+    ide.add_argument('--json', metavar='PATH', help='also write the facts as JSON')
+    ide.add_argument('--trust-checkpoint', action='store_true',
+                     help='unpickle arbitrary objects (only for files you trust)')
+    common(ide)
+    ide.set_defaults(func=_identify)
+
+
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -292,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help='let a later source overwrite tensors an earlier one wrote')
     common(mer)
     mer.set_defaults(func=_merge)
+
+    _add_identify(sub, common)
 
     demo = sub.add_parser('demo', help='load mismatched LiDAR and camera checkpoints into a '
                           'BEVFusion-shaped model and print the report')

@@ -66,7 +66,7 @@ def _unprefixed(test, prefix: str = 'backbone.'):
 FINGERPRINTS: List[Fingerprint] = [
     Fingerprint('MMDetection3D BEVFusion', None, None,
                 _having(r'^pts_middle_encoder\.', r'^(view_transform|fusion_layer)\.',
-                        r'^(bbox_head|pts_bbox_head)\.', least=2)),
+                        r'^bbox_head\.', least=2)),
     Fingerprint('mit-han-lab BEVFusion', 'mit-bevfusion', None,
                 _having(r'^encoders\.(lidar|camera)\.', r'^fuser\.', r'^decoder\.backbone\.',
                         r'^heads\.object\.', least=1)),
@@ -79,9 +79,14 @@ FINGERPRINTS: List[Fingerprint] = [
     Fingerprint('Cream EfficientViT', 'cream-efficientvit', 'camera',
                 _unprefixed(_having(r'^patch_embed\.0\.c\.weight',
                                     r'^blocks\d\.\d+\..*attention_biases', all_of=True))),
+    Fingerprint('MMDetection3D detector', None, None,
+                _having(r'^(pts_)?(voxel_encoder|middle_encoder)\.',
+                        r'^pts_(backbone|neck|bbox_head)\.', least=1), generic=True),
     Fingerprint('MMDetection detector', None, 'camera',
                 _having(r'^backbone\.', r'^(neck|rpn_head|roi_head|bbox_head)\.', all_of=True),
                 generic=True),
+    # recognised by its container (``arch``/``state_dict_ema``), not by key names
+    Fingerprint('timm', None, 'camera', lambda keys: '', generic=True),
     Fingerprint('plain backbone', None, 'camera',
                 _having(r'^(conv1|stem|patch_embed|stages|layer1|layers|blocks|features)\.',
                         least=1), generic=True),
@@ -300,7 +305,7 @@ def identify_checkpoint(ckpt: Any, path: str) -> Identity:
         ident.notes.append(fam.fixed)
     opts: Dict[str, Any] = OrderedDict(checkpoint=path)
     if ident.formats and not ident.ambiguous:
-        modality = {f.name: f.modality for f in FINGERPRINTS}[ident.formats[0][0]]
+        modality = {f.name: f.modality for f in FINGERPRINTS}.get(ident.formats[0][0])
         if modality:
             opts['modality'] = modality
     if ident.preset:
@@ -312,7 +317,7 @@ def identify_checkpoint(ckpt: Any, path: str) -> Identity:
         ema = next(c.key for c in fam.copies if c.kind == 'ema')
         ident.notes.append(f"weights='auto' takes {fam.auto}; weights='ema' takes {ema}, "
                            "weights='raw' the non-averaged copy")
-    if ident.formats:
+    if ident.formats and not ident.ambiguous:
         ident.options = dict(opts)
     if ident.preset == 'openpcdet':
         from .formats.openpcdet import not_converted

@@ -270,6 +270,10 @@ def render(results: Sequence[Inspection], console, model: Optional[nn.Module] = 
         status = 'ok' if ins.ok else 'WOULD FAIL'
         console.rule(f'{ins.title}: {len(ins.report.sources)} source(s), {status}')
         for src in ins.report.sources:
+            for head, text in (('format', src.identity), ('weights', src.weights)):
+                if text:
+                    console.print(f'[{src.label}] {head}: {text}', markup=False,
+                                  highlight=False)
             console.print(source_table(src, keys, ins.row_notes))
             for line in detail_lines(src):
                 console.print(line, markup=False, highlight=False)

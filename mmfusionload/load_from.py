@@ -5,8 +5,9 @@ from typing import Any, Dict, MutableMapping, Sequence
 import torch
 import torch.nn as nn
 
-from .containers import unwrap
+from .containers import shape_of, unwrap
 from .errors import FusionLoadError
+from .identify import identify_state
 from .modality import resolve_targets
 from .repairs import Entry, RepairProblem, may_be_absent, repairs_in_order, run_repairs
 from .repairs.spconv_layout import LAYOUT_VERSION, module_layout
@@ -52,6 +53,8 @@ def repair_checkpoint(checkpoint: MutableMapping[str, Any],
                           container=ckpt.container, prefix='identity',
                           stripped=list(ckpt.stripped), family=ckpt.family,
                           weights=ckpt.copy)
+    report.identity = identify_state(
+        filename, {k: shape_of(ckpt.state, k) for k in ckpt.state}, ckpt.metadata).one_line()
     spec = SourceSpec(checkpoint=filename, spconv_layout=spconv_layout)
     model_state = dict(model.state_dict(keep_vars=True))
     metadata: Dict[str, dict] = OrderedDict(ckpt.metadata)
