@@ -121,9 +121,10 @@ def sparse_layout(shapes: Mapping[str, Tuple[int, ...]],
     """The file's sparse-kernel layout and the evidence for it.
 
     5-D ``*.weight`` tensors are the sparse kernels (the LiDAR encoders have no dense
-    ``Conv3d``). Their modules' ``_metadata`` versions decide when recorded;
-    otherwise kernels whose shape fits only one layout do. Conflicting evidence, or
-    none, gives None.
+    ``Conv3d``). Their modules' ``_metadata`` versions decide when every kernel has
+    one and no kernel's shape contradicts them (version 1 is also torch's default for
+    any module, e.g. in an OpenPCDet file saved with spconv 2.x); otherwise kernels
+    whose shape fits only one layout do. Conflicting evidence, or none, gives None.
 
     Returns:
         tuple: ``(layout or None, evidence)``.
@@ -136,27 +137,31 @@ def sparse_layout(shapes: Mapping[str, Tuple[int, ...]],
         v = (metadata.get(k.rsplit('.', 1)[0]) or {}).get('version')
         if v is not None:
             versions[k] = layout_of_version(int(v))
-    if versions:
-        seen = set(versions.values())
-        if len(seen) == 1 and len(versions) == len(kernels):
-            lay = seen.pop()
-            return lay, (f'_metadata version {2 if lay == SPCONV2 else 1} on all '
-                         f'{len(kernels)} sparse-conv modules')
-        if len(seen) > 1:
-            return None, '_metadata versions disagree between sparse-conv modules'
     only = {lay: [k for k, s in kernels.items() if _fits(s)[lay] and not
                   _fits(s)[[x for x in LAYOUTS if x != lay][0]]] for lay in LAYOUTS}
     if only[SPCONV2] and only[MMCV]:
         return None, (f'shapes disagree: {only[SPCONV2][0]} {list(kernels[only[SPCONV2][0]])} '
                       f'fits only spconv2, {only[MMCV][0]} {list(kernels[only[MMCV][0]])} '
                       'only mmcv')
+    by_shape = next((lay for lay in LAYOUTS if only[lay]), None)
+    seen = set(versions.values())
+    if len(seen) > 1:
+        return None, '_metadata versions disagree between sparse-conv modules'
+    if seen and len(versions) == len(kernels):
+        lay = seen.pop()
+        if by_shape in (None, lay):
+            return lay, (f'_metadata version {2 if lay == SPCONV2 else 1} on all '
+                         f'{len(kernels)} sparse-conv modules')
+        note = ('; the _metadata version 1 is torch\'s default, which the shapes contradict'
+                if lay == MMCV else '; the shapes contradict the _metadata versions')
+    else:
+        note = '; no _metadata'
     for lay, form in ((SPCONV2, '[out,*k,in]'), (MMCV, '[*k,in,out]')):
         if only[lay]:
             k = only[lay][0]
             return lay, (f'{len(only[lay])} of {len(kernels)} kernels fit only the {lay} '
-                         f'{form} layout, e.g. {k} {list(kernels[k])}; no _metadata')
-    return None, (f'all {len(kernels)} kernel shapes fit both layouts and there is no '
-                  '_metadata')
+                         f'{form} layout, e.g. {k} {list(kernels[k])}{note}')
+    return None, (f'all {len(kernels)} kernel shapes fit both layouts{note}')
 
 
 def axis_order(shapes: Mapping[str, Tuple[int, ...]],
@@ -310,8 +315,7 @@ def identify_checkpoint(ckpt: Any, path: str) -> Identity:
             opts['modality'] = modality
     if ident.preset:
         opts['preset'] = ident.preset
-    if ident.layout and 'fit both' not in ident.layout_evidence \
-            and not ident.layout_evidence.startswith('_metadata'):
+    if ident.layout and not ident.layout_evidence.startswith('_metadata'):
         opts['spconv_layout'] = ident.layout
     if fam.has_ema:
         ema = next(c.key for c in fam.copies if c.kind == 'ema')

@@ -1,0 +1,219 @@
+"""OpenPCDet LiDAR backbones -> MMDetection3D ``SparseEncoder`` / ``SECOND`` / ``SECONDFPN``.
+
+Facts read from OpenPCDet (``pcdet/models/backbones_3d/spconv_backbone.py``,
+``pcdet/models/backbones_2d/base_bev_backbone.py``) and MMDetection3D 1.4.0
+(``SparseEncoder``, ``SparseBasicBlock``, ``SECOND``, ``SECONDFPN``):
+
+- ``VoxelBackBone8x`` / ``VoxelResBackBone8x``: ``conv_input`` (SubM conv, BN), stages
+  ``conv1..convN``, ``conv_out`` (kernel ``(3, 1, 1)``, stride ``(2, 1, 1)``); every stage
+  after the first *starts* with a stride-2 ``SparseConv3d`` block. A conv block is
+  ``SparseSequential(conv, BN, ReLU)`` (keys ``.0``, ``.1``); a ``SparseBasicBlock`` is
+  ``conv1``/``bn1``/``conv2``/``bn2`` whose convs carry a bias. Voxel coordinates are
+  ``(batch, z, y, x)``.
+- MMDetection3D's ``SparseEncoder``: ``conv_input``, ``encoder_layers.encoder_layer{i}``,
+  ``conv_out``, coordinates ``(batch, z, y, x)``. With ``block_type='conv_module'`` a
+  stage starts with its down-sampling conv, as in OpenPCDet; with ``'basicblock'`` the
+  down-sampling conv *ends* the previous stage, and the blocks' convs have no bias.
+- A conv bias followed by BatchNorm is exactly a shift of the BN's running mean:
+  ``BN(Wx + b)`` uses ``(Wx + b - mean)``, the same as ``(Wx - (mean - b))`` in eval
+  mode, and the bias cancels against the batch mean in train mode. The bias is folded
+  into ``running_mean``; a bias without a following BN is an error.
+- ``BaseBEVBackbone``: ``blocks.i`` = ``ZeroPad2d(1)``, conv (padding 0), BN, ReLU, then
+  ``(conv, BN, ReLU)`` per layer; ``deblocks.i`` = (de)conv, BN, ReLU. ``SECOND``'s
+  ``blocks.i`` = conv (padding 1), BN, ReLU, ...: the same function shifted by one
+  index; ``SECONDFPN``'s ``deblocks.i`` have OpenPCDet's names. An extra final deblock
+  (more upsample strides than levels) has no ``SECONDFPN`` counterpart and is left out.
+- Detection heads (``dense_head``, ``roi_head``, ``point_head``) are parameterised
+  differently and are not converted; ``vfe``/``map_to_bev_module`` keep their names.
+
+The mapping is derived from the structure of the keys (stage and block indices), so
+other depths and channel counts map the same way. Sparse kernels keep the layout the
+file has (the spconv-layout repair decides it from each kernel's shape).
+"""
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Tuple
+
+import torch
+
+from ..errors import FusionLoadError
+from ..presets import KeyPreset, register_preset
+
+SRC_3D, SRC_2D = 'backbone_3d.', 'backbone_2d.'
+DST_3D, DST_2D, DST_NECK = 'pts_middle_encoder.', 'pts_backbone.', 'pts_neck.'
+HEADS = ('dense_head.', 'roi_head.', 'point_head.')
+BN_KEYS = ('weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked')
+
+
+@dataclass
+class Unit:
+    """One structural unit of a sparse backbone: a conv block or a basic block."""
+    kind: str  # 'conv' or 'block'
+    src: str   # key prefix in the file (without backbone_3d.)
+
+
+def _conv_bn(state: Mapping[str, torch.Tensor], conv: str, bn: str, dst_conv: str,
+             dst_bn: str, out: 'OrderedDict[str, torch.Tensor]', used: set) -> None:
+    """A sparse conv and its BatchNorm under new names, the conv's bias folded into the BN.
+
+    ``BN(Wx + b)`` normalises ``Wx + b - mean``: the same as ``Wx - (mean - b)``. The
+    target conv has no bias, so ``running_mean - b`` replaces it.
+    """
+    if conv + '.weight' not in state:
+        raise FusionLoadError([f'OpenPCDet: {SRC_3D}{conv}.weight is missing'],
+                              'openpcdet structure')
+    out[dst_conv + '.weight'] = state[conv + '.weight']
+    used.add(conv + '.weight')
+    bias = state.get(conv + '.bias')
+    for name in BN_KEYS:
+        if bn + '.' + name in state:
+            out[f'{dst_bn}.{name}'] = state[bn + '.' + name]
+            used.add(bn + '.' + name)
+    if bias is not None:
+        mean = state.get(bn + '.running_mean')
+        if mean is None or tuple(mean.shape) != tuple(bias.shape):
+            raise FusionLoadError(
+                [f'OpenPCDet: {SRC_3D}{conv}.bias {list(bias.shape)} has no following '
+                 'BatchNorm running_mean of its size to fold into, and the target conv '
+                 'has no bias'], 'openpcdet bias')
+        out[dst_bn + '.running_mean'] = mean - bias
+        used.add(conv + '.bias')
+
+
+def _units(state: Mapping[str, torch.Tensor]) -> Tuple[Unit, List[List[Unit]], Unit]:
+    """``conv_input``, the stages' units in order, ``conv_out``."""
+    stages: Dict[int, Dict[int, Unit]] = {}
+    for k in state:
+        m = re.match(r'^conv(\d+)\.(\d+)\.(conv1|0)\.weight$', k)
+        if m:
+            kind = 'block' if m.group(3) == 'conv1' else 'conv'
+            stages.setdefault(int(m.group(1)), {})[int(m.group(2))] = Unit(
+                kind, f'conv{m.group(1)}.{m.group(2)}')
+    if 'conv_input.0.weight' not in state or 'conv_out.0.weight' not in state or not stages:
+        raise FusionLoadError(['OpenPCDet: backbone_3d needs conv_input, conv1.. and '
+                               'conv_out (VoxelBackBone8x / VoxelResBackBone8x)'],
+                              'openpcdet structure')
+    numbers = sorted(stages)
+    if numbers != list(range(1, len(numbers) + 1)):
+        raise FusionLoadError([f'OpenPCDet: backbone_3d stages {numbers} are not conv1..convN'],
+                              'openpcdet structure')
+    ordered = []
+    for n in numbers:
+        items = stages[n]
+        if sorted(items) != list(range(len(items))):
+            raise FusionLoadError([f'OpenPCDet: conv{n} items {sorted(items)} are not '
+                                   f'0..{len(items) - 1}'], 'openpcdet structure')
+        ordered.append([items[j] for j in range(len(items))])
+    return Unit('conv', 'conv_input'), ordered, Unit('conv', 'conv_out')
+
+
+def convert_backbone_3d(state: Mapping[str, torch.Tensor]) -> 'OrderedDict[str, torch.Tensor]':
+    """OpenPCDet ``backbone_3d`` keys (without the prefix) -> ``SparseEncoder`` keys.
+
+    Plain conv stages map onto ``block_type='conv_module'`` (same stage partition);
+    stages with ``SparseBasicBlock``s onto ``block_type='basicblock'``, where each
+    stage's leading down-sampling conv moves to the end of the previous stage.
+    """
+    first, stages, last = _units(state)
+    basic = any(u.kind == 'block' for s in stages for u in s)
+    if basic:
+        for i, s in enumerate(stages[1:], start=2):
+            if s[0].kind != 'conv':
+                raise FusionLoadError([f'OpenPCDet: conv{i} does not start with a '
+                                       'down-sampling conv; no basicblock SparseEncoder has '
+                                       'this structure'], 'openpcdet structure')
+        target: List[List[Unit]] = []
+        for i, s in enumerate(stages):
+            own = s[1:] if i > 0 else list(s)
+            nxt = [stages[i + 1][0]] if i + 1 < len(stages) else []
+            target.append(own + nxt)
+    else:
+        target = stages
+    out: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
+    used: set = set()
+
+    def put(unit: Unit, dst: str) -> None:
+        if unit.kind == 'conv':
+            _conv_bn(state, unit.src + '.0', unit.src + '.1', dst + '.0', dst + '.1', out, used)
+        else:
+            for conv, bn in (('conv1', 'bn1'), ('conv2', 'bn2')):
+                _conv_bn(state, f'{unit.src}.{conv}', f'{unit.src}.{bn}', f'{dst}.{conv}',
+                         f'{dst}.{bn}', out, used)
+
+    put(first, 'conv_input')
+    for i, units in enumerate(target, start=1):
+        for j, unit in enumerate(units):
+            put(unit, f'encoder_layers.encoder_layer{i}.{j}')
+    put(last, 'conv_out')
+    leftover = [k for k in state if k not in used]
+    if leftover:
+        raise FusionLoadError([f'OpenPCDet: {SRC_3D} tensors with no place in a '
+                               f'SparseEncoder: {", ".join(leftover[:8])}'],
+                              'openpcdet structure')
+    return out
+
+
+def convert_backbone_2d(state: Mapping[str, torch.Tensor]
+                        ) -> Tuple['OrderedDict[str, torch.Tensor]', 'OrderedDict[str, torch.Tensor]',
+                                   List[str]]:
+    """``BaseBEVBackbone`` keys -> (``SECOND`` keys, ``SECONDFPN`` keys, left-out keys)."""
+    blocks: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
+    neck: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
+    levels = {int(m.group(1)) for k in state for m in [re.match(r'^blocks\.(\d+)\.', k)] if m}
+    left = []
+    for k, v in state.items():
+        m = re.match(r'^blocks\.(\d+)\.(\d+)\.(.+)$', k)
+        if m:
+            idx = int(m.group(2))
+            if idx == 0:
+                raise FusionLoadError([f'OpenPCDet: backbone_2d.{k}: index 0 of a block is '
+                                       "BaseBEVBackbone's ZeroPad2d, which holds no tensor"],
+                                      'openpcdet structure')
+            blocks[f'blocks.{m.group(1)}.{idx - 1}.{m.group(3)}'] = v
+            continue
+        m = re.match(r'^deblocks\.(\d+)\.(.+)$', k)
+        if m and int(m.group(1)) in levels:
+            neck[k] = v
+        else:
+            left.append(k)
+    return blocks, neck, left
+
+
+def openpcdet_to_mmdet3d(state: Mapping[str, torch.Tensor]) -> 'OrderedDict[str, torch.Tensor]':
+    """An OpenPCDet detector's backbones under MMDetection3D's names.
+
+    ``backbone_3d.*`` -> ``pts_middle_encoder.*``, ``backbone_2d.blocks`` ->
+    ``pts_backbone.blocks``, ``backbone_2d.deblocks`` -> ``pts_neck.deblocks``; heads and
+    every other key keep their OpenPCDet names (nothing in a MMDetection3D model has
+    them, so they are not loaded).
+    """
+    out: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
+    b3 = OrderedDict((k[len(SRC_3D):], v) for k, v in state.items() if k.startswith(SRC_3D))
+    b2 = OrderedDict((k[len(SRC_2D):], v) for k, v in state.items() if k.startswith(SRC_2D))
+    if b3:
+        for k, v in convert_backbone_3d(b3).items():
+            out[DST_3D + k] = v
+    if b2:
+        blocks, neck, left = convert_backbone_2d(b2)
+        out.update((DST_2D + k, v) for k, v in blocks.items())
+        out.update((DST_NECK + k, v) for k, v in neck.items())
+        out.update((SRC_2D + k, b2[k]) for k in left)
+    for k, v in state.items():
+        if not (k.startswith(SRC_3D) or k.startswith(SRC_2D)):
+            out[k] = v
+    return out
+
+
+def not_converted(keys) -> List[str]:
+    """Groups of an OpenPCDet file the preset does not convert (heads...)."""
+    groups = OrderedDict()
+    for k in keys:
+        if k.startswith(SRC_3D) or re.match(r'^backbone_2d\.(blocks|deblocks)\.', k):
+            continue
+        g = k.split('.', 1)[0]
+        groups[g] = groups.get(g, 0) + 1
+    return [f'{g}. ({n})' for g, n in groups.items()]
+
+
+OPENPCDET = register_preset('openpcdet', KeyPreset(convert=openpcdet_to_mmdet3d))
