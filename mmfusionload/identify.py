@@ -74,8 +74,9 @@ FINGERPRINTS: List[Fingerprint] = [
                 _having(r'^backbone_3d\.(conv_input|conv\d|conv_out)\.',
                         r'^(vfe|map_to_bev_module|backbone_2d|dense_head)\.', least=1)),
     Fingerprint('Microsoft Swin', 'swin-original', 'camera',
-                _unprefixed(_having(r'^layers\.\d+\.blocks\.\d+\.attn\.relative_position_bias_table',
-                                    r'^patch_embed\.proj\.weight', all_of=True))),
+                _unprefixed(_having(
+                    r'^layers\.\d+\.blocks\.\d+\.attn\.relative_position_bias_table',
+                    r'^patch_embed\.proj\.weight', all_of=True))),
     Fingerprint('Cream EfficientViT', 'cream-efficientvit', 'camera',
                 _unprefixed(_having(r'^patch_embed\.0\.c\.weight',
                                     r'^blocks\d\.\d+\..*attention_biases', all_of=True))),

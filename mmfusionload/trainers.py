@@ -29,7 +29,7 @@ were read from the libraries named next to them:
 """
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Tuple
 
 import torch
 
@@ -134,8 +134,8 @@ def _mmengine_raw(ema_state: Mapping) -> 'OrderedDict[str, Any]':
     metadata = getattr(ema_state, '_metadata', None)
     if metadata:
         out._metadata = OrderedDict(  # type: ignore[attr-defined]
-            (k[len('module.'):] if k.startswith('module.') else k, v)
-            for k, v in metadata.items() if k.startswith('module'))
+            (k[len('module.'):] if k.startswith('module.') else '', v)
+            for k, v in metadata.items() if k == 'module' or k.startswith('module.'))
     return out
 
 
@@ -292,7 +292,3 @@ def describe_copies(fam: Family) -> List[Tuple[str, str]]:
     """``(container, meaning)`` of every copy, the deployed one marked."""
     return [(c.key, ROLE[c.kind] + (' (auto)' if c.key == fam.auto else ''))
             for c in fam.copies]
-
-
-def version_note(fam: Family) -> Optional[str]:
-    return f'{fam.name} {fam.version}' if fam.version else None

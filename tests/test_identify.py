@@ -33,7 +33,8 @@ def test_mmdet3d_bevfusion_layout_from_metadata_and_axes(tmp_path, manifest):
     sd = _zeros(m['tensors'], 'pts_middle_encoder.')
     sd.update(_zeros(m['tensors'], 'bbox_head.', limit=4))
     sd._metadata = OrderedDict((k, {'version': v}) for k, v in m['sparse_conv_modules'].items())
-    path = _save(tmp_path, 'bevfusion.pth', {'state_dict': sd, 'meta': {'mmengine_version': '0.10.7'}})
+    path = _save(tmp_path, 'bevfusion.pth',
+                 {'state_dict': sd, 'meta': {'mmengine_version': '0.10.7'}})
     ident = identify(path)
     assert ident.format == 'MMDetection3D BEVFusion' and ident.preset is None
     assert ident.family == 'MMEngine Runner 0.10.7'
@@ -57,7 +58,8 @@ def test_mit_bevfusion_shape_evidence(tmp_path):
 
 
 def test_backbone_formats_and_their_containers(tmp_path, manifest):
-    swin = OrderedDict([('layers.0.blocks.0.attn.relative_position_bias_table', torch.zeros(169, 3)),
+    table = 'layers.0.blocks.0.attn.relative_position_bias_table'
+    swin = OrderedDict([(table, torch.zeros(169, 3)),
                         ('patch_embed.proj.weight', torch.zeros(96, 3, 4, 4)),
                         ('head.weight', torch.zeros(10, 768))])
     ident = identify(_save(tmp_path, 'swin.pth', {'model': swin}))
@@ -92,6 +94,21 @@ def test_backbone_formats_and_their_containers(tmp_path, manifest):
     plain = OrderedDict([('conv1.weight', torch.zeros(4, 3, 3, 3)),
                          ('layer1.0.bn1.weight', torch.zeros(4))])
     assert identify(_save(tmp_path, 'plain.pth', plain)).format == 'plain backbone'
+
+
+def test_sharded_safetensors_index(tmp_path):
+    from safetensors.torch import save_file
+    save_file({'pts_middle_encoder.conv_input.0.weight': torch.zeros(16, 3, 3, 3, 5)},
+              str(tmp_path / 'a.safetensors'))
+    save_file({'pts_backbone.blocks.0.0.weight': torch.zeros(8, 8, 3, 3)},
+              str(tmp_path / 'b.safetensors'))
+    index = tmp_path / 'model.safetensors.index.json'
+    index.write_text(json.dumps(dict(weight_map={
+        'pts_middle_encoder.conv_input.0.weight': 'a.safetensors',
+        'pts_backbone.blocks.0.0.weight': 'b.safetensors'})))
+    ident = identify(str(index))
+    assert ident.family == 'safetensors (sharded)' and ident.format == 'MMDetection3D detector'
+    assert ident.layout == 'spconv2' and 'fit only the spconv2' in ident.layout_evidence
 
 
 def test_unknown_format_lists_groups_and_auto_refuses(tmp_path, capsys):

@@ -124,3 +124,17 @@ def test_block_bias_without_a_following_norm_is_an_error(pcdet, tmp_path):
                                    modality='lidar')], logger=None)
     for k, v in target.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_structure_without_a_place_is_an_error():
+    from mmfusionload.formats.openpcdet import openpcdet_to_mmdet3d
+    src = PcdetDetector(SHAPE, res=True).state_dict()
+    src['backbone_3d.conv2.1.downsample.0.weight'] = torch.zeros(32, 1, 1, 1, 16)
+    with pytest.raises(FusionLoadError, match=r'no place in a SparseEncoder: '
+                       r'conv2\.1\.downsample\.0\.weight'):
+        openpcdet_to_mmdet3d(src)
+    src = PcdetDetector(SHAPE, res=True).state_dict()
+    for k in [k for k in src if k.startswith('backbone_3d.conv3.0.')]:
+        del src[k]
+    with pytest.raises(FusionLoadError, match=r'conv3 items \[1, 2\] are not 0\.\.1'):
+        openpcdet_to_mmdet3d(src)

@@ -3,9 +3,6 @@
 Every expectation is a tensor recorded from the live modules while the Runner saved
 (the model and EMAHook's averaged model), never the package's report.
 """
-import os.path as osp
-from collections import OrderedDict
-
 import pytest
 import torch
 import torch.nn as nn
@@ -203,3 +200,14 @@ def test_hook_rejects_bad_load_from_weights():
     from mmfusionload import FusionLoadHook
     with pytest.raises(FusionLoadError, match='load_from_weights'):
         FusionLoadHook(load_from_weights='averaged')
+
+
+def test_raw_copy_keeps_module_metadata(trained):
+    """The raw copy's ``_metadata`` (sparse-conv versions live there) keyed like the model."""
+    from mmfusionload.containers import unwrap
+    from mmfusionload.reader import read_checkpoint
+    ckpt = read_checkpoint(trained['ckpt'])
+    raw, auto = unwrap(ckpt, 'x.pth', weights='raw'), unwrap(ckpt, 'x.pth')
+    assert raw.container == 'ema_state_dict' and auto.container == 'state_dict'
+    assert raw.metadata == auto.metadata and 'backbone.1' in raw.metadata
+    assert raw.skipped == [] and list(raw.state) == list(auto.state)

@@ -154,9 +154,10 @@ def convert_backbone_3d(state: Mapping[str, torch.Tensor]) -> 'OrderedDict[str, 
     return out
 
 
-def convert_backbone_2d(state: Mapping[str, torch.Tensor]
-                        ) -> Tuple['OrderedDict[str, torch.Tensor]', 'OrderedDict[str, torch.Tensor]',
-                                   List[str]]:
+State = 'OrderedDict[str, torch.Tensor]'
+
+
+def convert_backbone_2d(state: Mapping[str, torch.Tensor]) -> Tuple[State, State, List[str]]:
     """``BaseBEVBackbone`` keys -> (``SECOND`` keys, ``SECONDFPN`` keys, left-out keys)."""
     blocks: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
     neck: 'OrderedDict[str, torch.Tensor]' = OrderedDict()

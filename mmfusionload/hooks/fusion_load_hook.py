@@ -133,6 +133,10 @@ class FusionLoadHook(Hook):
                                   allow_overlap=self.allow_overlap,
                                   extra_models=ema, logger=None,
                                   title='FusionLoadHook', broadcast=self.broadcast)
+            if ema:
+                print_log("FusionLoadHook: EMAHook's averaged model received the same "
+                          'tensors as the model (the copy named per source below)',
+                          logger='current')
         if self._load_from_report is not None:
             report.sources.insert(0, self._load_from_report)
         self.report = report
