@@ -318,10 +318,11 @@ def identify_checkpoint(ckpt: Any, path: str) -> Identity:
         opts['preset'] = ident.preset
     if ident.layout and not ident.layout_evidence.startswith('_metadata'):
         opts['spconv_layout'] = ident.layout
-    if fam.has_ema:
-        ema = next(c.key for c in fam.copies if c.kind == 'ema')
-        ident.notes.append(f"weights='auto' takes {fam.auto}; weights='ema' takes {ema}, "
-                           "weights='raw' the non-averaged copy")
+    if fam.has_ema and not fam.fixed:
+        by_kind = {c.kind: c.key for c in fam.copies}
+        ident.notes.append(f"weights='auto' takes {fam.auto} ({fam.auto_why}); "
+                           f"weights='ema' takes {by_kind['ema']}, weights='raw' takes "
+                           f"{by_kind.get('raw', by_kind.get('weights'))}")
     if ident.formats and not ident.ambiguous:
         ident.options = dict(opts)
     if ident.preset == 'openpcdet':

@@ -211,3 +211,13 @@ def test_raw_copy_keeps_module_metadata(trained):
     assert raw.container == 'ema_state_dict' and auto.container == 'state_dict'
     assert raw.metadata == auto.metadata and 'backbone.1' in raw.metadata
     assert raw.skipped == [] and list(raw.state) == list(auto.state)
+
+
+def test_identify_names_the_swapped_copies(trained):
+    from mmfusionload.identify import identify
+    ident = identify(trained['ckpt'])
+    assert ident.family.startswith('MMEngine Runner + EMAHook')
+    assert ident.copies == [('state_dict', 'EMA weights (auto)'),
+                            ('ema_state_dict', 'raw weights')]
+    assert ("weights='auto' takes state_dict (what load_from deploys); weights='ema' takes "
+            "state_dict, weights='raw' takes ema_state_dict") in ident.notes
