@@ -437,3 +437,110 @@ def test_python_m_mmfusionload_subprocess(cfg_dir, built, ckpts, tmp_path):
     res = subprocess.run(cmd[:4] + [str(dst), str(dst)], env=env, capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 1 and 'never overwritten' in res.stdout and digest(dst) == before
+
+
+# ---------------------------------------------------------------- errors and summaries
+
+def test_bad_usage_exits_2(cfg_dir, ckpts, capsys):
+    cfg = write_cfg(cfg_dir, 'usage.py')
+    src = ckpts['lidar']
+    # options that need --config
+    assert main(['convert', src, 'out.pth', '--modality', 'lidar']) == 2
+    assert 'need --config' in capsys.readouterr().out
+    # a --source that is not a source
+    assert main(['inspect', cfg, '-q', '--source', f'checkpoint={src},colour=blue']) == 2
+    assert "unknown source option(s) ['colour']" in capsys.readouterr().out
+    assert main(['inspect', cfg, '-q', '--source', f'checkpoint={src},strict=maybe']) == 2
+    assert main(['merge', '--config', cfg, '-o', 'x.pth', f'checkpoint={src},prefix=a.']) == 2
+    with pytest.raises(SystemExit) as exit_:  # argparse: missing argument
+        main(['inspect'])
+    assert exit_.value.code == 2
+    assert not osp.exists('out.pth') and not osp.exists('x.pth')
+
+
+BROKEN = '''
+from mmfl_cli_absent_dependency import something  # noqa: F401
+'''
+
+
+def test_error_prints_the_chain_of_causes_and_debug_the_traceback(cfg_dir, capsys):
+    (cfg_dir / 'mmfl_cli_broken.py').write_text(BROKEN)
+    cfg = write_cfg(cfg_dir, 'broken.py', '''
+        custom_imports = dict(imports=['mmfl_cli_broken'], allow_failed_imports=False)
+    ''')
+    assert main(['inspect', cfg, '-q']) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith('error: ImportError: Failed to import mmfl_cli_broken [')
+    cause = [line for line in err if line.startswith('  caused by ')]
+    assert cause and cause[-1].startswith(
+        "  caused by ModuleNotFoundError: No module named 'mmfl_cli_absent_dependency' [")
+    assert cause[-1].endswith('mmfl_cli_broken.py:2]')
+    assert 'Traceback' not in '\n'.join(err) and err[-1] == '(--debug shows the traceback)'
+    with pytest.raises(ImportError, match='Failed to import mmfl_cli_broken'):
+        main(['inspect', cfg, '-q', '--debug'])
+    with pytest.raises(ImportError):
+        main(['--debug', 'inspect', cfg, '-q'])
+
+
+def _wide_cfg(cfg_dir):
+    return write_cfg(cfg_dir, 'wide_lidar.py', '''
+        model['pts_backbone'].update(out_channels=[24, 48])
+        model['pts_neck'].update(in_channels=[24, 48], out_channels=[24, 24])
+        model['fused_channels'] = 24
+    ''')
+
+
+def test_inspect_sums_up_a_different_model_size(cfg_dir, ckpts, tmp_path, capsys, monkeypatch):
+    """Tensors of a narrower model of the same architecture: one line, full list in JSON."""
+    monkeypatch.setenv('COLUMNS', '2000')
+    cfg = _wide_cfg(cfg_dir)
+    js = tmp_path / 'wide.json'
+    assert main(['inspect', cfg, '-q', '--json', str(js), '--source',
+                 f'modality=lidar,checkpoint={ckpts["lidar"]}']) == 1
+    out = capsys.readouterr().out
+    report = json.loads(js.read_text())
+    (src,) = report['groups'][0]['sources']
+    n = len(src['mismatched'])
+    assert n >= 8 and src['counts']['mismatched'] == n
+    (line,) = [p for p in report['groups'][0]['problems'] if 'differ in width' in p]
+    assert f'{n} tensors of 2 module(s) (pts_backbone, pts_neck) differ in width: a ' \
+           'different model size? e.g. pts_backbone.' in line
+    assert 'size mismatch for' not in out and out.count('differ in width') == 1
+
+
+def test_inspect_overlap_one_line_per_pair_and_allow_overlap(cfg_dir, ckpts, tmp_path, capsys,
+                                                            monkeypatch):
+    monkeypatch.setenv('COLUMNS', '2000')  # one problem, one printed line
+    cfg = write_cfg(cfg_dir, 'overlap.py')
+    other = tmp_path / 'lidar_copy.pth'
+    other.write_bytes(open(ckpts['lidar'], 'rb').read())
+    args = ['inspect', cfg, '-q', '--source', f'modality=lidar,checkpoint={ckpts["lidar"]}',
+            '--source', f'modules=pts_backbone+pts_neck,checkpoint={other}']
+    assert main(args) == 1
+    lines = [x for x in capsys.readouterr().out.splitlines() if 'written by both' in x]
+    assert len(lines) == 1
+    assert re.search(r'problem: \d+ tensors \(pts_backbone\..*\) are written by both '
+                     rf'{re.escape(ckpts["lidar"])} and {re.escape(str(other))} '
+                     r'\(allow_overlap=True lets the later win\)', lines[0]), lines[0]
+    assert main(args + ['--allow-overlap']) == 0
+    assert 'every load would succeed' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('sources', ['dict', 'str'])
+def test_sources_not_a_list_is_one_clear_message(cfg_dir, ckpts, capsys, sources):
+    from mmfusionload import FusionLoadError, FusionLoadHook, load_sources
+    value = (f"dict(modality='lidar', checkpoint={ckpts['lidar']!r})" if sources == 'dict'
+             else repr(ckpts['lidar']))
+    cfg = write_cfg(cfg_dir, f'not_a_list_{sources}.py', f'''
+        custom_hooks = [dict(type='FusionLoadHook', sources={value})]
+    ''')
+    assert main(['inspect', cfg, '-q']) == 1
+    out = capsys.readouterr().out
+    kind = 'a single dict' if sources == 'dict' else 'a path string'
+    assert out.count('sources must be a list of source dicts') == 1 and kind in out
+    spec = eval(value)  # noqa: S307  (the test's own literal)
+    for call in (lambda: FusionLoadHook(sources=spec),
+                 lambda: load_sources(torch.nn.Linear(1, 1), spec, dry_run=True, logger=None)):
+        with pytest.raises(FusionLoadError) as info:
+            call()
+        assert len(info.value.problems) == 1 and kind in info.value.problems[0]
