@@ -29,7 +29,11 @@ def load_config(config: str, cfg_options: Optional[dict] = None):
     from mmengine.config import Config
     if not osp.isfile(config):
         raise FusionLoadError([f'{config}: no such config file'], 'cannot read config')
-    cfg = Config.fromfile(config, import_custom_modules=False)  # build_model imports them
+    try:
+        cfg = Config.fromfile(config, import_custom_modules=False)  # build_model imports them
+    except SyntaxError as e:  # MMEngine's parser may not name the file
+        raise FusionLoadError([f'{config}: line {e.lineno}: {e.msg}'],
+                              'cannot read config') from e
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
     return cfg

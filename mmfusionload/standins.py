@@ -24,7 +24,8 @@ import sys
 import types
 from typing import Callable, Iterable, List, Optional, Sequence
 
-_CANNOT_IMPORT = re.compile(r"cannot import name '(\w+)' from '([\w.]+)'")
+_CANNOT_IMPORT = re.compile(
+    r"cannot import name '(\w+)' from (?:partially initialized module )?'([\w.]+)'")
 _SOURCES = ('.cpp', '.cc', '.cu', '.cuh', '.c')
 _BUILT = ('.so', '.pyd')
 

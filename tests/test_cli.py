@@ -544,3 +544,119 @@ def test_sources_not_a_list_is_one_clear_message(cfg_dir, ckpts, capsys, sources
         with pytest.raises(FusionLoadError) as info:
             call()
         assert len(info.value.problems) == 1 and kind in info.value.problems[0]
+
+
+# ---------------------------------------------------------------- every load: init_cfg
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+RETINANET = osp.join(REPO, 'configs', 'efficientvit', 'retinanet_efficientvit-m4_fpn_1x_coco.py')
+
+
+def test_inspect_checks_our_pretrained_init_cfg(tmp_path, monkeypatch, capsys):
+    """EfficientViT's init_cfg=Pretrained: a missing file fails the dry run; a Cream-style
+    file passes, planned through load_sources."""
+    from mmfusionload.models.efficientvit import EfficientViT
+    monkeypatch.chdir(tmp_path)  # the config's pretrained/efficientvit_m4.pth is relative
+    monkeypatch.setenv('COLUMNS', '2000')
+    assert main(['inspect', RETINANET, '-q']) == 1
+    out = capsys.readouterr().out
+    assert 'init_cfg (Pretrained): 0 source(s), WOULD FAIL' in out or \
+        'init_cfg (Pretrained): 1 source(s), WOULD FAIL' in out
+    assert 'backbone.init_cfg: pretrained/efficientvit_m4.pth' in out and 'no such file' in out
+    assert 'the run would FAIL' in out
+    (tmp_path / 'pretrained').mkdir()
+    state = EfficientViT(arch='m4', img_size=None).state_dict()
+    torch.save({'model': state}, tmp_path / 'pretrained' / 'efficientvit_m4.pth')
+    assert main(['inspect', RETINANET, '-q']) == 0
+    out = capsys.readouterr().out
+    assert 'init_cfg (Pretrained): 1 source(s), ok' in out
+    assert '[backbone.init_cfg] pretrained/efficientvit_m4.pth' in out
+    assert 'every load would succeed' in out
+
+
+def test_inspect_checks_mmengine_pretrained_init_cfg(cfg_dir, built, tmp_path, capsys,
+                                                     monkeypatch):
+    """A module of another library with init_cfg=Pretrained (MMEngine's PretrainedInit):
+    prefix honoured, a missing file and tensors MMEngine would skip fail the dry run."""
+    monkeypatch.setenv('COLUMNS', '2000')
+    _, trained = built
+    whole = tmp_path / 'whole.pth'
+    torch.save({'state_dict': trained.state_dict()}, whole)
+
+    def cfg_with(path, extra=''):  # SECONDFPN keeps the init_cfg it is given
+        return write_cfg(cfg_dir, 'pre.py', textwrap.dedent(f'''
+            model['pts_neck']['init_cfg'] = dict(
+                type='Pretrained', checkpoint={str(path)!r}, prefix='pts_neck.')
+        ''') + textwrap.dedent(extra))
+
+    assert main(['inspect', cfg_with(whole), '-q']) == 0
+    out = capsys.readouterr().out
+    n = len([k for k in trained.state_dict() if k.startswith('pts_neck.')])
+    assert 'init_cfg (Pretrained): 1 source(s), ok' in out
+    assert '[pts_neck.init_cfg] ' in out and 'every load would succeed' in out
+    assert re.search(rf'│ deblocks\s+│\s+{n} │', out), out
+    assert main(['inspect', cfg_with(tmp_path / 'absent.pth'), '-q']) == 1
+    assert 'no such file' in capsys.readouterr().out
+    # a wider neck: every tensor would be skipped by MMEngine
+    wide = cfg_with(whole, '''
+        model['pts_neck'].update(out_channels=[24, 24])
+    ''')
+    assert main(['inspect', wide, '-q']) == 1
+    assert 'differ in width: a different model size?' in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- structure-only
+
+def test_inspect_structure_only_when_compiled_ops_are_not_built(tmp_path):
+    """A BEVFusion-structured project whose compiled op is not built: inspect builds the
+    model with a stand-in for it, says so in one line, and its exit status is the
+    verdict on the loads."""
+    import importlib
+    from bevfusion_tree import write_tree
+    from mmdet3d.registry import MODELS
+    import mmdet3d.models  # noqa: F401  (SECOND, SECONDFPN)
+    root = write_tree(tmp_path / 'mmdetection3d', package=True)
+    # the project does not import here, for the reason a machine without built ops gives
+    sys.path.insert(0, str(root))
+    try:
+        with pytest.raises(ImportError, match="cannot import name 'bev_pool_ext'"):
+            importlib.import_module('projects.BEVFusion.bevfusion')
+    finally:
+        sys.path.remove(str(root))
+        for name in [m for m in sys.modules if m == 'projects' or m.startswith('projects.')]:
+            del sys.modules[name]
+    backbone = dict(type='SECOND', in_channels=8, out_channels=[8, 16], layer_nums=[1, 1],
+                    layer_strides=[1, 2])
+    neck = dict(type='SECONDFPN', in_channels=[8, 16], out_channels=[8, 8],
+                upsample_strides=[1, 2])
+    state = OrderedDict()
+    for name, cfg in (('pts_backbone', backbone), ('pts_neck', neck)):
+        for k, v in MODELS.build(cfg).state_dict().items():
+            state[f'{name}.{k}'] = v
+    torch.save({'state_dict': state}, tmp_path / 'lidar.pth')
+    narrow = OrderedDict((k, v[:4] if k == 'pts_neck.deblocks.0.1.weight' else v)
+                         for k, v in state.items())
+    torch.save({'state_dict': narrow}, tmp_path / 'bad.pth')
+    (root / 'fusion.py').write_text(textwrap.dedent(f'''
+        custom_imports = dict(imports=['projects.BEVFusion.bevfusion', 'mmfusionload'],
+                              allow_failed_imports=False)
+        default_scope = 'mmdet3d'
+        model = dict(type='BEVFusion', pts_backbone={backbone!r}, pts_neck={neck!r})
+        custom_hooks = [dict(type='FusionLoadHook', sources=[
+            dict(modality='lidar', checkpoint={str(tmp_path / 'lidar.pth')!r})])]
+    '''))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in [REPO, os.environ.get('PYTHONPATH', '')] if p), COLUMNS='2000')
+    run = [sys.executable, '-m', 'mmfusionload', 'inspect', 'fusion.py', '-q']
+    ok = subprocess.run(run, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    line = ('structure-only: 1 compiled op(s) replaced by stand-ins: '
+            'projects.BEVFusion.bevfusion.bev_pool.bev_pool_ext (not built here')
+    assert ok.stdout.count(line) == 1, ok.stdout
+    assert 'FusionLoadHook: 1 source(s), ok' in ok.stdout
+    assert 'every load would succeed' in ok.stdout
+    bad = subprocess.run(run + ['--cfg-options',
+                                f'custom_hooks.0.sources.0.checkpoint={tmp_path / "bad.pth"}'],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert line in bad.stdout and 'size mismatch for pts_neck.deblocks.0.1.weight' in bad.stdout
