@@ -83,3 +83,37 @@ def test_checkpoint_without_head_stops_the_test_unless_allowed(tmp_path):
     test_report = json.loads((tmp_path / 'fusionload_report_test.json').read_text())
     assert test_report['applied'] is True and test_report['sources'][0]['label'] == 'load_from'
     assert len(test_report['sources'][0]['missing']) > 0
+
+
+@pytest.mark.parametrize('script', ['dist_train', 'dist_test'])
+def test_dist_scripts_use_the_set_up_interpreter(tmp_path, script):
+    """$PYTHON wins; else the repository's .venv/bin/python; else python on PATH."""
+    import os
+    import shutil
+    import subprocess
+    (tmp_path / 'tools').mkdir()
+    shutil.copy(osp.join(TOOLS, f'{script}.sh'), tmp_path / 'tools')
+
+    def fake(path, name):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f'#!/bin/sh\necho {name} "$@"\n')
+        path.chmod(0o755)
+        return path
+
+    bin_dir = tmp_path / 'bin'
+    fake(bin_dir / 'python', 'path-python')
+    env = dict(os.environ, PATH=f'{bin_dir}{os.pathsep}{os.environ["PATH"]}')
+    env.pop('PYTHON', None)
+    args = ['bash', str(tmp_path / 'tools' / f'{script}.sh'), 'cfg.py'] + \
+        (['ckpt.pth'] if script == 'dist_test' else []) + ['2']
+
+    def first_word():
+        out = subprocess.run(args, env=env, capture_output=True, text=True, check=True).stdout
+        assert '-m torch.distributed.run' in out and '--nproc_per_node=2' in out
+        return out.split()[0]
+
+    assert first_word() == 'path-python'
+    fake(tmp_path / '.venv' / 'bin' / 'python', 'venv-python')
+    assert first_word() == 'venv-python'
+    env['PYTHON'] = str(fake(tmp_path / 'mine', 'chosen-python'))
+    assert first_word() == 'chosen-python'
