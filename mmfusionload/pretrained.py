@@ -6,6 +6,9 @@ checkpoint then. Two loaders do it:
 
 - modules of this package (``EfficientViT``) load through
   :func:`~mmfusionload.load_sources`; planned here with ``dry_run=True``;
+- a module whose class overrides ``init_weights`` (MMDetection's
+  ``SwinTransformer`` reads ``model``/``state_dict``, strips ``backbone.`` and
+  converts names) loads with its own code: only the file is read here;
 - any other module goes through MMEngine 0.10.7's ``PretrainedInit``:
   ``load_checkpoint(module, checkpoint, strict=False)`` (the checkpoint's
   ``state_dict`` if it has one, else the whole dict; ``module.`` stripped), or
@@ -129,7 +132,24 @@ def dry_run_pretrained(model: nn.Module, trust_checkpoint: bool = False
             report.sources += sub.sources
             report.problems += [f'{name}.init_cfg: {p}' for p in sub.problems]
             continue
+        if has_own_loader(module):
+            try:
+                read_checkpoint(str(path), trust_checkpoint=trust_checkpoint)
+            except FusionLoadError as e:
+                report.problems += [f'{name}.init_cfg: {p}' for p in e.problems]
+                continue
+            notes.append(f'{name}.init_cfg: {path} is readable; '
+                         f'{type(module).__name__}.init_weights places its tensors with its '
+                         'own code (not planned here)')
+            continue
         src, problems = plan_mmengine_pretrained(module, name, cfg, trust_checkpoint)
         report.sources.append(src)
         report.problems += problems
     return report, notes
+
+
+def has_own_loader(module: nn.Module) -> bool:
+    """Whether ``module``'s class overrides ``BaseModule.init_weights`` (and so may load a
+    ``Pretrained`` checkpoint its own way, as MMDetection's ``SwinTransformer`` does)."""
+    from mmengine.model import BaseModule
+    return type(module).init_weights is not BaseModule.init_weights

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import os.path as osp
-import shutil
 import subprocess
 import sys
 import textwrap

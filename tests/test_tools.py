@@ -32,8 +32,8 @@ def test_sources_dropped_whatever_the_type_spelling(kind):
 def test_hook_added_when_absent():
     cfg = Config(dict(load_from='trained.pth', custom_hooks=[]))
     _tool('test').use_fusion_load_hook(cfg)
-    assert cfg.custom_hooks == [dict(type='FusionLoadHook', report_file='fusionload_report_test.json',
-                                     load_from_strict=True)]
+    assert cfg.custom_hooks == [dict(type='FusionLoadHook', load_from_strict=True,
+                                     report_file='fusionload_report_test.json')]
     _tool('test').use_fusion_load_hook(cfg, allow_missing=True)
     assert cfg.custom_hooks[0]['load_from_strict'] is False
 
