@@ -18,7 +18,7 @@ from .hooks import is_fusion_load_hook
 from .load_from import fill_targets_of, repair_checkpoint
 from .loading import load_sources
 from .reader import read_checkpoint
-from .report import LoadReport, SourceReport, format_group
+from .report import LoadReport, SourceReport, format_group, size_mismatch_problems
 from .source import parse_source
 
 HOOK_TYPE = 'FusionLoadHook'
@@ -120,7 +120,7 @@ def dry_run_load_from(model: nn.Module, path: str, hook: Optional[dict]) -> Insp
         report.problems += e.problems
         return result
     report.sources.append(src)
-    report.problems += src.mismatched  # repairs that could not place a tensor
+    report.problems += _summed_up(path, src.mismatched)  # tensors that could not be placed
     if src.new:  # filled by repair_checkpoint: the hook's sources load these modules
         for t in fill:
             result.row_notes[t] = f'left to the {HOOK_TYPE} sources'
@@ -138,6 +138,23 @@ def dry_run_load_from(model: nn.Module, path: str, hook: Optional[dict]) -> Insp
         result.notes.append(f'{len(src.missing)} model tensor(s) get nothing from load_from; '
                             'MMEngine keeps their initial values and warns')
     return result
+
+
+_LOAD_FROM_SIZE = re.compile(r'^(.*): size mismatch for (\S+): checkpoint \[([\d, ]*)\], '
+                             r'model \[([\d, ]*)\]$')
+
+
+def _summed_up(path: str, lines: Sequence[str]) -> List[str]:
+    """``repair_checkpoint``'s problem lines with many size mismatches summed up."""
+    sizes, other = [], []
+    for line in lines:
+        m = _LOAD_FROM_SIZE.match(line)
+        if m is None:
+            other.append(line)
+            continue
+        shape = [[int(v) for v in g.split(',') if v.strip()] for g in m.group(3, 4)]
+        sizes.append((m.group(2), m.group(2), *shape))
+    return other + size_mismatch_problems(path, sizes, lambda k: k.split('.', 1)[0])
 
 
 def dry_run_sources(model: nn.Module, sources: Sequence[Any], title: str,
@@ -301,8 +318,8 @@ def detail_lines(src: SourceReport, max_lines: int = 12) -> List[str]:
                ('mismatched', src.mismatched), ('unexpected', src.unexpected),
                ('excluded', src.excluded)]
     for name, keys in groups:
-        if keys:
-            lines.append('  ' + format_group(name, keys, max_lines))
+        if keys:  # mismatches are long lines, and summed up among the problems
+            lines.append('  ' + format_group(name, keys, 3 if name == 'mismatched' else max_lines))
     return lines
 
 

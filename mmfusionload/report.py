@@ -71,7 +71,7 @@ def format_group(name: str, keys: List[str], max_lines: int = 12) -> str:
 def size_mismatch_problems(filename: str,
                            mismatches: Sequence[Tuple[str, str, list, list]],
                            module_of: Callable[[str], str],
-                           min_summary: int = 4,
+                           min_summary: int = 8,
                            examples: int = 3) -> List[str]:
     """Problem lines for tensors whose shapes differ from the model's.
 
@@ -93,7 +93,8 @@ def size_mismatch_problems(filename: str,
         list[str]: One line per problem.
     """
     def line(key, file_key, src, dst):
-        return (f'{filename}: size mismatch for {key} (checkpoint {file_key}): '
+        named = f' (checkpoint {file_key})' if file_key != key else ''
+        return (f'{filename}: size mismatch for {key}{named}: '
                 f'checkpoint {list(src)}, model {list(dst)}')
 
     width = [m for m in mismatches if len(m[2]) == len(m[3])]

@@ -482,12 +482,15 @@ def test_error_prints_the_chain_of_causes_and_debug_the_traceback(cfg_dir, capsy
         main(['--debug', 'inspect', cfg, '-q'])
 
 
+_WIDE = textwrap.dedent('''
+    model['pts_backbone'].update(out_channels=[24, 48])
+    model['pts_neck'].update(in_channels=[24, 48], out_channels=[24, 24])
+    model['fused_channels'] = 24
+''')
+
+
 def _wide_cfg(cfg_dir):
-    return write_cfg(cfg_dir, 'wide_lidar.py', '''
-        model['pts_backbone'].update(out_channels=[24, 48])
-        model['pts_neck'].update(in_channels=[24, 48], out_channels=[24, 24])
-        model['fused_channels'] = 24
-    ''')
+    return write_cfg(cfg_dir, 'wide_lidar.py', _WIDE)
 
 
 def test_inspect_sums_up_a_different_model_size(cfg_dir, ckpts, tmp_path, capsys, monkeypatch):
@@ -506,6 +509,14 @@ def test_inspect_sums_up_a_different_model_size(cfg_dir, ckpts, tmp_path, capsys
     assert f'{n} tensors of 2 module(s) (pts_backbone, pts_neck) differ in width: a ' \
            'different model size? e.g. pts_backbone.' in line
     assert 'size mismatch for' not in out and out.count('differ in width') == 1
+    # the same through load_from (the hook's repair): one line too
+    whole = tmp_path / 'narrow_whole.pth'
+    torch.save({'state_dict': ckpts['sd']}, whole)
+    lf = write_cfg(cfg_dir, 'wide_load_from.py', _WIDE + f'load_from = {str(whole)!r}\n')
+    assert main(['inspect', lf, '-q']) == 1
+    out = capsys.readouterr().out
+    assert out.count('differ in width: a different model size?') == 1
+    assert out.count('size mismatch for') == 3  # the first of the details, then '… N more'
 
 
 def test_inspect_overlap_one_line_per_pair_and_allow_overlap(cfg_dir, ckpts, tmp_path, capsys,
