@@ -12,13 +12,15 @@ Commands:
   layout, axis order and the source options that load it.
 - ``demo``: the BEVFusion-shaped demo.
 
-Exit codes: 0 success, 1 a load/convert problem (nothing written), 2 bad usage.
+Exit codes: 0 success, 1 a load/convert problem (nothing written), 2 bad usage. An
+error prints its chain of causes (one line each); ``--debug`` prints the traceback.
 """
 import argparse
 import contextlib
 import os
 import os.path as osp
 import sys
+import traceback
 from typing import Any, Dict, Iterator, List, Optional
 
 from .errors import FusionLoadError
@@ -27,9 +29,15 @@ SOURCE_HELP = ('a checkpoint path (the whole model), or comma-separated key=valu
                'of a source, e.g. modality=lidar,checkpoint=lidar.pth or '
                'modality=camera,checkpoint=swin.pth,preset=swin-original; lists join with '
                "'+' (modality=lidar+head), prefix=CKPT_PREFIX:MODEL_PREFIX")
+DEBUG_HELP = 'on an error, show the traceback instead of the chain of causes'
 LIST_OPTIONS = ('modality', 'modules', 'exclude')
 BOOL_OPTIONS = ('prefer_ema', 'allow_nonfinite', 'trust_checkpoint')
 TRUE, FALSE = ('1', 'true', 'yes', 'on'), ('0', 'false', 'no', 'off')
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(FusionLoadError):
+    """A command line that cannot be carried out as written (exit status 2)."""
 
 
 # ---------------------------------------------------------------- helpers
@@ -39,7 +47,7 @@ def _bool(key: str, value: str) -> bool:
         return True
     if value.lower() in FALSE:
         return False
-    raise FusionLoadError([f'{key}={value}: expected true or false'], 'bad --source')
+    raise UsageError([f'{key}={value}: expected true or false'], 'bad --source')
 
 
 def parse_source_arg(text: str) -> Dict[str, Any]:
@@ -51,7 +59,7 @@ def parse_source_arg(text: str) -> Dict[str, Any]:
         key, eq, value = part.partition('=')
         key = key.strip().replace('-', '_')
         if not eq or not key:
-            raise FusionLoadError([f'{text!r}: {part!r} is not key=value'], 'bad --source')
+            raise UsageError([f'{text!r}: {part!r} is not key=value'], 'bad --source')
         if key in LIST_OPTIONS:
             items = [v for v in value.split('+') if v]
             out[key] = items[0] if key == 'modality' and len(items) == 1 else items
@@ -67,16 +75,28 @@ def parse_source_arg(text: str) -> Dict[str, Any]:
                 for pair in value.split('+'):
                     src, colon, dst = pair.partition(':')
                     if not colon:
-                        raise FusionLoadError(
+                        raise UsageError(
                             [f'prefix={value}: expected auto or CKPT_PREFIX:MODEL_PREFIX'],
                             'bad --source')
                     pairs[src] = dst
                 out[key] = pairs
         elif key == 'rename':
-            raise FusionLoadError(['rename= is not supported on the command line; use a '
+            raise UsageError(['rename= is not supported on the command line; use a '
                                    'preset or a FusionLoadHook in a config'], 'bad --source')
         else:
             out[key] = value
+    return out
+
+
+def parse_sources_arg(texts: List[str]) -> List[Dict[str, Any]]:
+    """Sources from the command line, each checked as a source (``UsageError`` if not)."""
+    from .source import parse_source
+    out = [parse_source_arg(t) for t in texts]
+    for text, src in zip(texts, out):
+        try:
+            parse_source(dict(src))
+        except FusionLoadError as e:
+            raise UsageError([f'{text!r}: {p}' for p in e.problems], 'bad source') from None
     return out
 
 
@@ -130,17 +150,25 @@ def _cfg_options(args) -> Optional[dict]:
 def _inspect(args: argparse.Namespace) -> int:
     from .inspection import inspect_config, model_summary, render
     console = _stdout_console()
-    sources = [parse_source_arg(s) for s in args.source]
+    sources = parse_sources_arg(args.source)
+    stand_ins: List[str] = []
     with _progress(args.quiet) as p:
-        model, results = inspect_config(args.config, sources, _cfg_options(args), p.step)
+        model, results = inspect_config(args.config, sources, _cfg_options(args), p.step,
+                                        allow_overlap=args.allow_overlap,
+                                        stand_ins=stand_ins)
     console.print(model_summary(model), markup=False)
+    if stand_ins:
+        console.print(f'structure-only: {len(stand_ins)} compiled op(s) replaced by '
+                      f'stand-ins: {", ".join(stand_ins)} (not built here; the loads below '
+                      'are checked as the real run would do them)', markup=False)
     render(results, console, model)
     ok = all(r.ok for r in results)
     if args.json:
         import json
         with open(args.json, 'w', encoding='utf-8') as f:
-            json.dump(dict(ok=ok, groups=[dict(r.report.to_dict(), notes=r.notes)
-                                          for r in results]), f, indent=1)
+            json.dump(dict(ok=ok, stand_ins=stand_ins,
+                           groups=[dict(r.report.to_dict(), notes=r.notes)
+                                   for r in results]), f, indent=1)
     console.print('inspect: ' + ('every load would succeed' if ok else
                                  'the run would FAIL (see the problems above)'),
                   markup=False)
@@ -161,8 +189,8 @@ def _convert(args: argparse.Namespace) -> int:
     if args.no_strict:
         options['strict'] = False
     if (options or args.cfg_options) and not args.config:
-        raise FusionLoadError(['--modality, --modules, --no-strict and --cfg-options need '
-                               '--config'], 'bad usage')
+        raise UsageError(['--modality, --modules, --no-strict and --cfg-options need '
+                          '--config'], 'bad usage')
     with _progress(args.quiet) as p:
         if args.config:
             p.step('building the model')
@@ -202,7 +230,7 @@ def _merge(args: argparse.Namespace) -> int:
     from .inspection import Inspection, render
     from .merge import merge_checkpoints
     console = _stdout_console()
-    sources = [parse_source_arg(s) for s in args.sources]
+    sources = parse_sources_arg(args.sources)
     with _progress(args.quiet) as p:
         try:
             model, report, meta = merge_checkpoints(
@@ -229,7 +257,7 @@ def _merge(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
-    report = run_demo(args.work_dir)
+    report = run_demo(args.work_dir, keep=args.keep)
     return 0 if report.ok else 1
 
 
@@ -275,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     from mmengine.config import DictAction
     parser = argparse.ArgumentParser(
         prog='mmfusionload', description='Per-modality, layout-aware checkpoint loading.')
+    parser.add_argument('--debug', action='store_true', help=DEBUG_HELP)
     sub = parser.add_subparsers(dest='command', required=True)
 
     def common(p, config=True):
@@ -282,12 +311,17 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument('--cfg-options', nargs='+', action=DictAction,
                            help='override config settings, key=value (MMEngine syntax)')
         p.add_argument('-q', '--quiet', action='store_true', help='no progress display')
+        p.add_argument('--debug', action='store_true', default=argparse.SUPPRESS,
+                       help=DEBUG_HELP)
 
     ins = sub.add_parser('inspect', help='dry-run every checkpoint load a config would do')
     ins.add_argument('config', help='config file (MMDetection3D/MMDetection)')
     ins.add_argument('--source', action='append', default=[], metavar='SOURCE',
                      help='extra source to check (repeatable): ' + SOURCE_HELP)
     ins.add_argument('--json', metavar='PATH', help='also write the reports as JSON')
+    ins.add_argument('--allow-overlap', action='store_true',
+                     help='let a later source overwrite tensors an earlier one wrote '
+                     '(as allow_overlap=True in FusionLoadHook)')
     common(ins)
     ins.set_defaults(func=_inspect)
 
@@ -335,25 +369,69 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser('demo', help='load mismatched LiDAR and camera checkpoints into a '
                           'BEVFusion-shaped model and print the report')
-    demo.add_argument('--work-dir', default=None, help='where to write the checkpoints')
+    demo.add_argument('--work-dir', default=None, help='where to write the checkpoints '
+                      '(kept); by default a temporary folder, removed at the end')
+    demo.add_argument('--keep', action='store_true', help='keep the temporary folder and '
+                      'print where it is')
+    demo.add_argument('--debug', action='store_true', default=argparse.SUPPRESS,
+                      help=DEBUG_HELP)
     demo.set_defaults(func=_demo)
     return parser
 
 
+def error_chain(err: BaseException) -> List[str]:
+    """One line per exception of ``err`` and its causes, outermost first.
+
+    Each line holds the exception's type, the first line of its message and
+    where it was raised (the last frame of its traceback); no traceback.
+    """
+    lines: List[str] = []
+    seen = set()
+    e: Optional[BaseException] = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        msg = str(e).strip().splitlines() or ['']
+        text = f'{type(e).__name__}: {msg[0]}'
+        if len(msg) > 1:
+            text += f' (… {len(msg) - 1} more line(s))'
+        frames = traceback.extract_tb(e.__traceback__)
+        if frames:
+            where = frames[-1].filename
+            rel = osp.relpath(where)
+            text += f' [{rel if not rel.startswith("..") else where}:{frames[-1].lineno}]'
+        lines.append(text)
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+    return lines
+
+
+def report_error(err: BaseException, console=None) -> int:
+    """Print ``err`` for a person and return the exit status (2 bad usage, else 1).
+
+    A ``FusionLoadError`` prints its problems; any other error prints its
+    chain of causes (:func:`error_chain`).
+    """
+    causes = error_chain(err)
+    if isinstance(err, FusionLoadError):
+        _print_problems(console or _stdout_console(), err)
+        causes = causes[1:]
+    else:
+        print(f'error: {causes.pop(0)}', file=sys.stderr)
+    for line in causes:
+        print(f'  caused by {line}', file=sys.stderr)
+    if not isinstance(err, UsageError):
+        print('(--debug shows the traceback)', file=sys.stderr)
+    return EXIT_USAGE if isinstance(err, UsageError) else EXIT_FAIL
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = getattr(args, 'debug', False) or bool(os.environ.get('MMFUSIONLOAD_DEBUG'))
     try:
         return args.func(args)
-    except FusionLoadError as e:
-        _print_problems(_stdout_console(), e)
-        return 1
-    except (KeyError, ValueError, TypeError, ImportError, OSError, SyntaxError) as e:
-        # config and registry errors: one line, no traceback (MMFUSIONLOAD_DEBUG=1 for it)
-        if os.environ.get('MMFUSIONLOAD_DEBUG'):
+    except Exception as e:  # every error: its causes, one line each (--debug: traceback)
+        if debug and not isinstance(e, UsageError):
             raise
-        msg = str(e).strip().splitlines()
-        print(f'error: {type(e).__name__}: {msg[0] if msg else ""}', file=sys.stderr)
-        return 1
+        return report_error(e)
 
 
 if __name__ == '__main__':

@@ -5,6 +5,7 @@ MMCV's sparse-kernel layout and a camera checkpoint with MMDetection's
 ``backbone.`` prefix, loads both per modality and prints the report.
 """
 import os.path as osp
+import shutil
 import tempfile
 from collections import OrderedDict
 from typing import Optional
@@ -127,18 +128,31 @@ def to_mmcv_layout(state: dict, model: nn.Module) -> 'OrderedDict':
     return out
 
 
-def run_demo(work_dir: Optional[str] = None) -> LoadReport:
+def run_demo(work_dir: Optional[str] = None, keep: bool = False) -> LoadReport:
     """Write mismatched checkpoints of a BEVFusion-shaped model and load them per modality.
 
     Args:
-        work_dir (str, optional): Where to write the checkpoints (a temporary
-            directory by default).
+        work_dir (str, optional): Where to write the checkpoints (kept). By
+            default a temporary folder, removed at the end.
+        keep (bool): Keep the temporary folder (its path is printed).
 
     Returns:
         LoadReport: The report (also printed).
     """
+    if work_dir is not None:
+        return _run_demo(work_dir)
+    tmp = tempfile.mkdtemp(prefix='mmfusionload_demo_')
+    try:
+        return _run_demo(tmp)
+    finally:
+        if keep:
+            print(f'kept the demo checkpoints in {tmp}')
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run_demo(work_dir: str) -> LoadReport:
     from . import load_sources
-    work_dir = work_dir or tempfile.mkdtemp(prefix='mmfusionload_demo_')
     trained = randomize(BEVFusionLike(), seed=1)
     sd = trained.state_dict()
     lidar = to_mmcv_layout(OrderedDict((k, v) for k, v in sd.items() if k.startswith('pts_')),

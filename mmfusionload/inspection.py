@@ -2,9 +2,9 @@
 
 ``mmfusionload inspect CONFIG`` builds the model the way a Runner does (custom
 imports, default scope, ``MODELS.build``), then plans, without touching the model or
-any file: the ``load_from`` checkpoint as :class:`~mmfusionload.FusionLoadHook` would
-repair it, every source of the config's ``FusionLoadHook``, and any extra source given
-on the command line.
+any file: each module's ``init_cfg=Pretrained`` checkpoint, the ``load_from``
+checkpoint as :class:`~mmfusionload.FusionLoadHook` would repair it, every source of
+the config's ``FusionLoadHook``, and any extra source given on the command line.
 """
 import os.path as osp
 import re
@@ -18,7 +18,7 @@ from .hooks import is_fusion_load_hook
 from .load_from import fill_targets_of, repair_checkpoint
 from .loading import load_sources
 from .reader import read_checkpoint
-from .report import LoadReport, SourceReport, format_group
+from .report import LoadReport, SourceReport, format_group, size_mismatch_problems
 from .source import parse_source
 
 HOOK_TYPE = 'FusionLoadHook'
@@ -29,23 +29,39 @@ def load_config(config: str, cfg_options: Optional[dict] = None):
     from mmengine.config import Config
     if not osp.isfile(config):
         raise FusionLoadError([f'{config}: no such config file'], 'cannot read config')
-    cfg = Config.fromfile(config)
+    try:
+        cfg = Config.fromfile(config, import_custom_modules=False)  # build_model imports them
+    except SyntaxError as e:  # MMEngine's parser may not name the file
+        raise FusionLoadError([f'{config}: line {e.lineno}: {e.msg}'],
+                              'cannot read config') from e
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
     return cfg
 
 
-def build_model(cfg) -> nn.Module:
+def build_model(cfg, stand_ins: Optional[List[str]] = None) -> nn.Module:
     """Build ``cfg.model`` as MMEngine's Runner does (no ``init_weights``).
 
     Honours ``custom_imports``, initialises the default scope
     (``cfg.default_scope``, else ``'mmdet3d'``) and builds with MMEngine's root
     ``MODELS``, which resolves the type in the scope's registry.
+
+    Args:
+        cfg (Config): The config.
+        stand_ins (list, optional): Structure-only build: when given, compiled
+            extensions that ``custom_imports`` cannot import because they are
+            not built are replaced by inert stand-ins
+            (:mod:`mmfusionload.standins`) and their names appended here.
+            Without it such an import error is raised.
     """
     from mmengine.registry import MODELS, init_default_scope
     from mmengine.utils import import_modules_from_strings
-    if cfg.get('custom_imports'):
-        import_modules_from_strings(**cfg['custom_imports'])
+    imports = cfg.get('custom_imports')
+    if imports and stand_ins is not None:
+        from .standins import import_with_stand_ins
+        stand_ins += import_with_stand_ins(**imports)
+    elif imports:
+        import_modules_from_strings(**imports)
     if 'model' not in cfg:
         raise FusionLoadError(['the config has no "model"'], 'cannot build the model')
     init_default_scope(cfg.get('default_scope', 'mmdet3d'))
@@ -104,7 +120,7 @@ def dry_run_load_from(model: nn.Module, path: str, hook: Optional[dict]) -> Insp
         report.problems += e.problems
         return result
     report.sources.append(src)
-    report.problems += src.mismatched  # repairs that could not place a tensor
+    report.problems += _summed_up(path, src.mismatched)  # tensors that could not be placed
     if src.new:  # filled by repair_checkpoint: the hook's sources load these modules
         for t in fill:
             result.row_notes[t] = f'left to the {HOOK_TYPE} sources'
@@ -124,25 +140,64 @@ def dry_run_load_from(model: nn.Module, path: str, hook: Optional[dict]) -> Insp
     return result
 
 
+_LOAD_FROM_SIZE = re.compile(r'^(.*): size mismatch for (\S+): checkpoint \[([\d, ]*)\], '
+                             r'model \[([\d, ]*)\]$')
+
+
+def _summed_up(path: str, lines: Sequence[str]) -> List[str]:
+    """``repair_checkpoint``'s problem lines with many size mismatches summed up."""
+    sizes, other = [], []
+    for line in lines:
+        m = _LOAD_FROM_SIZE.match(line)
+        if m is None:
+            other.append(line)
+            continue
+        shape = [[int(v) for v in g.split(',') if v.strip()] for g in m.group(3, 4)]
+        sizes.append((m.group(2), m.group(2), *shape))
+    return other + size_mismatch_problems(path, sizes, lambda k: k.split('.', 1)[0])
+
+
 def dry_run_sources(model: nn.Module, sources: Sequence[Any], title: str,
                     allow_overlap: bool = False) -> Inspection:
     """Plan sources with :func:`~mmfusionload.load_sources` (``dry_run=True``)."""
-    report = load_sources(model, list(sources), dry_run=True, allow_overlap=allow_overlap,
+    report = load_sources(model, sources, dry_run=True, allow_overlap=allow_overlap,
                           logger=None, title=title)
     return Inspection(title, report)
+
+
+def dry_run_init_cfg(model: nn.Module, hook: Optional[dict]) -> Optional[Inspection]:
+    """Plan the ``init_cfg=Pretrained`` loads of ``init_weights`` (None when there are none)."""
+    from .pretrained import dry_run_pretrained
+    report, notes = dry_run_pretrained(
+        model, trust_checkpoint=bool((hook or {}).get('trust_checkpoint')))
+    if not report.sources and not report.problems and not notes:
+        return None
+    notes.append('init_weights() loads these in a training run, before load_from')
+    return Inspection('init_cfg (Pretrained)', report, notes)
 
 
 def inspect_config(config: str,
                    sources: Sequence[dict] = (),
                    cfg_options: Optional[dict] = None,
-                   progress=None) -> Tuple[nn.Module, List[Inspection]]:
+                   progress=None,
+                   allow_overlap: bool = False,
+                   stand_ins: Optional[List[str]] = None) -> Tuple[nn.Module, List[Inspection]]:
     """Dry-run every load ``config`` would do, plus ``sources``.
+
+    In order: each module's ``init_cfg=Pretrained`` (``init_weights``), then
+    ``load_from`` as ``FusionLoadHook`` repairs it, then each hook's sources,
+    then ``sources``.
 
     Args:
         config (str): Config file.
         sources (Sequence[dict]): Extra sources, checked on their own.
         cfg_options (dict, optional): Overrides merged into the config.
         progress (callable, optional): ``progress(description)`` per step.
+        allow_overlap (bool): Let a later source overwrite an earlier one in
+            every group (a hook's own ``allow_overlap=True`` holds anyway).
+        stand_ins (list, optional): Build structure-only where compiled
+            extensions are absent; their names are appended here (see
+            :func:`build_model`).
 
     Returns:
         tuple: The built model and one :class:`Inspection` per group.
@@ -151,10 +206,14 @@ def inspect_config(config: str,
     step('reading the config')
     cfg = load_config(config, cfg_options)
     step('building the model')
-    model = build_model(cfg)
+    model = build_model(cfg, stand_ins)
     hooks = fusion_hooks(cfg)
     hook = hooks[0] if hooks else None
     out: List[Inspection] = []
+    step('planning init_cfg loads')
+    init = dry_run_init_cfg(model, hook)
+    if init is not None:
+        out.append(init)
     load_from = cfg.get('load_from', None)
     if load_from:
         step(f'planning load_from {osp.basename(str(load_from))}')
@@ -165,19 +224,20 @@ def inspect_config(config: str,
         step(f'planning {HOOK_TYPE} sources')
         title = HOOK_TYPE if len(hooks) == 1 else f'{HOOK_TYPE} #{i + 1}'
         ins = dry_run_sources(model, h.get('sources', []), title,
-                              allow_overlap=bool(h.get('allow_overlap', False)))
+                              allow_overlap=allow_overlap or bool(h.get('allow_overlap')))
         if cfg.get('resume', False) and not h.get('load_on_resume', False):
             ins.notes.append('resume=True: the hook would not load these sources '
                              '(load_on_resume=False)')
         out.append(ins)
     if sources:
         step('planning --source')
-        out.append(dry_run_sources(model, sources, '--source'))
+        out.append(dry_run_sources(model, sources, '--source', allow_overlap=allow_overlap))
     if not out:
         report = LoadReport(dry_run=True, title='nothing to load')
         out.append(Inspection('nothing to load', report,
-                              ['the config has no load_from and no FusionLoadHook sources; '
-                               'pass --source to check a checkpoint against this model']))
+                              ['the config has no init_cfg checkpoint, no load_from and no '
+                               'FusionLoadHook sources; pass --source to check a checkpoint '
+                               'against this model']))
     return model, out
 
 
@@ -258,8 +318,8 @@ def detail_lines(src: SourceReport, max_lines: int = 12) -> List[str]:
                ('mismatched', src.mismatched), ('unexpected', src.unexpected),
                ('excluded', src.excluded)]
     for name, keys in groups:
-        if keys:
-            lines.append('  ' + format_group(name, keys, max_lines))
+        if keys:  # mismatches are long lines, and summed up among the problems
+            lines.append('  ' + format_group(name, keys, 3 if name == 'mismatched' else max_lines))
     return lines
 
 

@@ -22,8 +22,9 @@ from .prefix import Alignment, auto_alignment, explicit_alignment
 from .presets import KeyPreset, get_preset, rename_keys
 from .reader import all_finite, read_checkpoint, release_pages
 from .repairs import Entry, RepairProblem, may_be_absent, repairs_in_order, run_repairs
-from .report import LoadReport, SourceReport, compress_keys
-from .source import SourceSpec, parse_source
+from .report import (LoadReport, SourceReport, compress_keys, overlap_problems,
+                     size_mismatch_problems)
+from .source import SourceSpec, parse_source, source_list
 
 SourceLike = Union[SourceSpec, Dict[str, Any]]
 
@@ -143,6 +144,7 @@ def plan_source(model: nn.Module,
                                   modules[mod_name], mod_name, version, spec, fname))
 
     repairs = repairs_in_order()
+    sizes: List[tuple] = []
     for e in plan.entries:
         try:
             run_repairs(e, repairs)
@@ -155,9 +157,7 @@ def plan_source(model: nn.Module,
         if e.skip:
             report.regenerated.append(e.key)
         elif e.shape != tuple(e.target.shape):
-            plan.problems.append(f'{fname}: size mismatch for {e.key} (checkpoint '
-                                 f'{e.file_key}): checkpoint {list(e.source.shape)}, '
-                                 f'model {list(e.target.shape)}')
+            sizes.append((e.key, e.file_key, list(e.source.shape), list(e.target.shape)))
             report.mismatched.append(f'{e.key}: {list(e.source.shape)} vs '
                                      f'{list(e.target.shape)}')
             e.skip = 'error'
@@ -166,6 +166,8 @@ def plan_source(model: nn.Module,
             for name, _ in e.steps:
                 report.adapted.setdefault(name, []).append(e.key)
 
+    plan.problems += size_mismatch_problems(
+        fname, sizes, lambda k: _under(k, targets) or k.split('.', 1)[0])
     _account(plan, targets, targeted, preset, excludes)
     return plan
 
@@ -215,13 +217,13 @@ def validate(plans: Sequence[SourcePlan], allow_overlap: bool = False) -> List[s
                                 'value(s) (allow_nonfinite=True to load anyway)')
             release_pages(e.source)  # read once: hand its mapped pages back
     writers: Dict[str, str] = {}
+    pairs: Dict[tuple, List[str]] = {}
     for plan in plans:
         for e in plan.to_load:
             if e.key in writers and not allow_overlap:
-                problems.append(f'{e.key} is written by both {writers[e.key]} and '
-                                f'{e.filename} (allow_overlap=True lets the later win)')
+                pairs.setdefault((writers[e.key], e.filename), []).append(e.key)
             writers[e.key] = e.filename
-    return problems
+    return problems + overlap_problems(pairs)
 
 
 def check_targets(plans: Sequence[SourcePlan], extra_models: Sequence[nn.Module] = ()
@@ -313,7 +315,7 @@ def load_sources(model: nn.Module,
     model = unwrap_model(model)
     specs = []
     problems: List[str] = []
-    for cfg in sources:
+    for cfg in source_list(sources):
         try:
             specs.append(parse_source(cfg))
         except FusionLoadError as e:

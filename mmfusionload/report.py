@@ -5,7 +5,7 @@ import os.path as osp
 import re
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
-from typing import Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 # a component ending in a number without leading zeros: 'blocks' no, '3' and 'conv1' yes
 _NUM = re.compile(r'^(\D*?)(0|[1-9]\d*)$')
@@ -66,6 +66,70 @@ def format_group(name: str, keys: List[str], max_lines: int = 12) -> str:
     lines = keys if name == 'mismatched' else compress_keys(keys)
     more = f' … {len(lines) - max_lines} more' if len(lines) > max_lines else ''
     return f'{name} ({len(keys)}): ' + '; '.join(lines[:max_lines]) + more
+
+
+def size_mismatch_problems(filename: str,
+                           mismatches: Sequence[Tuple[str, str, list, list]],
+                           module_of: Callable[[str], str],
+                           min_summary: int = 8,
+                           examples: int = 3) -> List[str]:
+    """Problem lines for tensors whose shapes differ from the model's.
+
+    Many tensors that differ only in their sizes (same number of dimensions)
+    are what a checkpoint of a wider or narrower model of the same architecture
+    gives; they are summed up in one line with a few examples. The full list
+    stays in the source report's ``mismatched`` (and in its JSON).
+
+    Args:
+        filename (str): The checkpoint.
+        mismatches (Sequence[tuple]): ``(model key, checkpoint key, checkpoint
+            shape, model shape)`` per tensor.
+        module_of (Callable[[str], str]): Model key -> the module it is
+            counted under.
+        min_summary (int): Fewest same-rank mismatches that are summed up.
+        examples (int): Examples named in the summary.
+
+    Returns:
+        list[str]: One line per problem.
+    """
+    def line(key, file_key, src, dst):
+        named = f' (checkpoint {file_key})' if file_key != key else ''
+        return (f'{filename}: size mismatch for {key}{named}: '
+                f'checkpoint {list(src)}, model {list(dst)}')
+
+    width = [m for m in mismatches if len(m[2]) == len(m[3])]
+    if len(width) < min_summary:
+        return [line(*m) for m in mismatches]
+    modules = list(dict.fromkeys(module_of(m[0]) for m in width))
+    eg = '; '.join(f'{k}: checkpoint {list(a)}, model {list(b)}'
+                   for k, _, a, b in width[:examples])
+    out = [f'{filename}: {len(width)} tensors of {len(modules)} module(s) '
+           f'({", ".join(modules)}) differ in width: a different model size? e.g. {eg} '
+           '(every tensor is listed under "mismatched" in the report and its JSON)']
+    return out + [line(*m) for m in mismatches if len(m[2]) != len(m[3])]
+
+
+def overlap_problems(pairs: Dict[Tuple[str, str], List[str]], max_keys: int = 6) -> List[str]:
+    """One problem line per pair of sources that write the same model tensors.
+
+    Args:
+        pairs (dict): ``(earlier source, later source)`` -> model keys both write.
+        max_keys (int): Key patterns named per line.
+
+    Returns:
+        list[str]: The lines.
+    """
+    out = []
+    for (first, later), keys in pairs.items():
+        if len(keys) == 1:
+            what, verb = keys[0], 'is'
+        else:
+            pats = compress_keys(keys)
+            more = f' … {len(pats) - max_keys} more' if len(pats) > max_keys else ''
+            what, verb = f'{len(keys)} tensors ({"; ".join(pats[:max_keys])}{more})', 'are'
+        out.append(f'{what} {verb} written by both {first} and {later} '
+                   '(allow_overlap=True lets the later win)')
+    return out
 
 
 @dataclass

@@ -144,3 +144,23 @@ def _check_weights(spec: SourceSpec, where: str, problems: List[str]) -> None:
         if spec.weights == 'raw':
             problems.append(f"{where} prefer_ema=True contradicts weights='raw'")
         spec.weights, spec.prefer_ema = 'ema', False
+
+
+def source_list(sources: Any) -> List[Any]:
+    """``sources`` as a list, or one clear error when it is not a list of sources.
+
+    A single dict (``sources=dict(...)``), a spec or a path string is a common
+    slip; iterating it would report each of its keys or characters as a bad
+    source.
+
+    Raises:
+        FusionLoadError: ``sources`` is a dict, a spec, a string or not iterable.
+    """
+    if isinstance(sources, (dict, SourceSpec, str, bytes)) or not hasattr(sources, '__iter__'):
+        kind = ('a path string' if isinstance(sources, (str, bytes)) else 'a single dict'
+                if isinstance(sources, dict) else f'a single {type(sources).__name__}')
+        shown = dict(sources) if isinstance(sources, dict) else sources
+        raise FusionLoadError(
+            [f'sources must be a list of source dicts, got {kind}: {shown!r}; write '
+             "sources=[dict(checkpoint=..., modality=...)]"], 'bad sources')
+    return list(sources)

@@ -437,3 +437,237 @@ def test_python_m_mmfusionload_subprocess(cfg_dir, built, ckpts, tmp_path):
     res = subprocess.run(cmd[:4] + [str(dst), str(dst)], env=env, capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 1 and 'never overwritten' in res.stdout and digest(dst) == before
+
+
+# ---------------------------------------------------------------- errors and summaries
+
+def test_bad_usage_exits_2(cfg_dir, ckpts, capsys):
+    cfg = write_cfg(cfg_dir, 'usage.py')
+    src = ckpts['lidar']
+    # options that need --config
+    assert main(['convert', src, 'out.pth', '--modality', 'lidar']) == 2
+    assert 'need --config' in capsys.readouterr().out
+    # a --source that is not a source
+    assert main(['inspect', cfg, '-q', '--source', f'checkpoint={src},colour=blue']) == 2
+    assert "unknown source option(s) ['colour']" in capsys.readouterr().out
+    assert main(['inspect', cfg, '-q', '--source', f'checkpoint={src},strict=maybe']) == 2
+    assert main(['merge', '--config', cfg, '-o', 'x.pth', f'checkpoint={src},prefix=a.']) == 2
+    with pytest.raises(SystemExit) as exit_:  # argparse: missing argument
+        main(['inspect'])
+    assert exit_.value.code == 2
+    assert not osp.exists('out.pth') and not osp.exists('x.pth')
+
+
+BROKEN = '''
+from mmfl_cli_absent_dependency import something  # noqa: F401
+'''
+
+
+def test_error_prints_the_chain_of_causes_and_debug_the_traceback(cfg_dir, capsys):
+    (cfg_dir / 'mmfl_cli_broken.py').write_text(BROKEN)
+    cfg = write_cfg(cfg_dir, 'broken.py', '''
+        custom_imports = dict(imports=['mmfl_cli_broken'], allow_failed_imports=False)
+    ''')
+    assert main(['inspect', cfg, '-q']) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith('error: ImportError: Failed to import mmfl_cli_broken [')
+    cause = [line for line in err if line.startswith('  caused by ')]
+    assert cause and cause[-1].startswith(
+        "  caused by ModuleNotFoundError: No module named 'mmfl_cli_absent_dependency' [")
+    assert cause[-1].endswith('mmfl_cli_broken.py:2]')
+    assert 'Traceback' not in '\n'.join(err) and err[-1] == '(--debug shows the traceback)'
+    with pytest.raises(ImportError, match='Failed to import mmfl_cli_broken'):
+        main(['inspect', cfg, '-q', '--debug'])
+    with pytest.raises(ImportError):
+        main(['--debug', 'inspect', cfg, '-q'])
+
+
+_WIDE = textwrap.dedent('''
+    model['pts_backbone'].update(out_channels=[24, 48])
+    model['pts_neck'].update(in_channels=[24, 48], out_channels=[24, 24])
+    model['fused_channels'] = 24
+''')
+
+
+def _wide_cfg(cfg_dir):
+    return write_cfg(cfg_dir, 'wide_lidar.py', _WIDE)
+
+
+def test_inspect_sums_up_a_different_model_size(cfg_dir, ckpts, tmp_path, capsys, monkeypatch):
+    """Tensors of a narrower model of the same architecture: one line, full list in JSON."""
+    monkeypatch.setenv('COLUMNS', '2000')
+    cfg = _wide_cfg(cfg_dir)
+    js = tmp_path / 'wide.json'
+    assert main(['inspect', cfg, '-q', '--json', str(js), '--source',
+                 f'modality=lidar,checkpoint={ckpts["lidar"]}']) == 1
+    out = capsys.readouterr().out
+    report = json.loads(js.read_text())
+    (src,) = report['groups'][0]['sources']
+    n = len(src['mismatched'])
+    assert n >= 8 and src['counts']['mismatched'] == n
+    (line,) = [p for p in report['groups'][0]['problems'] if 'differ in width' in p]
+    assert f'{n} tensors of 2 module(s) (pts_backbone, pts_neck) differ in width: a ' \
+           'different model size? e.g. pts_backbone.' in line
+    assert 'size mismatch for' not in out and out.count('differ in width') == 1
+    # the same through load_from (the hook's repair): one line too
+    whole = tmp_path / 'narrow_whole.pth'
+    torch.save({'state_dict': ckpts['sd']}, whole)
+    lf = write_cfg(cfg_dir, 'wide_load_from.py', _WIDE + f'load_from = {str(whole)!r}\n')
+    assert main(['inspect', lf, '-q']) == 1
+    out = capsys.readouterr().out
+    assert out.count('differ in width: a different model size?') == 1
+    assert out.count('size mismatch for') == 3  # the first of the details, then '… N more'
+
+
+def test_inspect_overlap_one_line_per_pair_and_allow_overlap(cfg_dir, ckpts, tmp_path, capsys,
+                                                            monkeypatch):
+    monkeypatch.setenv('COLUMNS', '2000')  # one problem, one printed line
+    cfg = write_cfg(cfg_dir, 'overlap.py')
+    other = tmp_path / 'lidar_copy.pth'
+    other.write_bytes(open(ckpts['lidar'], 'rb').read())
+    args = ['inspect', cfg, '-q', '--source', f'modality=lidar,checkpoint={ckpts["lidar"]}',
+            '--source', f'modules=pts_backbone+pts_neck,checkpoint={other}']
+    assert main(args) == 1
+    lines = [x for x in capsys.readouterr().out.splitlines() if 'written by both' in x]
+    assert len(lines) == 1
+    assert re.search(r'problem: \d+ tensors \(pts_backbone\..*\) are written by both '
+                     rf'{re.escape(ckpts["lidar"])} and {re.escape(str(other))} '
+                     r'\(allow_overlap=True lets the later win\)', lines[0]), lines[0]
+    assert main(args + ['--allow-overlap']) == 0
+    assert 'every load would succeed' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('sources', ['dict', 'str'])
+def test_sources_not_a_list_is_one_clear_message(cfg_dir, ckpts, capsys, sources):
+    from mmfusionload import FusionLoadError, FusionLoadHook, load_sources
+    value = (f"dict(modality='lidar', checkpoint={ckpts['lidar']!r})" if sources == 'dict'
+             else repr(ckpts['lidar']))
+    cfg = write_cfg(cfg_dir, f'not_a_list_{sources}.py', f'''
+        custom_hooks = [dict(type='FusionLoadHook', sources={value})]
+    ''')
+    assert main(['inspect', cfg, '-q']) == 1
+    out = capsys.readouterr().out
+    kind = 'a single dict' if sources == 'dict' else 'a path string'
+    assert out.count('sources must be a list of source dicts') == 1 and kind in out
+    spec = eval(value)  # noqa: S307  (the test's own literal)
+    for call in (lambda: FusionLoadHook(sources=spec),
+                 lambda: load_sources(torch.nn.Linear(1, 1), spec, dry_run=True, logger=None)):
+        with pytest.raises(FusionLoadError) as info:
+            call()
+        assert len(info.value.problems) == 1 and kind in info.value.problems[0]
+
+
+# ---------------------------------------------------------------- every load: init_cfg
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+RETINANET = osp.join(REPO, 'configs', 'efficientvit', 'retinanet_efficientvit-m4_fpn_1x_coco.py')
+
+
+def test_inspect_checks_our_pretrained_init_cfg(tmp_path, monkeypatch, capsys):
+    """EfficientViT's init_cfg=Pretrained: a missing file fails the dry run; a Cream-style
+    file passes, planned through load_sources."""
+    from mmfusionload.models.efficientvit import EfficientViT
+    monkeypatch.chdir(tmp_path)  # the config's pretrained/efficientvit_m4.pth is relative
+    monkeypatch.setenv('COLUMNS', '2000')
+    assert main(['inspect', RETINANET, '-q']) == 1
+    out = capsys.readouterr().out
+    assert 'init_cfg (Pretrained): 0 source(s), WOULD FAIL' in out or \
+        'init_cfg (Pretrained): 1 source(s), WOULD FAIL' in out
+    assert 'backbone.init_cfg: pretrained/efficientvit_m4.pth' in out and 'no such file' in out
+    assert 'the run would FAIL' in out
+    (tmp_path / 'pretrained').mkdir()
+    state = EfficientViT(arch='m4', img_size=None).state_dict()
+    torch.save({'model': state}, tmp_path / 'pretrained' / 'efficientvit_m4.pth')
+    assert main(['inspect', RETINANET, '-q']) == 0
+    out = capsys.readouterr().out
+    assert 'init_cfg (Pretrained): 1 source(s), ok' in out
+    assert '[backbone.init_cfg] pretrained/efficientvit_m4.pth' in out
+    assert 'every load would succeed' in out
+
+
+def test_inspect_checks_mmengine_pretrained_init_cfg(cfg_dir, built, tmp_path, capsys,
+                                                     monkeypatch):
+    """A module of another library with init_cfg=Pretrained (MMEngine's PretrainedInit):
+    prefix honoured, a missing file and tensors MMEngine would skip fail the dry run."""
+    monkeypatch.setenv('COLUMNS', '2000')
+    _, trained = built
+    whole = tmp_path / 'whole.pth'
+    torch.save({'state_dict': trained.state_dict()}, whole)
+
+    def cfg_with(path, extra=''):  # SECONDFPN keeps the init_cfg it is given
+        return write_cfg(cfg_dir, 'pre.py', textwrap.dedent(f'''
+            model['pts_neck']['init_cfg'] = dict(
+                type='Pretrained', checkpoint={str(path)!r}, prefix='pts_neck.')
+        ''') + textwrap.dedent(extra))
+
+    assert main(['inspect', cfg_with(whole), '-q']) == 0
+    out = capsys.readouterr().out
+    n = len([k for k in trained.state_dict() if k.startswith('pts_neck.')])
+    assert 'init_cfg (Pretrained): 1 source(s), ok' in out
+    assert '[pts_neck.init_cfg] ' in out and 'every load would succeed' in out
+    assert re.search(rf'│ deblocks\s+│\s+{n} │', out), out
+    assert main(['inspect', cfg_with(tmp_path / 'absent.pth'), '-q']) == 1
+    assert 'no such file' in capsys.readouterr().out
+    # a wider neck: every tensor would be skipped by MMEngine
+    wide = cfg_with(whole, '''
+        model['pts_neck'].update(out_channels=[24, 24])
+    ''')
+    assert main(['inspect', wide, '-q']) == 1
+    assert 'differ in width: a different model size?' in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- structure-only
+
+def test_inspect_structure_only_when_compiled_ops_are_not_built(tmp_path):
+    """A BEVFusion-structured project whose compiled op is not built: inspect builds the
+    model with a stand-in for it, says so in one line, and its exit status is the
+    verdict on the loads."""
+    import importlib
+    from bevfusion_tree import write_tree
+    from mmdet3d.registry import MODELS
+    import mmdet3d.models  # noqa: F401  (SECOND, SECONDFPN)
+    root = write_tree(tmp_path / 'mmdetection3d', package=True)
+    # the project does not import here, for the reason a machine without built ops gives
+    sys.path.insert(0, str(root))
+    try:
+        with pytest.raises(ImportError, match="cannot import name 'bev_pool_ext'"):
+            importlib.import_module('projects.BEVFusion.bevfusion')
+    finally:
+        sys.path.remove(str(root))
+        for name in [m for m in sys.modules if m == 'projects' or m.startswith('projects.')]:
+            del sys.modules[name]
+    backbone = dict(type='SECOND', in_channels=8, out_channels=[8, 16], layer_nums=[1, 1],
+                    layer_strides=[1, 2])
+    neck = dict(type='SECONDFPN', in_channels=[8, 16], out_channels=[8, 8],
+                upsample_strides=[1, 2])
+    state = OrderedDict()
+    for name, cfg in (('pts_backbone', backbone), ('pts_neck', neck)):
+        for k, v in MODELS.build(cfg).state_dict().items():
+            state[f'{name}.{k}'] = v
+    torch.save({'state_dict': state}, tmp_path / 'lidar.pth')
+    narrow = OrderedDict((k, v[:4] if k == 'pts_neck.deblocks.0.1.weight' else v)
+                         for k, v in state.items())
+    torch.save({'state_dict': narrow}, tmp_path / 'bad.pth')
+    (root / 'fusion.py').write_text(textwrap.dedent(f'''
+        custom_imports = dict(imports=['projects.BEVFusion.bevfusion', 'mmfusionload'],
+                              allow_failed_imports=False)
+        default_scope = 'mmdet3d'
+        model = dict(type='BEVFusion', pts_backbone={backbone!r}, pts_neck={neck!r})
+        custom_hooks = [dict(type='FusionLoadHook', sources=[
+            dict(modality='lidar', checkpoint={str(tmp_path / 'lidar.pth')!r})])]
+    '''))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in [REPO, os.environ.get('PYTHONPATH', '')] if p), COLUMNS='2000')
+    run = [sys.executable, '-m', 'mmfusionload', 'inspect', 'fusion.py', '-q']
+    ok = subprocess.run(run, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    line = ('structure-only: 1 compiled op(s) replaced by stand-ins: '
+            'projects.BEVFusion.bevfusion.bev_pool.bev_pool_ext (not built here')
+    assert ok.stdout.count(line) == 1, ok.stdout
+    assert 'FusionLoadHook: 1 source(s), ok' in ok.stdout
+    assert 'every load would succeed' in ok.stdout
+    bad = subprocess.run(run + ['--cfg-options',
+                                f'custom_hooks.0.sources.0.checkpoint={tmp_path / "bad.pth"}'],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert line in bad.stdout and 'size mismatch for pts_neck.deblocks.0.1.weight' in bad.stdout

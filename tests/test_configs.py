@@ -2,17 +2,13 @@
 
 ``configs/bevfusion/*.py`` inherit MMDetection3D's BEVFusion configs from the user's
 MMDetection3D source tree through ``{{$MMDET3D_ROOT:...}}`` in ``_base_``. Here that
-tree is a temporary folder: ``projects/`` copied from ``tests/data/mmdet3d_tree``
-(upstream's two BEVFusion config files, verbatim) and ``configs/`` linked to the
-installed mmdet3d's ``.mim/configs`` (their own ``_base_`` is
-``../../../configs/_base_/default_runtime.py``). Configs are parsed with
+tree is written by the tests (``bevfusion_tree.py``: only the values checked here,
+``configs/`` linked to the installed mmdet3d's own), and, when ``MMDET3D_ROOT`` names a
+real checkout, that checkout too (skipped otherwise). Configs are parsed with
 ``import_custom_modules=False``: ``projects.BEVFusion.bevfusion`` (CUDA ops) is not
 imported, and no model is built.
 """
 import importlib.util
-import os
-import os.path as osp
-import shutil
 import sys
 from pathlib import Path
 
@@ -21,12 +17,13 @@ from mmengine.config import Config
 from mmengine.registry import HOOKS
 
 import mmfusionload  # noqa: F401  (registers FusionLoadHook, presets, modalities)
+from bevfusion_tree import checkout, write_tree
 from mmfusionload import KEY_PRESETS, MODALITIES, FusionLoadHook
 
 ROOT = Path(__file__).resolve().parents[1]
-VENDORED = Path(__file__).resolve().parent / 'data' / 'mmdet3d_tree'
 BEVFUSION = sorted((ROOT / 'configs' / 'bevfusion').glob('*.py'))
 LIDAR = sorted((ROOT / 'configs' / 'lidar').glob('*.py'))
+RETINANET = ROOT / 'configs' / 'efficientvit' / 'retinanet_efficientvit-m4_fpn_1x_coco.py'
 SWINT = ROOT / 'configs' / 'bevfusion' / \
     'bevfusion_lidar-cam_swint_voxel0075_second_secfpn_8xb4-cyclic-20e_nus-3d.py'
 MIT = ROOT / 'configs' / 'bevfusion' / \
@@ -35,16 +32,16 @@ UPSTREAM_LIDAR_RUN = ('work_dirs/bevfusion_lidar_voxel0075_second_secfpn_'
                       '8xb4-cyclic-20e_nus-3d/epoch_20.pth')
 
 
-@pytest.fixture(scope='module')
-def mmdet3d_tree(tmp_path_factory) -> Path:
-    """A stand-in MMDetection3D source tree: vendored projects/, installed configs/."""
-    mmdet3d = pytest.importorskip('mmdet3d')
-    root = tmp_path_factory.mktemp('mmdetection3d')
-    # copied, not linked: `projects/BEVFusion/configs/../../../configs` must resolve
-    # inside this tree
-    shutil.copytree(VENDORED / 'projects', root / 'projects')
-    os.symlink(osp.join(osp.dirname(mmdet3d.__file__), '.mim', 'configs'), root / 'configs')
-    return root
+@pytest.fixture(scope='module', params=['written', 'checkout'])
+def mmdet3d_tree(request, tmp_path_factory) -> Path:
+    """A BEVFusion-structured MMDetection3D tree written here, or MMDET3D_ROOT's checkout."""
+    pytest.importorskip('mmdet3d')
+    if request.param == 'checkout':
+        root = checkout()
+        if root is None:
+            pytest.skip('MMDET3D_ROOT does not name an MMDetection3D checkout')
+        return root
+    return write_tree(tmp_path_factory.mktemp('mmdetection3d'))
 
 
 @pytest.fixture
@@ -76,10 +73,67 @@ def _check_sources(cfg: Config) -> None:
                 assert KEY_PRESETS.get(s.preset) is not None, f'unknown preset {s.preset!r}'
 
 
-def test_vendored_upstream_configs_present():
-    names = {p.name for p in (VENDORED / 'projects' / 'BEVFusion' / 'configs').glob('*.py')}
-    assert names == {'bevfusion_lidar_voxel0075_second_secfpn_8xb4-cyclic-20e_nus-3d.py',
-                     'bevfusion_lidar-cam_voxel0075_second_secfpn_8xb4-cyclic-20e_nus-3d.py'}
+def test_no_copied_configs():
+    """Configs inherit MMDetection's and MMDetection3D's files; none is copied here."""
+    assert not (ROOT / 'configs' / '_base_').exists()
+    assert not (ROOT / 'tests' / 'data' / 'mmdet3d_tree').exists()
+
+
+def _unscoped(value, scopes: set):
+    """``value`` without the ``_scope_`` keys MMEngine adds (collected in ``scopes``)."""
+    if isinstance(value, dict):
+        scopes.update(v for k, v in value.items() if k == '_scope_')
+        return {k: _unscoped(v, scopes) for k, v in value.items() if k != '_scope_'}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_unscoped(v, scopes) for v in value)
+    return value
+
+
+def test_retinanet_config_inherits_mmdetection_through_the_package_scope():
+    """``mmdet::_base_/...`` resolves to the installed MMDetection 3.3.0 files and gives
+    the values of its RetinaNet, COCO, 1x and runtime configs, with ours on top."""
+    pytest.importorskip('mmdet')
+    text = RETINANET.read_text()
+    assert "'mmdet::_base_/models/retinanet_r50_fpn.py'" in text and '../_base_' not in text
+    scoped = Config.fromfile(str(RETINANET), import_custom_modules=False)
+    # MMEngine marks each typed dict inherited through `mmdet::` with `_scope_='mmdet'`,
+    # the config's default scope, so nothing builds differently; the values follow
+    scopes = set()
+    cfg = Config(_unscoped(scoped.to_dict(), scopes))
+    assert scopes == {'mmdet'} and scoped.default_scope == 'mmdet'
+    model = cfg.model
+    # MMDetection's RetinaNet
+    assert model.type == 'RetinaNet' and model.neck.type == 'FPN'
+    assert model.data_preprocessor == dict(
+        type='DetDataPreprocessor', mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375],
+        bgr_to_rgb=True, pad_size_divisor=32)
+    assert model.bbox_head.type == 'RetinaHead' and model.bbox_head.num_classes == 80
+    assert model.bbox_head.anchor_generator.ratios == [0.5, 1.0, 2.0]
+    assert model.bbox_head.loss_cls.type == 'FocalLoss'
+    assert model.train_cfg.assigner.type == 'MaxIoUAssigner'
+    assert model.test_cfg.nms == dict(type='nms', iou_threshold=0.5)
+    # ours on top: the backbone replaced as a whole, the neck and anchors adapted
+    assert model.backbone == dict(
+        type='EfficientViT', arch='m4', img_size=None, out_indices=(0, 1, 2),
+        frozen_stages=-1, norm_eval=False,
+        init_cfg=dict(type='Pretrained', checkpoint='pretrained/efficientvit_m4.pth'))
+    assert model.neck.in_channels == [128, 256, 384] and model.neck.start_level == 0
+    assert model.neck.add_extra_convs == 'on_input' and model.neck.num_outs == 5
+    assert model.bbox_head.anchor_generator.strides == [16, 32, 64, 128, 256]
+    assert model.bbox_head.anchor_generator.octave_base_scale == 2
+    # MMDetection's COCO dataset, 1x schedule and runtime
+    assert cfg.train_dataloader.dataset.type == 'CocoDataset'
+    assert cfg.train_dataloader.dataset.ann_file == 'annotations/instances_train2017.json'
+    assert cfg.val_evaluator.type == 'CocoMetric'
+    assert cfg.train_cfg == dict(type='EpochBasedTrainLoop', max_epochs=12, val_interval=1)
+    assert [s.type for s in cfg.param_scheduler] == ['LinearLR', 'MultiStepLR']
+    assert cfg.param_scheduler[1].milestones == [8, 11]
+    assert cfg.default_scope == 'mmdet'
+    assert cfg.default_hooks.visualization.type == 'DetVisualizationHook'
+    # Cream's optimizer replaces MMDetection's SGD
+    assert cfg.optim_wrapper.optimizer == dict(type='AdamW', lr=0.0001, betas=(0.9, 0.999),
+                                               weight_decay=0.05)
+    assert 'momentum' not in cfg.optim_wrapper.optimizer
 
 
 @pytest.mark.parametrize('path', BEVFUSION, ids=lambda p: p.name)

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import os.path as osp
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -18,6 +17,7 @@ import pytest
 import torch
 from mmengine.config import Config
 
+from bevfusion_tree import checkout, write_tree
 from test_efficientvit_pretrained import bias_idxs, bicubic, cream_release, cream_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,7 +26,6 @@ BEVFUSION = (REPO / 'configs' / 'bevfusion' /
              'bevfusion_lidar-cam_efficientvit-m4_voxel0075_second_secfpn_8xb4-cyclic-20e_nus-3d.py')
 UPSTREAM_CFG = ('projects/BEVFusion/configs/'
                 'bevfusion_lidar-cam_voxel0075_second_secfpn_8xb4-cyclic-20e_nus-3d.py')
-VENDORED_TREE = REPO / 'tests' / 'data' / 'mmdet3d_tree'
 H, W = 128, 160
 
 # A real hook, registered by the config's custom_imports in the training process: it saves
@@ -200,17 +199,15 @@ model = dict(
 '''
 
 
-def vendored_root(tmp_path):
-    """An MMDetection3D tree of the vendored BEVFusion configs (``projects/``, copied) and
-    the installed mmdet3d's ``configs/`` (linked), or None when nothing is vendored."""
-    names = [UPSTREAM_CFG, UPSTREAM_CFG.replace('lidar-cam', 'lidar')]
-    if not all((VENDORED_TREE / n).is_file() for n in names):
-        return None
-    import mmdet3d
-    root = tmp_path / 'mmdet3d_tree'
-    shutil.copytree(VENDORED_TREE / 'projects', root / 'projects')
-    (root / 'configs').symlink_to(Path(mmdet3d.__file__).parent / '.mim' / 'configs')
-    return root
+def upstream_root(tmp_path, kind):
+    """The MMDetection3D tree of the BEVFusion configs: one the tests write
+    (``bevfusion_tree.py``) or ``MMDET3D_ROOT``'s checkout (skipped without one)."""
+    if kind == 'checkout':
+        root = checkout()
+        if root is None:
+            pytest.skip('MMDET3D_ROOT does not name an MMDetection3D checkout')
+        return root
+    return write_tree(tmp_path / 'mmdet3d_tree')
 
 
 def parse_bevfusion(root, monkeypatch):
@@ -253,10 +250,9 @@ def test_bevfusion_variant_substitutes_mmdet3d_root(tmp_path, monkeypatch):
             Config.fromfile(str(BEVFUSION), import_custom_modules=False)
 
 
-def test_bevfusion_variant_parses_with_vendored_upstream(tmp_path, monkeypatch):
-    root = vendored_root(tmp_path)
-    if root is None:
-        pytest.skip('upstream BEVFusion configs not vendored in tests/data/mmdet3d_tree')
+@pytest.mark.parametrize('kind', ['written', 'checkout'])
+def test_bevfusion_variant_parses_with_upstream(tmp_path, monkeypatch, kind):
+    root = upstream_root(tmp_path, kind)
     cfg = parse_bevfusion(root, monkeypatch)
     vt = check_bevfusion_cfg(cfg)
     assert vt.type == 'DepthLSSTransform' and list(vt.feature_size) == [32, 88]
@@ -274,11 +270,7 @@ def test_bevfusion_variant_camera_features_fit_the_view_transform(tmp_path, monk
     import mmfusionload  # noqa: F401  (registers EfficientViT)
     from mmdet3d.registry import MODELS
 
-    root = vendored_root(tmp_path)
-    if root is None:
-        root = tmp_path / 'mmdetection3d'
-        (root / UPSTREAM_CFG).parent.mkdir(parents=True)
-        (root / UPSTREAM_CFG).write_text(STUB_UPSTREAM)
+    root = checkout() or write_tree(tmp_path / 'mmdet3d_tree')
     cfg = parse_bevfusion(root, monkeypatch)
     vt = check_bevfusion_cfg(cfg)
     backbone = MODELS.build(cfg.model.img_backbone).eval()

@@ -184,8 +184,9 @@ def test_test_reads_runner_checkpoint_and_reports_metrics(lidar_run):
     for k, v in saved.items():  # the trained weights were tested, not the LiDAR source
         assert torch.equal(tested[k], v), k
     # the checkpoint went through the safe reader (and the load_from repair) only
-    report = json.load(open(d / 'test' / 'fusionload_report.json'))
+    report = json.load(open(d / 'test' / 'fusionload_report_test.json'))
     assert [s['label'] for s in report['sources']] == ['load_from'] and report['ok'], report
+    assert report['applied'] is True  # MMEngine applied the repaired file
     (metrics_file,) = glob.glob(str(d / 'test' / '*' / '*.json'))
     metrics = json.load(open(metrics_file))
     for key in ('mAP_0.25', 'mAR_0.25', 'car_AP_0.25', 'pedestrian_AP_0.50'):

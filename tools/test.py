@@ -1,5 +1,6 @@
 """Test a detector with mmfusionload's registrations (MMDetection3D's command line)."""
 import argparse
+import logging
 import os
 import os.path as osp
 import sys
@@ -11,6 +12,7 @@ from mmengine.runner import Runner
 
 sys.path.insert(0, os.getcwd())
 import mmfusionload  # noqa: E402,F401  (registers FusionLoadHook, EfficientViT, presets)
+from mmfusionload import FusionLoadError  # noqa: E402
 from mmfusionload.hooks import is_fusion_load_hook  # noqa: E402
 
 
@@ -32,6 +34,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
                         default='none', help='job launcher')
     parser.add_argument('--tta', action='store_true', help='test time augmentation')
+    parser.add_argument('--allow-missing', action='store_true',
+                        help='test even when the checkpoint lacks tensors of the model '
+                        '(e.g. no head): they keep their initial values. By default that '
+                        'stops the test before it starts')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
     args = parser.parse_args(argv)
     if 'LOCAL_RANK' not in os.environ:
@@ -81,14 +87,20 @@ def build_config(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def use_fusion_load_hook(cfg: Config) -> None:
+TEST_REPORT = 'fusionload_report_test.json'
+
+
+def use_fusion_load_hook(cfg: Config, allow_missing: bool = False) -> None:
     """Read and repair the tested checkpoint through ``FusionLoadHook``.
 
     The checkpoint given on the command line is the whole trained model, so
     the hook's pretrained sources (which a training config lists) must not
     overwrite it: they are dropped, and the hook only repairs ``load_from``.
     A config without the hook gets one, so the checkpoint still goes through
-    the safe reader and the repairs.
+    the safe reader and the repairs. The hook's report goes to
+    ``fusionload_report_test.json`` (the training run's report is kept), and
+    a checkpoint that lacks tensors of the model stops the test unless
+    ``allow_missing``.
     """
     hooks = [dict(h) for h in cfg.get('custom_hooks', [])]
     found = False
@@ -101,17 +113,27 @@ def use_fusion_load_hook(cfg: Config) -> None:
             found = True
     if not found:
         hooks.append(dict(type='FusionLoadHook'))
+    for hook in hooks:
+        if is_fusion_load_hook(hook):
+            hook.update(report_file=TEST_REPORT, load_from_strict=not allow_missing)
     cfg.custom_hooks = hooks
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     cfg = build_config(args)
-    use_fusion_load_hook(cfg)
+    use_fusion_load_hook(cfg, args.allow_missing)
     from mmfusionload.compat import patch_spconv_cpu_stream
     patch_spconv_cpu_stream()  # spconv 2.x on a machine without CUDA (no-op with CUDA)
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
-    runner.test()
+    try:
+        runner.test()
+    except FusionLoadError as e:
+        print_log(f'tools/test.py: {e}', logger='current', level=logging.ERROR)
+        if args.allow_missing is False and 'load_from_strict' in str(e):
+            print_log('tools/test.py: --allow-missing tests anyway', logger='current',
+                      level=logging.ERROR)
+        sys.exit(1)
 
 
 if __name__ == '__main__':

@@ -8,10 +8,13 @@
 #
 #   python tools/train.py configs/efficientvit/retinanet_efficientvit-m4_fpn_1x_coco.py \
 #       --cfg-options model.backbone.init_cfg.checkpoint=/path/to/efficientvit_m4.pth
+#
+# The RetinaNet, COCO, 1x schedule and runtime settings are MMDetection's own, inherited
+# from the installed mmdet package through MMEngine's package scope (`mmdet::`).
 _base_ = [
-    '../_base_/models/retinanet_r50_fpn.py',
-    '../_base_/datasets/coco_detection.py',
-    '../_base_/schedules/schedule_1x.py', '../_base_/default_runtime.py'
+    'mmdet::_base_/models/retinanet_r50_fpn.py',
+    'mmdet::_base_/datasets/coco_detection.py',
+    'mmdet::_base_/schedules/schedule_1x.py', 'mmdet::_base_/default_runtime.py'
 ]
 custom_imports = dict(imports=['mmfusionload'], allow_failed_imports=False)
 

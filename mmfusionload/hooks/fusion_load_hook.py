@@ -11,8 +11,8 @@ from ..errors import FusionLoadError
 from ..load_from import fill_targets_of, repair_checkpoint
 from ..loading import load_sources, unwrap_model
 from ..reader import install_checkpoint_loader
-from ..report import LoadReport
-from ..source import SourceSpec, parse_source
+from ..report import LoadReport, compress_keys
+from ..source import SourceSpec, parse_source, source_list
 
 
 @HOOKS.register_module()
@@ -44,6 +44,10 @@ class FusionLoadHook(Hook):
             ``resume``, ``Pretrained``) with plain unpickling. Only for
             trusted files. Defaults to False.
         report_file (str, optional): JSON report name in ``work_dir``.
+        load_from_strict (bool): Stop the run (``FusionLoadError``, before
+            MMEngine applies the file) when the ``load_from`` checkpoint lacks
+            tensors of the model that no source of this hook loads; by default
+            MMEngine keeps their initial values and warns. Defaults to False.
         broadcast (bool | str): In a distributed run, rank 0 reads each source
             file and broadcasts its tensors to the other ranks, which never open
             it (``'auto'``: whenever the process group has more than one
@@ -67,7 +71,8 @@ class FusionLoadHook(Hook):
                  allow_overlap: bool = False,
                  trust_checkpoint: bool = False,
                  report_file: Optional[str] = 'fusionload_report.json',
-                 broadcast: Union[bool, str] = 'auto'):
+                 broadcast: Union[bool, str] = 'auto',
+                 load_from_strict: bool = False):
         if load_from_spconv_layout not in ('auto', 'spconv2', 'mmcv'):
             raise FusionLoadError([f"load_from_spconv_layout must be 'auto', 'spconv2' or "
                                    f"'mmcv', got {load_from_spconv_layout!r}"], 'bad option')
@@ -79,13 +84,14 @@ class FusionLoadHook(Hook):
                                    f'got {load_from_weights!r}'], 'bad option')
         self.load_from_weights = load_from_weights
         self.sources: List[SourceSpec] = [parse_source(dict(s) if isinstance(s, dict) else s)
-                                          for s in sources]
+                                          for s in source_list(sources)]
         self.load_on_resume = load_on_resume
         self.repair_load_from = repair_load_from
         self.load_from_spconv_layout = load_from_spconv_layout
         self.allow_overlap = allow_overlap
         self.report_file = report_file
         self.broadcast = broadcast
+        self.load_from_strict = load_from_strict
         self.report: Optional[LoadReport] = None
         self._load_from_report = None
         self._resumed = False
@@ -106,6 +112,13 @@ class FusionLoadHook(Hook):
             fill_targets=fill_targets_of(model, self.sources),
             spconv_layout=self.load_from_spconv_layout,
             weights='auto' if runner._resume else self.load_from_weights)
+        missing = self._load_from_report.missing
+        if self.load_from_strict and missing:
+            raise FusionLoadError(
+                [f'{self._load_from_report.checkpoint}: {len(missing)} model tensor(s) get '
+                 f'nothing from it: {"; ".join(compress_keys(missing)[:12])}'],
+                'load_from lacks tensors of the model (they would keep their initial '
+                'values); load_from_strict=False to run anyway')
 
     def before_train(self, runner) -> None:
         self._load(runner)
@@ -125,7 +138,8 @@ class FusionLoadHook(Hook):
                       'sources not loaded (load_on_resume=True to load them)',
                       logger='current')
             return
-        report = LoadReport(title='FusionLoadHook')
+        # without sources the report holds only load_from, which MMEngine applied
+        report = LoadReport(title='FusionLoadHook', applied=self._load_from_report is not None)
         if self.sources:
             ema = [h.ema_model.module for h in runner.hooks
                    if isinstance(h, EMAHook) and hasattr(h, 'ema_model')]
