@@ -8,7 +8,8 @@ import torch.nn as nn
 from .containers import unwrap
 from .errors import FusionLoadError
 from .modality import resolve_targets
-from .repairs import Entry, RepairProblem, may_be_absent, repairs_in_order, run_repairs
+from .repairs import (Entry, Mapped, RepairProblem, SourceContext, may_be_absent,
+                      repairs_in_order, run_repairs)
 from .repairs.spconv_layout import LAYOUT_VERSION, module_layout
 from .report import SourceReport
 from .source import SourceSpec
@@ -53,6 +54,13 @@ def repair_checkpoint(checkpoint: MutableMapping[str, Any],
     state: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
     repairs = repairs_in_order()
     problems = []
+    context = SourceContext(filename, spec, model, meta=dict(ckpt.meta or {}))
+    for key, tensor in ckpt.state.items():
+        if key in model_state:
+            mod_name = key.rsplit('.', 1)[0] if '.' in key else ''
+            context.mapped.append(Mapped(key, key, tuple(tensor.shape),
+                                         model.get_submodule(mod_name), mod_name,
+                                         (metadata.get(mod_name) or {}).get('version')))
     for key, tensor in ckpt.state.items():
         target = model_state.get(key)
         if target is None:
@@ -62,11 +70,13 @@ def repair_checkpoint(checkpoint: MutableMapping[str, Any],
         mod_name = key.rsplit('.', 1)[0] if '.' in key else ''
         module = model.get_submodule(mod_name)
         version = (metadata.get(mod_name) or {}).get('version')
-        entry = Entry(key, key, tensor, target, module, mod_name, version, spec, filename)
+        entry = Entry(key, key, tensor, target, module, mod_name, version, spec, filename,
+                      context=context)
         try:
             run_repairs(entry, repairs)
         except RepairProblem as e:
-            problems.append(str(e))
+            if str(e) not in problems:
+                problems.append(str(e))
             state[key] = tensor
             continue
         if entry.skip:

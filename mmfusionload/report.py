@@ -91,6 +91,8 @@ class SourceReport:
         stripped (list[str]): Wrapper prefixes removed.
         skipped (list[str]): Entries of the checkpoint's state dict that are not
             tensors (left out of the load).
+        verified (int): Sparse-conv modules checked by function (``verify``).
+        verify_error (float): The largest relative error those checks saw.
     """
     checkpoint: str
     label: str
@@ -109,6 +111,8 @@ class SourceReport:
     ignored: int = 0
     stripped: List[str] = field(default_factory=list)
     skipped: List[str] = field(default_factory=list)
+    verified: int = 0
+    verify_error: float = 0.0
 
     def counts(self) -> Dict[str, int]:
         out = {k: len(getattr(self, k)) for k in (
@@ -188,7 +192,9 @@ class LoadReport:
                           f'targets {", ".join(t or "<model>" for t in s.targets) or "-"}, '
                           f'prefix {s.prefix or "-"}'
                           + (f', stripped {" ".join(s.stripped)}' if s.stripped else '')
-                          + f', {s.ignored} tensor(s) outside the targets',
+                          + f', {s.ignored} tensor(s) outside the targets'
+                          + (f', verified by function: {s.verified} sparse conv(s), largest '
+                             f'error {s.verify_error:.1e}' if s.verified else ''),
                           markup=False, highlight=False)
         if details:
             for s in self.sources:
