@@ -206,25 +206,47 @@ def _spconv_run(module: nn.Module, weight: torch.Tensor, probe: _Probe
             tuple(int(s) for s in out.spatial_shape), coords, feats, shape)
 
 
-def _out_sites(probe: _Probe, kind: str) -> Tuple[torch.Tensor, Tuple[int, ...]]:
-    """Output sites by definition (for a module that is not run)."""
-    n = probe.n
+def _out_sites(kind: str, coords: torch.Tensor, shape: Sequence[int], kernel: Sequence[int],
+               stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+               out_padding: Sequence[int]) -> Tuple[torch.Tensor, Tuple[int, ...]]:
+    """Output sites by definition (for a module that is not run): every site that
+    receives at least one input."""
+    n = coords.shape[1]
     if kind in ('pointwise', 'subm'):
-        return probe.coords, probe.shape
+        return coords, tuple(shape)
     if kind == 'conv':
-        shape = tuple((e + 2 * p - d * (k - 1) - 1) // s + 1 for e, p, d, k, s in zip(
-            probe.shape, probe.padding, probe.dilation, probe.kernel, probe.stride))
+        oshape = tuple((e + 2 * p - d * (k - 1) - 1) // s + 1 for e, p, d, k, s in zip(
+            shape, padding, dilation, kernel, stride))
     else:
-        shape = tuple((e - 1) * s - 2 * p + d * (k - 1) + op + 1 for e, p, d, k, s, op in zip(
-            probe.shape, probe.padding, probe.dilation, probe.kernel, probe.stride,
-            probe.out_padding))
-    allc = torch.tensor(list(itertools.product(*[range(e) for e in shape])),
+        oshape = tuple((e - 1) * s - 2 * p + d * (k - 1) + op + 1 for e, p, d, k, s, op in zip(
+            shape, padding, dilation, kernel, stride, out_padding))
+    allc = torch.tensor(list(itertools.product(*[range(e) for e in oshape])),
                         dtype=torch.long).reshape(-1, n)
-    ones = torch.ones(len(probe.coords), 1, dtype=torch.float64)
-    k = torch.ones(*probe.kernel, 1, 1, dtype=torch.float64)
-    hit = reference(kind, k, probe.coords, ones, probe.shape, allc, shape, probe.stride,
-                    probe.padding, probe.dilation)
-    return allc[hit[:, 0] > 0], shape
+    ones = torch.ones(len(coords), 1, dtype=torch.float64)
+    hit = reference(kind, torch.ones(*kernel, 1, 1, dtype=torch.float64), coords, ones, shape,
+                    allc, oshape, stride, padding, dilation)
+    return allc[hit[:, 0] > 0], oshape
+
+
+def _by_definition(probe: _Probe, kern: torch.Tensor):
+    """Run a module's function through its layout's definition: (out coords, out feats,
+    out shape, input coords, input feats, input shape)."""
+    kind = probe.kind
+    ic, ifeats, ishape = probe.coords, probe.feats, probe.shape
+    stride, padding = probe.stride, probe.padding
+    if kind == 'inverse':  # the paired strided conv's output is the input
+        stride, padding = probe.pair_stride, probe.pair_padding
+        ic, ishape = _out_sites('conv', probe.coords, probe.shape, probe.kernel, stride,
+                                padding, probe.dilation, probe.out_padding)
+        ifeats = torch.randn(len(ic), probe.feats.shape[1], generator=probe.gen,
+                             dtype=torch.float64)
+        oc, oshape = probe.coords, probe.shape
+    else:
+        oc, oshape = _out_sites(kind, ic, ishape, probe.kernel, stride, padding,
+                                probe.dilation, probe.out_padding)
+    live = reference(kind, kern, ic, ifeats, ishape, oc, oshape, stride, padding,
+                     probe.dilation)
+    return oc, live, oshape, ic, ifeats, ishape
 
 
 def verify_entry(entry) -> Tuple[float, str]:
@@ -250,11 +272,8 @@ def verify_entry(entry) -> Tuple[float, str]:
             torch.set_num_threads(threads)
         how = 'run'
     else:
-        oc, oshape = _out_sites(probe, kind)
-        ic, ifeats, ishape = probe.coords, probe.feats, probe.shape
-        live = reference(kind, decode(weight.detach().cpu().double(), dst,
-                                      module_pointwise(module)), ic, ifeats, ishape,
-                         oc, oshape, probe.stride, probe.padding, probe.dilation)
+        kern_live = decode(weight.detach().cpu().double(), dst, module_pointwise(module))
+        oc, live, oshape, ic, ifeats, ishape = _by_definition(probe, kern_live)
         how = 'definition'
     # the source's function, on the source's axis order
     kern = decode(entry.source.detach().cpu().double(), src, module_pointwise(module))
