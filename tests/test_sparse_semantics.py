@@ -306,3 +306,47 @@ def test_verify_catches_a_wrong_registered_repair(tmp_path):
         assert torch.equal(dst.c.weight, src.c.weight.flip(1))
     finally:
         REPAIRS.module_dict.pop('FlipKernel')
+
+
+def test_convert_without_model_converts_2d_3d_4d_kernels_by_function(tmp_path):
+    """``convert --to-layout spconv2`` without a model: 2-D, 3-D and 4-D sparse kernels of
+    an MMCV file (volume 1 included) compute, in spconv 2.x, what MMCV computed; a dense
+    Conv2d weight elsewhere is left as it is."""
+    from mmfusionload.convert import convert_checkpoint
+    kinds = ['subm3', 'subm1', 'conv1', 'conv3_s2', 'subm2d3', 'subm2d1', 'subm4d3', 'subm4d1']
+    g = torch.Generator().manual_seed(5)
+    sd = OrderedDict()
+    for kind in kinds:
+        shape = _make(kind, 'mmcv').weight.shape
+        sd[f'pts_middle_encoder.{kind}.weight'] = torch.randn(shape, generator=g)
+        sd[f'pts_middle_encoder.{kind}.bias'] = torch.randn(COUT, generator=g)
+    sd['pts_middle_encoder.big.weight'] = torch.randn(3, 3, 3, 16, 16, generator=g)
+    sd['img_backbone.stem.weight'] = torch.randn(16, 3, 3, 3, generator=g)
+    sd._metadata = OrderedDict((k.rpartition('.')[0], {'version': 1}) for k in sd)
+    torch.save({'state_dict': sd}, tmp_path / 'mmcv.pth')
+    result = convert_checkpoint(str(tmp_path / 'mmcv.pth'), str(tmp_path / 'spconv2.pth'),
+                                to_layout='spconv2')
+    assert 'img_backbone.stem.weight' not in result.sparse
+    out = torch.load(tmp_path / 'spconv2.pth', weights_only=True)['state_dict']
+    assert torch.equal(out['img_backbone.stem.weight'], sd['img_backbone.stem.weight'])
+    for kind in kinds:
+        key = f'pts_middle_encoder.{kind}'
+        assert result.sparse[f'{key}.weight'] == ('mmcv', 'spconv2')
+        live = _make(kind, 'spconv')
+        live.load_state_dict({'weight': out[f'{key}.weight'], 'bias': out[f'{key}.bias']})
+        ic, ifeats, ishape, oc, ofeats, pair = run_spconv(kind, live)
+        ref = reference(kind, sd[f'{key}.weight'], sd[f'{key}.bias'], ic, ifeats, ishape, oc,
+                        pair)
+        torch.testing.assert_close(ofeats.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_hook_verify_option_is_every_source_default():
+    from mmfusionload.hooks.fusion_load_hook import FusionLoadHook
+    hook = FusionLoadHook(sources=[dict(checkpoint='a.pth'), dict(checkpoint='b.pth',
+                                                                    verify=True)],
+                          verify=False)
+    assert [s.verify for s in hook.sources] == [False, True]
+    with pytest.raises(FusionLoadError, match='verify'):
+        FusionLoadHook(sources=[dict(checkpoint='a.pth')], verify='yes')
+    with pytest.raises(FusionLoadError, match='spatial_order'):
+        FusionLoadHook(sources=[dict(checkpoint='a.pth', spatial_order='yxz')])

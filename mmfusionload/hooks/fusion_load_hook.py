@@ -44,6 +44,10 @@ class FusionLoadHook(Hook):
             it (``'auto'``: whenever the process group has more than one
             process; ``False``: every rank reads). See
             :func:`~mmfusionload.load_sources`.
+        verify (bool | str): Default ``verify`` of the sources that do not set
+            it: ``'auto'`` checks by function every sparse conv a
+            function-changing repair touched, ``True`` every sparse conv
+            loaded, ``False`` none. See :mod:`mmfusionload.verify`.
 
     Example:
         >>> custom_imports = dict(imports=['mmfusionload'])
@@ -61,15 +65,20 @@ class FusionLoadHook(Hook):
                  allow_overlap: bool = False,
                  trust_checkpoint: bool = False,
                  report_file: Optional[str] = 'fusionload_report.json',
-                 broadcast: Union[bool, str] = 'auto'):
+                 broadcast: Union[bool, str] = 'auto',
+                 verify: Union[bool, str] = 'auto'):
         if load_from_spconv_layout not in ('auto', 'spconv2', 'mmcv'):
             raise FusionLoadError([f"load_from_spconv_layout must be 'auto', 'spconv2' or "
                                    f"'mmcv', got {load_from_spconv_layout!r}"], 'bad option')
         if broadcast not in (True, False, 'auto'):
             raise FusionLoadError([f"broadcast must be 'auto', True or False, got {broadcast!r}"],
                                   'bad option')
-        self.sources: List[SourceSpec] = [parse_source(dict(s) if isinstance(s, dict) else s)
-                                          for s in sources]
+        if verify not in (True, False, 'auto'):
+            raise FusionLoadError([f"verify must be 'auto', True or False, got {verify!r}"],
+                                  'bad option')
+        self.sources: List[SourceSpec] = [
+            parse_source(dict(s, verify=s.get('verify', verify)) if isinstance(s, dict) else s)
+            for s in sources]
         self.load_on_resume = load_on_resume
         self.repair_load_from = repair_load_from
         self.load_from_spconv_layout = load_from_spconv_layout
