@@ -1,6 +1,6 @@
 """Repair a checkpoint dict in place before MMEngine applies it (``load_from``)."""
 from collections import OrderedDict
-from typing import Any, Dict, MutableMapping, Sequence
+from typing import Any, Dict, List, MutableMapping, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -13,6 +13,7 @@ from .repairs import (Entry, Mapped, RepairProblem, SourceContext, may_be_absent
 from .repairs.spconv_layout import LAYOUT_VERSION, module_layout
 from .report import SourceReport
 from .source import SourceSpec
+from .verify import verify_entries
 
 
 
@@ -20,7 +21,8 @@ def repair_checkpoint(checkpoint: MutableMapping[str, Any],
                       model: nn.Module,
                       filename: str = 'load_from',
                       fill_targets: Sequence[str] = (),
-                      spconv_layout: str = 'auto') -> SourceReport:
+                      spconv_layout: str = 'auto',
+                      verify: Union[bool, str] = 'auto') -> SourceReport:
     """Repair ``checkpoint`` in place so that MMEngine loads it into ``model``.
 
     Unwraps containers into ``checkpoint['state_dict']``, strips wrapper
@@ -37,6 +39,9 @@ def repair_checkpoint(checkpoint: MutableMapping[str, Any],
         filename (str): For messages and the report.
         fill_targets (Sequence[str]): Submodule names filled when absent.
         spconv_layout (str): Layout of the checkpoint's sparse kernels.
+        verify (bool | str): Check converted sparse kernels by function
+            (:mod:`mmfusionload.verify`); a kernel that fails is left out of
+            the checkpoint and its problem reported under ``mismatched``.
 
     Returns:
         SourceReport: What was repaired.
@@ -55,6 +60,7 @@ def repair_checkpoint(checkpoint: MutableMapping[str, Any],
     repairs = repairs_in_order()
     problems = []
     context = SourceContext(filename, spec, model, meta=dict(ckpt.meta or {}))
+    loaded: List[Entry] = []
     for key, tensor in ckpt.state.items():
         if key in model_state:
             mod_name = key.rsplit('.', 1)[0] if '.' in key else ''
@@ -89,6 +95,7 @@ def repair_checkpoint(checkpoint: MutableMapping[str, Any],
             state[key] = tensor
             continue
         state[key] = entry.materialize() if entry.steps else tensor
+        loaded.append(entry)
         report.loaded.append(key)
         for name, _ in entry.steps:
             report.adapted.setdefault(name, []).append(key)
@@ -97,6 +104,10 @@ def repair_checkpoint(checkpoint: MutableMapping[str, Any],
             info = dict(metadata.get(mod_name) or {})
             info['version'] = LAYOUT_VERSION[layout]
             metadata[mod_name] = info
+    for key, problem in verify_entries(loaded, verify, report).items():
+        problems.append(problem)
+        del state[key]  # never applied: MMEngine reports it missing
+        report.loaded.remove(key)
     fill = [t for t in fill_targets if t]
     if fill:
         for key, value in model_state.items():

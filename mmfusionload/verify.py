@@ -290,6 +290,43 @@ def verify_entry(entry) -> Tuple[float, str]:
     return err, how
 
 
+def verify_entries(entries: Sequence, mode, report) -> Dict[str, str]:
+    """Check the planned sparse kernels ``verify=mode`` selects.
+
+    Adds to ``report.verified`` and ``report.verify_error``.
+
+    Returns:
+        dict: Model key -> problem, for each kernel that computes another function
+        than the checkpoint's (or whose probe could not run).
+    """
+    problems: Dict[str, str] = {}
+    for e in entries:
+        if not wants_verify(e, mode):
+            continue
+        src, dst = e.facts.get('spconv_layout', (module_layout(e.module), ) * 2)
+        rev = bool(e.facts.get('axis_order', (False, None))[0])
+        try:
+            err, how = verify_entry(e)
+        except Exception as exc:  # a probe that cannot run is a failed check
+            problems[e.key] = (f'{e.filename}: verify {e.module_name} '
+                               f'({type(e.module).__name__}, {src} -> {dst}): the probe '
+                               f'failed: {type(exc).__name__}: {exc}')
+            continue
+        report.verified += 1
+        report.verify_error = max(report.verify_error, err)
+        low = e.target.dtype in (torch.float16, torch.bfloat16)
+        tol = TOLERANCE_LOW if low else TOLERANCE.get(e.target.dtype, 1e-4)
+        if err > tol:
+            steps = ', '.join(n for n, _ in e.steps) or 'none'
+            problems[e.key] = (
+                f'{e.filename}: {e.file_key} -> {e.module_name} ({type(e.module).__name__}'
+                f', kernel {list(module_geometry(e.module).kernel)}): the converted kernel '
+                f'computes another function than the checkpoint\'s (layout {src} -> {dst}'
+                f'{", axes reversed" if rev else ""}; repairs: {steps}): largest relative '
+                f'error {err:.3g} on a probe ({how}), tolerance {tol:g}')
+    return problems
+
+
 def verify_plans(plans: Sequence) -> List[str]:
     """Check every planned sparse kernel its source's ``verify`` option selects.
 
@@ -298,30 +335,6 @@ def verify_plans(plans: Sequence) -> List[str]:
     """
     problems: List[str] = []
     for plan in plans:
-        mode = getattr(plan.spec, 'verify', 'auto')
-        for e in plan.to_load:
-            if not wants_verify(e, mode):
-                continue
-            src, dst = e.facts.get('spconv_layout', (module_layout(e.module), ) * 2)
-            rev = bool(e.facts.get('axis_order', (False, None))[0])
-            try:
-                err, how = verify_entry(e)
-            except Exception as exc:  # a probe that cannot run is a failed check
-                problems.append(f'{e.filename}: verify {e.module_name} '
-                                f'({type(e.module).__name__}, {src} -> {dst}): the probe '
-                                f'failed: {type(exc).__name__}: {exc}')
-                continue
-            report = plan.report
-            report.verified = getattr(report, 'verified', 0) + 1
-            report.verify_error = max(getattr(report, 'verify_error', 0.0), err)
-            low = e.target.dtype in (torch.float16, torch.bfloat16)
-            tol = TOLERANCE_LOW if low else TOLERANCE.get(e.target.dtype, 1e-4)
-            if err > tol:
-                steps = ', '.join(n for n, _ in e.steps) or 'none'
-                problems.append(
-                    f'{e.filename}: {e.file_key} -> {e.module_name} ({type(e.module).__name__}'
-                    f', kernel {list(module_geometry(e.module).kernel)}): the converted kernel '
-                    f'computes another function than the checkpoint\'s (layout {src} -> {dst}'
-                    f'{", axes reversed" if rev else ""}; repairs: {steps}): largest relative '
-                    f'error {err:.3g} on a probe ({how}), tolerance {tol:g}')
+        found = verify_entries(plan.to_load, getattr(plan.spec, 'verify', 'auto'), plan.report)
+        problems += list(found.values())
     return problems

@@ -301,6 +301,13 @@ def test_verify_catches_a_wrong_registered_repair(tmp_path):
             assert f'-> {name} (' in msg
         after = dst.state_dict()
         assert all(torch.equal(after[k], v) for k, v in before.items())
+        # the load_from repair leaves such a kernel out, and says why
+        from mmfusionload.load_from import repair_checkpoint
+        ckpt = {'state_dict': OrderedDict(src.state_dict())}
+        rep = repair_checkpoint(ckpt, dst)
+        assert 'c.weight' not in ckpt['state_dict'] and 'd.weight' in ckpt['state_dict']
+        assert any('computes another function' in m for m in rep.mismatched)
+        assert rep.verified == 5
         # verify=False trusts the repair (and loads its wrong result)
         load_sources(dst, [dict(checkpoint=str(tmp_path / 'p.pth'), verify=False)], logger=None)
         assert torch.equal(dst.c.weight, src.c.weight.flip(1))

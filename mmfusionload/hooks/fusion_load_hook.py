@@ -79,6 +79,7 @@ class FusionLoadHook(Hook):
         self.sources: List[SourceSpec] = [
             parse_source(dict(s, verify=s.get('verify', verify)) if isinstance(s, dict) else s)
             for s in sources]
+        self.verify = verify
         self.load_on_resume = load_on_resume
         self.repair_load_from = repair_load_from
         self.load_from_spconv_layout = load_from_spconv_layout
@@ -103,7 +104,7 @@ class FusionLoadHook(Hook):
         self._load_from_report = repair_checkpoint(
             checkpoint, model, filename=str(runner._load_from or 'load_from'),
             fill_targets=fill_targets_of(model, self.sources),
-            spconv_layout=self.load_from_spconv_layout)
+            spconv_layout=self.load_from_spconv_layout, verify=self.verify)
 
     def before_train(self, runner) -> None:
         self._load(runner)
