@@ -86,14 +86,14 @@ def _spconv2_decode(w: torch.Tensor, pointwise: bool) -> torch.Tensor:
     if pointwise:  # conv1x1: mm(features, weight.view(in, out))
         return w.reshape(*kernel, cin, cout)
     # general path: weight[:, k, :].T for every offset k
-    return w.reshape(cout, -1).t().reshape(*kernel, cin, cout)
+    return w.reshape(cout, -1).t().contiguous().view(*kernel, cin, cout)
 
 
 def _spconv2_encode(kern: torch.Tensor, pointwise: bool) -> torch.Tensor:
     kernel, cin, cout = tuple(kern.shape[:-2]), kern.shape[-2], kern.shape[-1]
     if pointwise:
         return kern.reshape(cout, *kernel, cin)
-    return kern.reshape(-1, cout).t().reshape(cout, *kernel, cin)
+    return kern.reshape(-1, cout).t().contiguous().view(cout, *kernel, cin)
 
 
 def _identity(t: torch.Tensor, pointwise: bool) -> torch.Tensor:
