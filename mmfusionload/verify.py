@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from .reader import release_pages
 from .repairs.spconv_layout import module_geometry, module_layout, module_pointwise
 from .sparse_layouts import SPCONV2, decode, volume
 
@@ -326,22 +327,32 @@ def verify_group(entries: Sequence) -> List[Tuple[float, str]]:
     """
     module = entries[0].module
     probe = _Probe(module)
-    weights = [e.materialize().detach() for e in entries]
+    out: List[Tuple[float, str]] = []
     if module_layout(module) == SPCONV2:
-        oc, live, oshape, ic, ifeats, ishape = _run_one_thread(
-            module, torch.cat(weights, 0) if len(weights) > 1 else weights[0], probe)
-        out, start = [], 0
-        for e, w in zip(entries, weights):
-            part = live[:, start:start + w.shape[0]]
-            start += w.shape[0]
+        rows = [tuple(e.target.shape) for e in entries]
+        stacked = entries[0].target.new_empty((sum(r[0] for r in rows), *rows[0][1:]),
+                                              dtype=torch.float32)
+        start = 0
+        for e, r in zip(entries, rows):  # one converted weight alive at a time
+            stacked[start:start + r[0]].copy_(e.materialize().detach())
+            release_pages(e.source)
+            start += r[0]
+        oc, live, oshape, ic, ifeats, ishape = _run_one_thread(module, stacked, probe)
+        del stacked
+        start = 0
+        for e, r in zip(entries, rows):
+            part = live[:, start:start + r[0]]
+            start += r[0]
             out.append((_source_error(e, probe, oc, part, oshape, ic, ifeats, ishape), 'run'))
+            release_pages(e.source)
         return out
-    out = []
-    for e, w in zip(entries, weights):
-        kern_live = decode(w.cpu().float(), module_layout(e.module), module_pointwise(e.module))
+    for e in entries:
+        kern_live = decode(e.materialize().detach().cpu().float(), module_layout(e.module),
+                           module_pointwise(e.module))
         oc, live, oshape, ic, ifeats, ishape = _by_definition(probe, kern_live)
         out.append((_source_error(e, probe, oc, live, oshape, ic, ifeats, ishape),
                     'definition'))
+        release_pages(e.source)
     return out
 
 
