@@ -225,8 +225,9 @@ def decide_layout_without_model(kernels: Dict[str, Tuple[int, ...]],
         if layout_of_version(versions.get(k)) == SPCONV2 and SPCONV2 in readings[k]:
             proof.setdefault(SPCONV2, f'{k} has _metadata version 2')
         if len(readings[k]) == 1:
-            proof.setdefault(readings[k][0], f'{k} {list(shape)} reads only as '
-                                             f'{readings[k][0]} {LAYOUT_DEFS[readings[k][0]].stored}')
+            only = readings[k][0]
+            proof.setdefault(only, f'{k} {list(shape)} reads only as {only} '
+                                   f'{LAYOUT_DEFS[only].stored}')
     if len(proof) == 2:
         raise FusionLoadError(
             [f'{filename}: the sparse kernels of this file disagree on their layout: '

@@ -147,3 +147,19 @@ def test_live_order_of_both_conventions():
     from mmfusionload.axis_order import live_order
     assert live_order(build(CENTERPOINT))[0] == 'zyx'
     assert live_order(bevfusion_encoder())[0] == 'xyz'
+
+
+def test_order_from_the_checkpoint_config_when_kernels_cannot_tell(centerpoint, tmp_path):
+    """Without conv_out in the file only cubes remain; the sparse_shape in the
+    checkpoint's meta['cfg'] (what MMEngine's Runner saves) still tells (z, y, x)."""
+    src, _ = centerpoint
+    sd = {k: v for k, v in src.state_dict().items() if '.conv_out.' not in k}
+    cfg = ("model = dict(pts_middle_encoder=dict(type='SparseEncoder', "
+           "sparse_shape=[41, 1440, 1440]))")
+    torch.save({'state_dict': sd, 'meta': {'cfg': cfg}}, tmp_path / 'cp.pth')
+    dst = Holder(bevfusion_encoder())
+    report = load_sources(dst, [dict(modality='lidar', checkpoint=str(tmp_path / 'cp.pth'),
+                                     exclude=['conv_out'])], logger=None)
+    assert len(report.sources[0].adapted['axis_order']) == 20
+    w_src = src.pts_middle_encoder.conv_input[0].weight
+    assert torch.equal(dst.pts_middle_encoder.conv_input[0].weight, w_src.permute(0, 3, 2, 1, 4))

@@ -26,7 +26,8 @@ from ..sparse_layouts import (LAYOUT_DEFS, LAYOUT_VERSION, LAYOUTS, MMCV, SPCONV
 from .base import Entry, Mapped, Repair, RepairProblem, SourceContext
 
 __all__ = ['SPCONV2', 'MMCV', 'LAYOUTS', 'LAYOUT_VERSION', 'layout_of_version', 'module_layout',
-           'module_geometry', 'module_pointwise', 'kernel_shape', 'convert_kernel', 'decide_sparse', 'SpconvLayout',
+           'module_geometry', 'module_pointwise', 'kernel_shape', 'convert_kernel',
+           'decide_sparse', 'SpconvLayout',
            'AxisOrder']
 
 # (module prefix, base class name) -> layout its ``weight`` is held in.
@@ -200,7 +201,8 @@ def decide_sparse(ctx: SourceContext) -> SparseDecision:
                 d.problems[m.key] = (
                     f'{ctx.filename}: {m.file_key} -> {m.key}: {list(m.shape)} fits this '
                     f'module (kernel {list(g.kernel)}) only with the spatial axes '
-                    f'{"as they are" if rev else "reversed"}, but the axis order of {enc or "the model"} '
+                    f'{"as they are" if rev else "reversed"}, but the axis order of '
+                    f'{enc or "the model"} '
                     f'was decided as {"reversed" if rev else "the same"} ({orders}); set '
                     "spatial_order='zyx' or 'xyz' on this source")
     return d
