@@ -67,6 +67,8 @@ def parse_source_arg(text: str) -> Dict[str, Any]:
             out[key] = _bool(key, value)
         elif key == 'strict':
             out[key] = 'all' if value == 'all' else _bool(key, value)
+        elif key == 'verify':
+            out[key] = 'auto' if value == 'auto' else _bool(key, value)
         elif key == 'prefix':
             if value == 'auto':
                 out[key] = 'auto'

@@ -21,7 +21,7 @@ import os.path as osp
 import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -31,8 +31,9 @@ from .errors import FusionLoadError
 from .loading import plan_source, read_source, validate
 from .presets import get_preset, rename_keys
 from .reader import read_checkpoint
-from .repairs.spconv_layout import (LAYOUT_VERSION, LAYOUTS, MMCV, convert_kernel,
-                                    layout_of_version, module_layout)
+from .repairs.spconv_layout import (LAYOUT_VERSION, LAYOUTS, MMCV, SPCONV2, convert_kernel,
+                                    layout_of_version, module_layout, module_pointwise)
+from .sparse_layouts import LAYOUT_DEFS, volume
 from .report import SourceReport
 from .source import parse_source
 
@@ -164,28 +165,77 @@ def save_checkpoint(path: str, state: Mapping[str, torch.Tensor], meta: Mapping[
 
 # ---------------------------------------------------------------- without a model
 
-def _kernel_fits(shape: Sequence[int], layout: str) -> bool:
-    dims = shape[:3] if layout == MMCV else shape[1:4]
-    return len(shape) == 5 and all(1 <= d <= MAX_KERNEL for d in dims)
+def _sparse_readings(shape: Sequence[int]) -> List[str]:
+    """Layouts under which a tensor reads as a sparse kernel whose kernel dims are
+    all in ``1..MAX_KERNEL`` (2-D, 3-D and 4-D kernels: 4-, 5- and 6-D tensors)."""
+    if len(shape) not in (4, 5, 6):
+        return []
+    return [lay for lay in LAYOUTS
+            if all(1 <= d <= MAX_KERNEL for d in LAYOUT_DEFS[lay].geometry(shape).kernel)]
 
 
-def _sparse_source_layout(key: str, shape, option: str, version: Optional[int]) -> Optional[str]:
-    """Layout of a 5-D kernel without a model: option, ``_metadata`` version, shape."""
+def _dense_conv2d(shape: Sequence[int]) -> bool:
+    """Whether a 4-D tensor also reads as a dense ``Conv2d`` weight ``[out, in, kh, kw]``."""
+    return len(shape) == 4 and all(1 <= d <= MAX_KERNEL for d in shape[2:])
+
+
+def sparse_kernels_without_model(keys_shapes: Dict[str, Tuple[int, ...]]) -> Dict[str, List[str]]:
+    """Which ``*.weight`` tensors are sparse kernels, without a model: key -> readings.
+
+    5-D and 6-D weights are sparse (3-D, 4-D) kernels (BEVFusion and
+    MMDetection3D's LiDAR encoders hold no dense ``Conv3d``; torch has no
+    ``Conv4d``). A 4-D weight is a 2-D sparse kernel when it cannot be a dense
+    ``Conv2d`` weight, or when it also reads as one but sits under the same
+    top-level module as a certain sparse kernel.
+    """
+    readings = {k: _sparse_readings(s) for k, s in keys_shapes.items()
+                if k.endswith('.weight') and _sparse_readings(s)}
+    sure = {k.split('.', 1)[0] for k, s in keys_shapes.items()
+            if k in readings and not _dense_conv2d(s)}
+    return {k: r for k, r in readings.items()
+            if not _dense_conv2d(keys_shapes[k]) or k.split('.', 1)[0] in sure}
+
+
+def decide_layout_without_model(kernels: Dict[str, Tuple[int, ...]],
+                                readings: Dict[str, List[str]],
+                                versions: Dict[str, Optional[int]], option: str,
+                                filename: str) -> Tuple[Optional[str], List[str]]:
+    """The layout of a file's sparse kernels, without a model.
+
+    ``option`` wins; otherwise the kernels that read in one layout only and
+    ``_metadata`` version 2 decide for the whole file. Two kernels proving
+    different layouts are an error naming both.
+
+    Returns:
+        tuple: ``(layout or None, keys that fit both layouts)``.
+
+    Raises:
+        FusionLoadError: The option does not fit a kernel, or two kernels disagree.
+    """
     if option in LAYOUTS:
-        layout = option
-    elif version is not None:
-        layout = layout_of_version(version)
-    else:
-        fits = [lay for lay in LAYOUTS if _kernel_fits(shape, lay)]
-        if len(fits) != 1:
-            return None
-        layout = fits[0]
-    if not _kernel_fits(shape, layout):
+        bad = [k for k in kernels if option not in readings[k]]
+        if bad:
+            raise FusionLoadError(
+                [f'{filename}: {k}: shape {list(kernels[k])} is not a {option} sparse kernel '
+                 f'({LAYOUT_DEFS[option].stored} with kernel dims <= {MAX_KERNEL}); pass '
+                 '--config to let the model decide' for k in bad[:5]], 'bad layout')
+        return option, []
+    proof: Dict[str, str] = {}
+    for k, shape in kernels.items():
+        if layout_of_version(versions.get(k)) == SPCONV2 and SPCONV2 in readings[k]:
+            proof.setdefault(SPCONV2, f'{k} has _metadata version 2')
+        if len(readings[k]) == 1:
+            only = readings[k][0]
+            proof.setdefault(only, f'{k} {list(shape)} reads only as {only} '
+                                   f'{LAYOUT_DEFS[only].stored}')
+    if len(proof) == 2:
         raise FusionLoadError(
-            [f'{key}: shape {list(shape)} is not a {layout} sparse kernel '
-             f'({"[*k, in, out]" if layout == MMCV else "[out, *k, in]"} with kernel dims '
-             f'<= {MAX_KERNEL}); pass --config to let the model decide'], 'bad layout')
-    return layout
+            [f'{filename}: the sparse kernels of this file disagree on their layout: '
+             f'{proof[SPCONV2]}, but {proof[MMCV]}; pass --spconv-layout or --config'],
+            'ambiguous layout')
+    if proof:
+        return next(iter(proof)), []
+    return None, [k for k in kernels if len(readings[k]) > 1]
 
 
 def convert_state(ckpt: Unwrapped,
@@ -244,29 +294,40 @@ def convert_state(ckpt: Unwrapped,
         if old_mod in src_meta and mod not in metadata:
             metadata[mod] = dict(src_meta[old_mod])
     result = Converted(out, {})
-    undecided = []
-    for key, t in out.items():
-        if t.dim() != 5 or not key.endswith('.weight'):
-            continue
-        mod, old_mod = key.rpartition('.')[0], file_key[key].rpartition('.')[0]
-        version = (src_meta.get(old_mod) or {}).get('version')
-        src = _sparse_source_layout(key, tuple(t.shape), spconv_layout, version)
-        if src is None:
-            undecided.append(key)
-            continue
-        dst = to_layout or src
-        if dst != src:
-            out[key] = convert_kernel(t, src, dst)
-        result.sparse[key] = (src, dst)
-        metadata.setdefault(mod, {})['version'] = LAYOUT_VERSION[dst]
+    shapes = {k: tuple(t.shape) for k, t in out.items()}
+    readings = sparse_kernels_without_model(shapes)
+    kernels = {k: shapes[k] for k in readings}
+    versions = {k: (src_meta.get(file_key[k].rpartition('.')[0]) or {}).get('version')
+                for k in kernels}
+    src, undecided = decide_layout_without_model(kernels, readings, versions, spconv_layout,
+                                                 filename)
     if undecided and to_layout:
         raise FusionLoadError(
             [f'{filename}: cannot tell the layout of {len(undecided)} sparse kernel(s) '
-             f'({", ".join(undecided[:3])}) from the shape; pass --spconv-layout '
-             'spconv2|mmcv or --config'], 'ambiguous layout')
+             f'({", ".join(undecided[:3])}) from the shape, and no kernel of the file decides; '
+             'pass --spconv-layout spconv2|mmcv or --config'], 'ambiguous layout')
     if undecided:
-        result.notes.append(f'{len(undecided)} 5-D kernel(s) of unknown layout written as they '
-                            'are, without a layout version')
+        result.notes.append(f'{len(undecided)} sparse kernel(s) of unknown layout written as '
+                            'they are, without a layout version')
+    pointwise = 0
+    for key in kernels if src is not None else ():
+        t, mod = out[key], key.rpartition('.')[0]
+        dst = to_layout or src
+        if dst != src:
+            pointwise += volume(LAYOUT_DEFS[src].geometry(t.shape).kernel) == 1
+            out[key] = convert_kernel(t, src, dst)
+        result.sparse[key] = (src, dst)
+        metadata.setdefault(mod, {})['version'] = LAYOUT_VERSION[dst]
+    if pointwise:
+        result.notes.append(
+            f'{pointwise} volume-1 kernel(s) converted as spconv 2.x reads a submanifold or '
+            'stride-1 one (its conv1x1 path); for a volume-1 conv with stride > 1 pass --config')
+    dense = [k for k, s in shapes.items() if k.endswith('.weight') and k not in kernels
+             and _dense_conv2d(s) and _sparse_readings(s)]
+    if dense and to_layout:
+        result.notes.append(
+            f'{len(dense)} 4-D weight(s) read as dense Conv2d weights and left as they are '
+            f'({", ".join(dense[:3])}); if they are 2-D sparse kernels, pass --config')
     out._metadata = metadata  # type: ignore[attr-defined]
     return result
 
@@ -320,7 +381,7 @@ def convert_with_model(model: nn.Module,
         if layout is not None and e.param_name == 'weight' and t.dim() >= 3:
             dst = to_layout or layout
             if dst != layout:
-                t = convert_kernel(t, layout, dst)
+                t = convert_kernel(t, layout, dst, module_pointwise(e.module))
             result.sparse[key] = (layout, dst)
             metadata.setdefault(e.module_name, {})['version'] = LAYOUT_VERSION[dst]
         state[key] = t

@@ -1,6 +1,6 @@
 """Repair a checkpoint dict in place before MMEngine applies it (``load_from``)."""
 from collections import OrderedDict
-from typing import Any, Dict, MutableMapping, Sequence
+from typing import Any, Dict, List, MutableMapping, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -9,10 +9,12 @@ from .containers import shape_of, unwrap
 from .errors import FusionLoadError
 from .identify import identify_state
 from .modality import resolve_targets
-from .repairs import Entry, RepairProblem, may_be_absent, repairs_in_order, run_repairs
+from .repairs import (Entry, Mapped, RepairProblem, SourceContext, may_be_absent,
+                      repairs_in_order, run_repairs)
 from .repairs.spconv_layout import LAYOUT_VERSION, module_layout
 from .report import SourceReport
 from .source import SourceSpec
+from .verify import verify_entries
 
 
 
@@ -21,7 +23,8 @@ def repair_checkpoint(checkpoint: MutableMapping[str, Any],
                       filename: str = 'load_from',
                       fill_targets: Sequence[str] = (),
                       spconv_layout: str = 'auto',
-                      weights: str = 'auto') -> SourceReport:
+                      weights: str = 'auto',
+                      verify: Union[bool, str] = 'auto') -> SourceReport:
     """Repair ``checkpoint`` in place so that MMEngine loads it into ``model``.
 
     Unwraps containers into ``checkpoint['state_dict']``, strips wrapper
@@ -41,6 +44,9 @@ def repair_checkpoint(checkpoint: MutableMapping[str, Any],
         weights (str): Which copy goes into ``checkpoint['state_dict']``:
             ``'auto'`` (the one the file's trainer deploys), ``'ema'`` or ``'raw'``
             (see :func:`~mmfusionload.trainers.choose_copy`).
+        verify (bool | str): Check converted sparse kernels by function
+            (:mod:`mmfusionload.verify`); a kernel that fails is left out of
+            the checkpoint and its problem reported under ``mismatched``.
 
     Returns:
         SourceReport: What was repaired.
@@ -61,6 +67,14 @@ def repair_checkpoint(checkpoint: MutableMapping[str, Any],
     state: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
     repairs = repairs_in_order()
     problems = []
+    context = SourceContext(filename, spec, model, meta=dict(ckpt.meta or {}))
+    loaded: List[Entry] = []
+    for key, tensor in ckpt.state.items():
+        if key in model_state:
+            mod_name = key.rsplit('.', 1)[0] if '.' in key else ''
+            context.mapped.append(Mapped(key, key, tuple(tensor.shape),
+                                         model.get_submodule(mod_name), mod_name,
+                                         (metadata.get(mod_name) or {}).get('version')))
     for key, tensor in ckpt.state.items():
         target = model_state.get(key)
         if target is None:
@@ -70,11 +84,13 @@ def repair_checkpoint(checkpoint: MutableMapping[str, Any],
         mod_name = key.rsplit('.', 1)[0] if '.' in key else ''
         module = model.get_submodule(mod_name)
         version = (metadata.get(mod_name) or {}).get('version')
-        entry = Entry(key, key, tensor, target, module, mod_name, version, spec, filename)
+        entry = Entry(key, key, tensor, target, module, mod_name, version, spec, filename,
+                      context=context)
         try:
             run_repairs(entry, repairs)
         except RepairProblem as e:
-            problems.append(str(e))
+            if str(e) not in problems:
+                problems.append(str(e))
             state[key] = tensor
             continue
         if entry.skip:
@@ -87,6 +103,7 @@ def repair_checkpoint(checkpoint: MutableMapping[str, Any],
             state[key] = tensor
             continue
         state[key] = entry.materialize() if entry.steps else tensor
+        loaded.append(entry)
         report.loaded.append(key)
         for name, _ in entry.steps:
             report.adapted.setdefault(name, []).append(key)
@@ -95,6 +112,10 @@ def repair_checkpoint(checkpoint: MutableMapping[str, Any],
             info = dict(metadata.get(mod_name) or {})
             info['version'] = LAYOUT_VERSION[layout]
             metadata[mod_name] = info
+    for key, problem in verify_entries(loaded, verify, report).items():
+        problems.append(problem)
+        del state[key]  # never applied: MMEngine reports it missing
+        report.loaded.remove(key)
     fill = [t for t in fill_targets if t]
     if fill:
         for key, value in model_state.items():

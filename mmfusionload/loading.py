@@ -21,10 +21,12 @@ from .modality import resolve_targets
 from .prefix import Alignment, auto_alignment, explicit_alignment
 from .presets import KeyPreset, get_preset, rename_keys
 from .reader import all_finite, read_checkpoint, release_pages
-from .repairs import Entry, RepairProblem, may_be_absent, repairs_in_order, run_repairs
+from .repairs import (Entry, Mapped, RepairProblem, SourceContext, may_be_absent,
+                      repairs_in_order, run_repairs)
 from .report import (LoadReport, SourceReport, compress_keys, overlap_problems,
                      size_mismatch_problems)
 from .source import SourceSpec, parse_source, source_list
+from .verify import verify_plans
 
 SourceLike = Union[SourceSpec, Dict[str, Any]]
 
@@ -124,6 +126,7 @@ def plan_source(model: nn.Module,
 
     excludes = [re.compile(p) for p in spec.exclude]
     modules: Dict[str, nn.Module] = {}
+    context = SourceContext(fname, spec, model, meta=dict(ckpt.meta or {}))
     for key, new in align.mapping.items():
         file_key = renamed[new]
         if _under(key, targets) is None:
@@ -132,16 +135,19 @@ def plan_source(model: nn.Module,
         if key not in targeted:
             report.unexpected.append(key)
             continue
-        if any(p.search(key) for p in excludes):
-            report.excluded.append(key)
-            continue
         mod_name = key.rsplit('.', 1)[0] if '.' in key else ''
         if mod_name not in modules:
             modules[mod_name] = model.get_submodule(mod_name)
         file_mod = file_key.rsplit('.', 1)[0] if '.' in file_key else ''
         version = (ckpt.metadata.get(file_mod) or {}).get('version')
+        context.mapped.append(Mapped(key, file_key, shapes[new], modules[mod_name], mod_name,
+                                     version))
+        if any(p.search(key) for p in excludes):
+            report.excluded.append(key)
+            continue
         plan.entries.append(Entry(key, file_key, state[file_key], targeted[key],
-                                  modules[mod_name], mod_name, version, spec, fname))
+                                  modules[mod_name], mod_name, version, spec, fname,
+                                  context=context))
 
     repairs = repairs_in_order()
     sizes: List[tuple] = []
@@ -149,7 +155,8 @@ def plan_source(model: nn.Module,
         try:
             run_repairs(e, repairs)
         except RepairProblem as err:
-            plan.problems.append(str(err))
+            if str(err) not in plan.problems:  # a file-level problem, raised by each kernel
+                plan.problems.append(str(err))
             report.mismatched.append(f'{e.key}: {list(e.source.shape)} vs '
                                      f'{list(e.target.shape)}')
             e.skip = 'error'
@@ -340,6 +347,8 @@ def load_sources(model: nn.Module,
         report.sources.append(plan.report)
     problems += validate(plans, allow_overlap)
     problems += check_targets(plans, extra_models)
+    if not problems:  # prove converted sparse kernels by function before writing
+        problems += verify_plans(plans)
     report.problems = problems
     if problems and not dry_run:
         if logger is not None:

@@ -159,6 +159,8 @@ class SourceReport:
         weights (str): Which copy was taken and why
             (``'state_dict: EMA weights, MMEngine EMAHook (auto: ...)'``).
         identity (str): The file's identified format, in one line.
+        verified (int): Sparse-conv modules checked by function (``verify``).
+        verify_error (float): The largest relative error those checks saw.
     """
     checkpoint: str
     label: str
@@ -180,6 +182,8 @@ class SourceReport:
     family: str = ''
     weights: str = ''
     identity: str = ''
+    verified: int = 0
+    verify_error: float = 0.0
 
     def counts(self) -> Dict[str, int]:
         out = {k: len(getattr(self, k)) for k in (
@@ -259,7 +263,9 @@ class LoadReport:
                           f'targets {", ".join(t or "<model>" for t in s.targets) or "-"}, '
                           f'prefix {s.prefix or "-"}'
                           + (f', stripped {" ".join(s.stripped)}' if s.stripped else '')
-                          + f', {s.ignored} tensor(s) outside the targets',
+                          + f', {s.ignored} tensor(s) outside the targets'
+                          + (f', verified by function: {s.verified} sparse conv(s), largest '
+                             f'error {s.verify_error:.1e}' if s.verified else ''),
                           markup=False, highlight=False)
             for head, text in (('format', s.identity), ('weights', s.weights)):
                 if text:

@@ -23,6 +23,11 @@ class SourceSpec:
         prefer_ema (bool): The same as ``weights='ema'`` (kept for old configs).
         allow_nonfinite (bool): Accept NaN/Inf values.
         trust_checkpoint (bool): Unpickle arbitrary globals (trusted files only).
+        spatial_order (str): ``'auto'``, ``'zyx'`` or ``'xyz'``: the spatial axis
+            order of the checkpoint's sparse encoders.
+        verify (bool | str): ``'auto'`` (default): check by function every
+            sparse conv a function-changing repair touched; True: every sparse
+            conv loaded; False: none.
         name (str, optional): A label for the report.
         weights (str): Which copy of the weights: ``'auto'`` (what the file's
             trainer deploys, e.g. MMEngine's averaged ``state_dict`` when
@@ -41,6 +46,8 @@ class SourceSpec:
     prefer_ema: bool = False
     allow_nonfinite: bool = False
     trust_checkpoint: bool = False
+    spatial_order: str = 'auto'
+    verify: Union[bool, str] = 'auto'
     name: Optional[str] = None
     weights: str = 'auto'
 
@@ -114,6 +121,11 @@ def parse_source(cfg: Union[SourceSpec, Dict[str, Any]]) -> SourceSpec:
     if spec.spconv_layout not in ('auto', 'spconv2', 'mmcv'):
         problems.append(f"{where} spconv_layout must be 'auto', 'spconv2' or 'mmcv', "
                         f'got {spec.spconv_layout!r}')
+    if spec.spatial_order not in ('auto', 'zyx', 'xyz'):
+        problems.append(f"{where} spatial_order must be 'auto', 'zyx' or 'xyz', "
+                        f'got {spec.spatial_order!r}')
+    if spec.verify not in (True, False, 'auto'):
+        problems.append(f"{where} verify must be True, False or 'auto', got {spec.verify!r}")
     if spec.strict not in (True, False, 'all'):
         problems.append(f"{where} strict must be True, False or 'all', got {spec.strict!r}")
     if not (spec.prefix == 'auto' or (isinstance(spec.prefix, dict) and all(

@@ -53,6 +53,10 @@ class FusionLoadHook(Hook):
             it (``'auto'``: whenever the process group has more than one
             process; ``False``: every rank reads). See
             :func:`~mmfusionload.load_sources`.
+        verify (bool | str): Default ``verify`` of the sources that do not set
+            it: ``'auto'`` checks by function every sparse conv a
+            function-changing repair touched, ``True`` every sparse conv
+            loaded, ``False`` none. See :mod:`mmfusionload.verify`.
 
     Example:
         >>> custom_imports = dict(imports=['mmfusionload'])
@@ -72,7 +76,8 @@ class FusionLoadHook(Hook):
                  trust_checkpoint: bool = False,
                  report_file: Optional[str] = 'fusionload_report.json',
                  broadcast: Union[bool, str] = 'auto',
-                 load_from_strict: bool = False):
+                 load_from_strict: bool = False,
+                 verify: Union[bool, str] = 'auto'):
         if load_from_spconv_layout not in ('auto', 'spconv2', 'mmcv'):
             raise FusionLoadError([f"load_from_spconv_layout must be 'auto', 'spconv2' or "
                                    f"'mmcv', got {load_from_spconv_layout!r}"], 'bad option')
@@ -83,8 +88,13 @@ class FusionLoadHook(Hook):
             raise FusionLoadError([f"load_from_weights must be 'auto', 'ema' or 'raw', "
                                    f'got {load_from_weights!r}'], 'bad option')
         self.load_from_weights = load_from_weights
-        self.sources: List[SourceSpec] = [parse_source(dict(s) if isinstance(s, dict) else s)
-                                          for s in source_list(sources)]
+        if verify not in (True, False, 'auto'):
+            raise FusionLoadError([f"verify must be 'auto', True or False, got {verify!r}"],
+                                  'bad option')
+        self.sources: List[SourceSpec] = [
+            parse_source(dict(s, verify=s.get('verify', verify)) if isinstance(s, dict) else s)
+            for s in source_list(sources)]
+        self.verify = verify
         self.load_on_resume = load_on_resume
         self.repair_load_from = repair_load_from
         self.load_from_spconv_layout = load_from_spconv_layout
@@ -111,7 +121,8 @@ class FusionLoadHook(Hook):
             checkpoint, model, filename=str(runner._load_from or 'load_from'),
             fill_targets=fill_targets_of(model, self.sources),
             spconv_layout=self.load_from_spconv_layout,
-            weights='auto' if runner._resume else self.load_from_weights)
+            weights='auto' if runner._resume else self.load_from_weights,
+            verify=self.verify)
         missing = self._load_from_report.missing
         if self.load_from_strict and missing:
             raise FusionLoadError(

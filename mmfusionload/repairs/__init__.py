@@ -5,13 +5,13 @@ Add one with ``@REPAIRS.register_module()`` on a :class:`Repair` subclass.
 from typing import List, Optional
 
 from ..registry import REPAIRS
-from .base import Entry, Repair, RepairProblem
+from .base import Entry, Mapped, Repair, RepairProblem, SourceContext
 from .derived import SkipDerived, is_derived, may_be_absent, register_derived
 from .dtype import CastDtype
 from .pos_bias import (ResizePositionBias, resize_attention_biases,
                        resize_relative_position_table)
-from .spconv_layout import (SpconvLayout, convert_kernel, kernel_shape,
-                            module_layout, source_layout)
+from .spconv_layout import (AxisOrder, SpconvLayout, convert_kernel, decide_sparse,
+                            kernel_shape, module_geometry, module_layout)
 
 
 def repairs_in_order() -> List[Repair]:
@@ -37,9 +37,10 @@ def run_repairs(entry: Entry, repairs: Optional[List[Repair]] = None) -> None:
 
 
 __all__ = [
-    'Entry', 'Repair', 'RepairProblem', 'SkipDerived', 'CastDtype',
+    'Entry', 'Mapped', 'Repair', 'RepairProblem', 'SourceContext', 'SkipDerived', 'CastDtype',
     'ResizePositionBias', 'SpconvLayout', 'is_derived', 'may_be_absent', 'register_derived',
     'run_repairs',
     'repairs_in_order', 'resize_attention_biases', 'resize_relative_position_table',
-    'convert_kernel', 'kernel_shape', 'module_layout', 'source_layout'
+    'convert_kernel', 'kernel_shape', 'module_layout', 'module_geometry', 'decide_sparse',
+    'AxisOrder'
 ]

@@ -1,6 +1,6 @@
 """What a repair sees: one planned tensor, and the interface repairs implement."""
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -10,6 +10,47 @@ Transform = Callable[[torch.Tensor], torch.Tensor]
 
 class RepairProblem(Exception):
     """A repair found a tensor it cannot place; the message names key and shapes."""
+
+
+@dataclass
+class Mapped:
+    """One checkpoint tensor a source maps onto a model tensor, loaded or excluded.
+
+    Args:
+        key (str): Model key.
+        file_key (str): Key in the checkpoint.
+        shape (tuple): The checkpoint tensor's shape.
+        module (nn.Module): Module owning the model tensor.
+        module_name (str): Model name of ``module``.
+        file_version (int, optional): The checkpoint's ``_metadata`` version for it.
+    """
+    key: str
+    file_key: str
+    shape: Tuple[int, ...]
+    module: nn.Module
+    module_name: str
+    file_version: Optional[int] = None
+
+
+@dataclass
+class SourceContext:
+    """What the entries of one source share, for decisions taken per file or per encoder.
+
+    Args:
+        filename (str): The checkpoint, for messages.
+        options (Any): The source's options.
+        model (nn.Module, optional): The live model.
+        mapped (list[Mapped]): Every tensor the source maps onto the model,
+            excluded ones included (their shapes are evidence too).
+        meta (dict): The checkpoint's ``meta``.
+        cache (dict): Decisions, computed once by the repairs that need them.
+    """
+    filename: str = ''
+    options: Any = None
+    model: Optional[nn.Module] = None
+    mapped: List[Mapped] = field(default_factory=list)
+    meta: Dict[str, Any] = field(default_factory=dict)
+    cache: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -31,6 +72,9 @@ class Entry:
         dtype (torch.dtype): dtype after the planned steps.
         steps (list): ``(repair name, transform)`` pairs, in order.
         skip (str, optional): Why the tensor is not loaded (regenerated).
+        context (SourceContext, optional): Shared by the entries of one source.
+        facts (dict): What repairs decided about the tensor (e.g. the source
+            and target sparse-kernel layouts), for the checks after planning.
     """
     key: str
     file_key: str
@@ -45,6 +89,8 @@ class Entry:
     dtype: torch.dtype = torch.float32
     steps: List[Tuple[str, Transform]] = field(default_factory=list)
     skip: Optional[str] = None
+    context: Optional[SourceContext] = None
+    facts: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         self.shape = tuple(self.source.shape)

@@ -1,25 +1,34 @@
-"""spconv kernel layout: spconv 2.x ``[out, *k, in]`` vs MMCV/spconv 1.x ``[*k, in, out]``."""
-from typing import Dict, Optional, Tuple
+"""Sparse-conv kernels: the checkpoint's layout and spatial axis order, decided per file.
+
+The layouts themselves (what a stored kernel computes, and the conversions) are
+defined in :mod:`mmfusionload.sparse_layouts`. Here the repairs decide, for one
+source, which layout its sparse kernels are in and whether an encoder's
+spatial axes are reversed with respect to the live model:
+
+- **layout, per file**: an explicit ``spconv_layout`` wins; otherwise the
+  kernels whose shape fits one layout only, and ``_metadata`` version 2
+  (written only by MMDetection3D's spconv 2.x override; version 1 is every
+  ``nn.Module``'s default and proves nothing), decide for the whole file,
+  ambiguous kernels included. Two kernels proving different layouts are an
+  error naming both.
+- **axis order, per encoder** (:mod:`mmfusionload.axis_order`).
+"""
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
+from ..axis_order import decide_axis_order, encoder_of, source_order_option
 from ..registry import REPAIRS
-from .base import Entry, Repair, RepairProblem
+from ..sparse_layouts import (LAYOUT_DEFS, LAYOUT_VERSION, LAYOUTS, MMCV, SPCONV2, Geometry,
+                              convert, is_pointwise, layout_of_version, reverse_axes,
+                              stored_shape, volume)
+from .base import Entry, Mapped, Repair, RepairProblem, SourceContext
 
-SPCONV2 = 'spconv2'
-MMCV = 'mmcv'
-LAYOUTS = (SPCONV2, MMCV)
-
-# ``_metadata`` version of a sparse-conv module saved in each layout: MMDetection3D's
-# spconv 2.x override permutes a kernel whose version is below 2.
-LAYOUT_VERSION = {SPCONV2: 2, MMCV: 1}
-
-
-def layout_of_version(version: int) -> str:
-    """The kernel layout a sparse-conv module's ``_metadata`` version stands for."""
-    return SPCONV2 if version >= 2 else MMCV
-
+__all__ = ['SPCONV2', 'MMCV', 'LAYOUTS', 'LAYOUT_VERSION', 'layout_of_version', 'module_layout',
+           'module_geometry', 'module_pointwise', 'kernel_shape', 'convert_kernel',
+           'decide_sparse', 'SpconvLayout',
+           'AxisOrder']
 
 # (module prefix, base class name) -> layout its ``weight`` is held in.
 SPARSE_CONV_CLASSES: Dict[Tuple[str, str], str] = {
@@ -37,72 +46,179 @@ def module_layout(module: nn.Module) -> Optional[str]:
     return None
 
 
-def kernel_shape(module: nn.Module, layout: str) -> Tuple[int, ...]:
-    """The weight shape ``module`` would have in ``layout``."""
+def module_geometry(module: nn.Module) -> Geometry:
+    """Kernel size and channels of a sparse-conv module."""
     k = module.kernel_size
-    k = tuple(k) if isinstance(k, (tuple, list)) else (k, ) * module.ndim
+    k = tuple(int(v) for v in k) if isinstance(k, (tuple, list)) else (int(k), ) * module.ndim
     cin, cout = module.in_channels, module.out_channels
     if getattr(module, 'groups', 1) not in (1, None):
         cin = cin // module.groups
-    return (cout, *k, cin) if layout == SPCONV2 else (*k, cin, cout)
+    return Geometry(k, cin, cout)
 
 
-def convert_kernel(t: torch.Tensor, src: str, dst: str) -> torch.Tensor:
-    """Permute a sparse-conv kernel between layouts; the result is contiguous."""
-    if src == dst:
-        return t
-    # the same permutation as a 2-D transpose, several times faster than an N-D permute
-    if src == SPCONV2:  # [out, k.., in] -> [k.., in, out]
-        return t.reshape(t.shape[0], -1).t().contiguous().view(*t.shape[1:], t.shape[0])
-    return t.reshape(-1, t.shape[-1]).t().contiguous().view(t.shape[-1], *t.shape[:-1])
+def module_pointwise(module: nn.Module) -> bool:
+    """Whether spconv 2.x would run ``module``'s config as a per-site ``mm``
+    (:func:`~mmfusionload.sparse_layouts.is_pointwise`)."""
+    g = module_geometry(module)
+    stride = getattr(module, 'stride', 1)
+    stride = tuple(stride) if isinstance(stride, (list, tuple)) else (int(stride), ) * g.ndim
+    return is_pointwise(g.kernel, stride, bool(getattr(module, 'subm', False)))
 
 
-def source_layout(module: nn.Module, shape: Tuple[int, ...], option: str,
-                  file_version: Optional[int], where: str) -> str:
-    """Decide the layout of a checkpoint kernel.
+def kernel_shape(module: nn.Module, layout: str) -> Tuple[int, ...]:
+    """The weight shape ``module`` would have in ``layout``."""
+    return stored_shape(module_geometry(module), layout)
 
-    In order: an explicit option, the checkpoint's ``_metadata`` version for the
-    module (2 means spconv 2.x), then the shape given the module's kernel size
-    and channels.
 
-    Args:
-        module (nn.Module): The live sparse-conv module.
-        shape (tuple): The checkpoint tensor's shape.
-        option (str): ``'auto'``, ``'spconv2'`` or ``'mmcv'``.
-        file_version (int, optional): ``_metadata`` version, if recorded.
-        where (str): File and key, for messages.
+def convert_kernel(t: torch.Tensor, src: str, dst: str,
+                   pointwise: Optional[bool] = None) -> torch.Tensor:
+    """A sparse-conv kernel stored in ``src`` as the ``dst`` kernel computing the same
+    function (see :mod:`mmfusionload.sparse_layouts`); the result is contiguous.
+    ``pointwise``: :func:`module_pointwise` of the module (None: kernel volume 1)."""
+    return convert(t, src, dst, pointwise)
 
-    Returns:
-        str: ``'spconv2'`` or ``'mmcv'``.
+
+def _is_kernel(m: Mapped) -> bool:
+    return (module_layout(m.module) is not None and m.key.rsplit('.', 1)[-1] == 'weight'
+            and len(m.shape) >= 3)
+
+
+class SparseDecision:
+    """The layout and axis order of one source's sparse kernels.
+
+    Attributes:
+        layout (str, optional): The file's layout.
+        why (str): What decided it.
+        reversed (dict): Encoder name -> whether its spatial axes are reversed.
+        orders (dict): Encoder name -> (checkpoint order, model order), when known.
+        encoder (dict): Model key -> encoder name.
+        problems (dict): Model key -> the message its entry raises.
     """
-    fits = {lay: kernel_shape(module, lay) == tuple(shape) for lay in LAYOUTS}
+
+    def __init__(self):
+        self.layout: Optional[str] = None
+        self.why = ''
+        self.reversed: Dict[str, bool] = {}
+        self.orders: Dict[str, Tuple[Optional[str], Optional[str]]] = {}
+        self.encoder: Dict[str, str] = {}
+        self.problems: Dict[str, str] = {}
+
+
+def _fits(m: Mapped) -> List[Tuple[str, bool]]:
+    """(layout, axes reversed) pairs under which the checkpoint shape fits the module."""
+    g = module_geometry(m.module)
+    out = []
+    for lay in LAYOUTS:
+        for rev in (False, True):
+            if rev and g.ndim < 2:
+                continue
+            if stored_shape(g.reversed() if rev else g, lay) == tuple(m.shape):
+                out.append((lay, rev))
+    return out
+
+
+def _decide_layout(ctx: SourceContext, kernels: List[Mapped], fits: Dict[str, list],
+                   d: SparseDecision) -> None:
+    option = getattr(ctx.options, 'spconv_layout', 'auto') or 'auto'
+    fname = ctx.filename
     if option != 'auto':
-        layout, why = option, f'spconv_layout={option!r}'
-    elif file_version is not None:
-        layout = layout_of_version(file_version)
-        why = f'checkpoint _metadata version {file_version}'
-    elif fits[SPCONV2] and fits[MMCV]:
-        raise RepairProblem(
-            f'{where}: shape {list(shape)} fits both the spconv2 [out,*k,in] and '
-            'the mmcv [*k,in,out] kernel layout and the checkpoint has no '
-            "_metadata; set spconv_layout='spconv2' or 'mmcv' on this source")
-    elif fits[SPCONV2] or fits[MMCV]:
-        return SPCONV2 if fits[SPCONV2] else MMCV
-    else:
-        raise RepairProblem(
-            f'{where}: shape {list(shape)} is neither the spconv2 layout '
-            f'{list(kernel_shape(module, SPCONV2))} nor the mmcv layout '
-            f'{list(kernel_shape(module, MMCV))} of this module')
-    if not fits[layout]:
-        raise RepairProblem(
-            f'{where}: {why} says {layout} layout, expected shape '
-            f'{list(kernel_shape(module, layout))}, but the checkpoint has {list(shape)}')
-    return layout
+        d.layout, d.why = option, f'spconv_layout={option!r}'
+        return
+    proof: Dict[str, Tuple[str, str]] = {}  # layout -> (key, why)
+    for m in kernels:
+        layouts = {lay for lay, _ in fits[m.key]}
+        if layout_of_version(m.file_version) == SPCONV2 and SPCONV2 in layouts:
+            proof.setdefault(SPCONV2, (m.key, f'{m.file_key} has _metadata version 2'))
+        if len(layouts) == 1:
+            lay = next(iter(layouts))
+            proof.setdefault(lay, (m.key, f'{m.file_key} {list(m.shape)} fits only the {lay} '
+                                          f'layout {LAYOUT_DEFS[lay].stored}'))
+    if len(proof) == 2:
+        msg = (f'{fname}: the sparse kernels of this file disagree on their layout: '
+               f'{proof[SPCONV2][1]}, but {proof[MMCV][1]}; a file holds one layout '
+               "(set spconv_layout='spconv2' or 'mmcv' on this source if you know it)")
+        for m in kernels:
+            d.problems[m.key] = msg
+        return
+    if proof:
+        d.layout = next(iter(proof))
+        d.why = proof[d.layout][1]
+        return
+    ambiguous = [m for m in kernels if len({lay for lay, _ in fits[m.key]}) > 1]
+    if ambiguous:
+        m = ambiguous[0]
+        msg = (f'{fname}: {m.file_key}: shape {list(m.shape)} fits both the spconv2 '
+               '[out,*k,in] and the mmcv [*k,in,out] kernel layout, and nothing in the '
+               'file decides (no _metadata version 2, no sparse kernel whose shape fits '
+               f"one layout only); set spconv_layout='spconv2' or 'mmcv' on this source")
+        for a in ambiguous:
+            d.problems[a.key] = msg
+
+
+def decide_sparse(ctx: SourceContext) -> SparseDecision:
+    """Decide (once per source) the layout and axis order of its sparse kernels."""
+    if 'sparse' in ctx.cache:
+        return ctx.cache['sparse']
+    d = SparseDecision()
+    ctx.cache['sparse'] = d
+    kernels = [m for m in ctx.mapped if _is_kernel(m)]
+    fits = {m.key: _fits(m) for m in kernels}
+    for m in kernels:
+        if not fits[m.key]:
+            g = module_geometry(m.module)
+            d.problems[m.key] = (
+                f'{ctx.filename}: {m.file_key} -> {m.key}: shape {list(m.shape)} is neither the '
+                f'spconv2 layout {list(stored_shape(g, SPCONV2))} nor the mmcv layout '
+                f'{list(stored_shape(g, MMCV))} of this module (nor either with the spatial '
+                'axes reversed)')
+    kernels = [m for m in kernels if fits[m.key]]
+    _decide_layout(ctx, kernels, fits, d)
+    if d.layout is None:
+        return d
+    groups: Dict[str, List[Mapped]] = {}
+    for m in kernels:
+        enc = encoder_of(ctx.model, m.module_name)
+        d.encoder[m.key] = enc
+        groups.setdefault(enc, []).append(m)
+    option = source_order_option(ctx.options)
+    for enc, members in groups.items():
+        revs = {m.key: {rev for lay, rev in fits[m.key] if lay == d.layout} for m in members}
+        rev, orders, problem = decide_axis_order(ctx, enc, members, revs, option)
+        d.reversed[enc], d.orders[enc] = rev, orders
+        for m in members:
+            if m.key in d.problems:
+                continue
+            if problem:
+                d.problems[m.key] = problem
+            elif not revs[m.key]:
+                g = module_geometry(m.module)
+                d.problems[m.key] = (
+                    f'{ctx.filename}: {m.file_key} -> {m.key}: {d.why}: the file is in the '
+                    f'{d.layout} layout, so expected shape {list(stored_shape(g, d.layout))}, '
+                    f'but the checkpoint has {list(m.shape)}')
+            elif rev not in revs[m.key]:
+                g = module_geometry(m.module)
+                d.problems[m.key] = (
+                    f'{ctx.filename}: {m.file_key} -> {m.key}: {list(m.shape)} fits this '
+                    f'module (kernel {list(g.kernel)}) only with the spatial axes '
+                    f'{"as they are" if rev else "reversed"}, but the axis order of '
+                    f'{enc or "the model"} '
+                    f'was decided as {"reversed" if rev else "the same"} ({orders}); set '
+                    "spatial_order='zyx' or 'xyz' on this source")
+    return d
+
+
+def _context(entry: Entry) -> SourceContext:
+    if entry.context is None:  # a lone entry: its own evidence only
+        entry.context = SourceContext(entry.filename, entry.options, None, [Mapped(
+            entry.key, entry.file_key, tuple(entry.source.shape), entry.module,
+            entry.module_name, entry.file_version)])
+    return entry.context
 
 
 @REPAIRS.register_module()
 class SpconvLayout(Repair):
-    """Permute sparse-conv kernels into the live module's layout."""
+    """Convert sparse-conv kernels from the file's layout into the live module's."""
     name = 'spconv_layout'
     priority = 10
 
@@ -115,9 +231,34 @@ class SpconvLayout(Repair):
             raise RepairProblem(
                 f'{where}: the live {type(entry.module).__name__} holds '
                 f'{list(entry.target.shape)}, not its class layout {dst}')
-        option = getattr(entry.options, 'spconv_layout', 'auto')
-        src = source_layout(entry.module, entry.shape, option, entry.file_version, where)
+        ctx = _context(entry)
+        if not any(m.key == entry.key for m in ctx.mapped):
+            ctx.mapped.append(Mapped(entry.key, entry.file_key, tuple(entry.source.shape),
+                                     entry.module, entry.module_name, entry.file_version))
+            ctx.cache.pop('sparse', None)
+        d = decide_sparse(ctx)
+        if entry.key in d.problems:
+            raise RepairProblem(d.problems[entry.key])
+        src, enc = d.layout, d.encoder[entry.key]
+        rev = d.reversed[enc]
+        entry.facts['spconv_layout'] = (src, dst)
+        entry.facts['axis_order'] = (rev, d.orders[enc])
         if src != dst:
-            entry.add_step(self.name,
-                           lambda t, s=src, d=dst: convert_kernel(t, s, d),
-                           shape=entry.target.shape)
+            g, pw = module_geometry(entry.module), module_pointwise(entry.module)
+            entry.add_step(self.name, lambda t, s=src, t_=dst, p=pw: convert(t, s, t_, p),
+                           shape=stored_shape(g.reversed() if rev else g, dst))
+
+
+@REPAIRS.register_module()
+class AxisOrder(Repair):
+    """Reverse the spatial axes of a sparse kernel whose encoder's order is reversed."""
+    name = 'axis_order'
+    priority = 11
+
+    def __call__(self, entry: Entry) -> None:
+        rev = entry.facts.get('axis_order', (False, None))[0]
+        if not rev or volume(module_geometry(entry.module).kernel) == 1:
+            return
+        dst, pw = module_layout(entry.module), module_pointwise(entry.module)
+        entry.add_step(self.name, lambda t, lay=dst, p=pw: reverse_axes(t, lay, p),
+                       shape=entry.target.shape)

@@ -1,0 +1,189 @@
+"""Spatial axis order of a sparse encoder: z-y-x or x-y-z.
+
+MMDetection3D 1.4.0 has two conventions for the same layers:
+
+- ``SparseEncoder`` (CenterPoint, SECOND, PointPillars-free configs) and
+  OpenPCDet's backbones: coordinates ``(z, y, x)``, e.g. ``sparse_shape=[41,
+  1440, 1440]``, stage-3 padding ``(0, 1, 1)``, ``conv_out`` kernel ``(3, 1, 1)``
+  stride ``(2, 1, 1)``;
+- ``BEVFusionSparseEncoder`` (``projects/BEVFusion``): coordinates
+  ``(x, y, z)``, ``sparse_shape=[1440, 1440, 41]``, padding ``(1, 1, 0)``,
+  ``conv_out`` kernel ``(1, 1, 3)`` stride ``(1, 1, 2)``; its BEV output is the
+  other's transposed in (x, y).
+
+A kernel trained in one order computes the same function in the other once its
+spatial axes are reversed. The order of an encoder is a property of the whole
+encoder: it is read from its ``sparse_shape`` and from every anisotropic
+kernel size, stride and padding of its sparse convs (the axis that differs
+from the two others is z), and the order of a checkpoint from its kernels'
+shapes compared with the live modules' kernel sizes.
+"""
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch.nn as nn
+
+from .sparse_layouts import ORDERS, XYZ, ZYX
+
+Orders = Tuple[Optional[str], Optional[str]]
+
+
+def source_order_option(options: Any) -> str:
+    """The source's ``spatial_order`` option (``'auto'`` when absent)."""
+    return getattr(options, 'spatial_order', 'auto') or 'auto'
+
+
+def _odd_axis(values: Sequence[int]) -> Optional[int]:
+    """Index of the one value that differs from the two others (3 values), else None."""
+    v = [int(x) for x in values]
+    if len(v) != 3 or len(set(v)) != 2:
+        return None
+    for i in range(3):
+        if v.count(v[i]) == 1:
+            return i
+    return None
+
+
+def _order_of_axis(i: Optional[int]) -> Optional[str]:
+    return {0: ZYX, 2: XYZ}.get(i) if i is not None else None
+
+
+def shape_order(sparse_shape: Sequence[int]) -> Optional[str]:
+    """The order a ``sparse_shape`` implies: z is the odd extent, or the one far smaller."""
+    s = [int(x) for x in sparse_shape]
+    if len(s) != 3:
+        return None
+    order = _order_of_axis(_odd_axis(s))
+    if order is None and len(set(s)) == 3:
+        small = min(range(3), key=lambda i: s[i])
+        if all(2 * s[small] <= s[j] for j in range(3) if j != small):
+            order = _order_of_axis(small)
+    return order
+
+
+def _triple(v: Any, n: int = 3) -> Optional[Tuple[int, ...]]:
+    if isinstance(v, (list, tuple)):
+        return tuple(int(x) for x in v) if len(v) == n else None
+    return (int(v), ) * n
+
+
+def live_order(encoder: nn.Module) -> Tuple[Optional[str], List[str]]:
+    """The axis order of a live sparse encoder, with the facts that decided it.
+
+    Args:
+        encoder (nn.Module): The encoder (a module with ``sparse_shape``, or
+            any module holding 3-D sparse convs).
+
+    Returns:
+        tuple: ``('zyx' | 'xyz' | None, reasons)``; None when there is no
+        evidence or the evidence disagrees.
+    """
+    votes: Dict[str, List[str]] = {}
+    shape = getattr(encoder, 'sparse_shape', None)
+    if shape is not None:
+        order = shape_order(shape)
+        if order:
+            votes.setdefault(order, []).append(f'sparse_shape {list(shape)}')
+    for name, m in encoder.named_modules():
+        if getattr(m, 'ndim', None) != 3 or not hasattr(m, 'kernel_size'):
+            continue
+        for attr in ('kernel_size', 'stride', 'padding'):
+            v = _triple(getattr(m, attr, 1))
+            order = _order_of_axis(_odd_axis(v)) if v else None
+            if order:
+                votes.setdefault(order, []).append(f'{name} {attr} {v}')
+    if len(votes) == 1:
+        order = next(iter(votes))
+        return order, votes[order]
+    return None, [f'{o}: {", ".join(r[:2])}' for o, r in votes.items()]
+
+
+def encoder_of(model: Optional[nn.Module], module_name: str) -> str:
+    """The encoder a sparse conv belongs to: its nearest ancestor with a
+    ``sparse_shape``, else the model's top-level child holding it."""
+    parts = module_name.split('.') if module_name else []
+    if model is not None:
+        for i in range(len(parts) - 1, -1, -1):
+            name = '.'.join(parts[:i])
+            try:
+                if hasattr(model.get_submodule(name), 'sparse_shape'):
+                    return name
+            except AttributeError:
+                break
+    return parts[0] if len(parts) > 1 else ''
+
+
+def _reverse(order: str) -> str:
+    return XYZ if order == ZYX else ZYX
+
+
+def decide_axis_order(ctx: Any, enc: str, members: List[Any], revs: Dict[str, set],
+                      option: str) -> Tuple[bool, Orders, Optional[str]]:
+    """Whether the checkpoint's kernels of encoder ``enc`` have reversed spatial axes.
+
+    Args:
+        ctx: The source context (filename, model, meta).
+        enc (str): Encoder name in the model.
+        members (list): The encoder's mapped sparse kernels.
+        revs (dict): Model key -> the set of ``reversed`` values under which the
+            kernel's shape fits its live module (in the file's layout).
+        option (str): The source's ``spatial_order`` (``'auto'``, ``'zyx'``, ``'xyz'``).
+
+    Returns:
+        tuple: ``(reversed, (checkpoint order, model order), problem or None)``.
+    """
+    fname, label = ctx.filename, enc or 'the model'
+    live: Optional[str] = None
+    reasons: List[str] = []
+    if ctx.model is not None:
+        try:
+            live, reasons = live_order(ctx.model.get_submodule(enc) if enc else ctx.model)
+        except AttributeError:
+            live = None
+    proof: Dict[bool, str] = {}
+    for m in members:
+        r = revs.get(m.key) or set()
+        if len(r) == 1:
+            rev = next(iter(r))
+            proof.setdefault(rev, f'{m.file_key} {list(m.shape)}')
+    if len(proof) == 2:
+        return False, (None, live), (
+            f'{fname}: the spatial axis order of {label} cannot be decided: '
+            f'{proof[False]} fits the model with its axes as they are, {proof[True]} only '
+            "with them reversed; set spatial_order='zyx' or 'xyz' on this source")
+    if option in ORDERS:
+        if live is None:
+            if proof:
+                rev = next(iter(proof))
+                return rev, (option, _reverse(option) if rev else option), None
+            return False, (option, None), (
+                f'{fname}: spatial_order={option!r}, but the axis order of the model\'s '
+                f'{label} cannot be decided (no sparse_shape, kernel size, stride or padding '
+                f'that tells z; {"; ".join(reasons) or "no evidence"})')
+        rev = option != live
+        if proof and rev not in proof:
+            return rev, (option, live), (
+                f'{fname}: spatial_order={option!r} and the model\'s {label} is {live} '
+                f'({", ".join(reasons[:2])}), but {proof[not rev]} fits only with the axes '
+                f'{"reversed" if not rev else "as they are"}')
+        return rev, (option, live), None
+    if proof:
+        rev = next(iter(proof))
+        src = (_reverse(live) if rev else live) if live else None
+        return rev, (src, live), None
+    src = _meta_order(ctx)
+    if src is not None and live is not None:
+        return src != live, (src, live), None
+    return False, (src or live, live), None
+
+
+def _meta_order(ctx: Any) -> Optional[str]:
+    """The order of the checkpoint's config, when its ``meta`` carries one
+    (MMEngine's Runner saves the config text as ``meta['cfg']``)."""
+    import re
+    cfg = (getattr(ctx, 'meta', None) or {}).get('cfg')
+    if not isinstance(cfg, str):
+        return None
+    found = {shape_order([int(x) for x in m.groups()]) for m in re.finditer(
+        r'sparse_shape\s*=\s*[\[(]\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*[\])]', cfg)}
+    found.discard(None)
+    return next(iter(found)) if len(found) == 1 else None
