@@ -221,11 +221,3 @@ def layout_of_version(version: Optional[int]) -> Optional[str]:
     evidence of any layout: None.
     """
     return SPCONV2 if version is not None and int(version) >= 2 else None
-
-
-def layout_table() -> str:
-    """The layouts as a Markdown table (library, stored shape, what it computes)."""
-    rows = ['| layout | library | stored weight | what it computes |', '|---|---|---|---|']
-    for d in LAYOUT_DEFS.values():
-        rows.append(f'| `{d.name}` | {d.libraries} | `{d.stored}` | {d.computes} |')
-    return '\n'.join(rows)

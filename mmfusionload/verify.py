@@ -14,9 +14,12 @@ the model untouched.
 
 The probe is a full block of active sites as large as one receptive field in
 every dim (27 sites for a 3x3x3 kernel), so every kernel offset and every
-channel takes part; features are random (a fixed seed). spconv runs with one
-CPU thread here (its CPU kernels race with several). A module that cannot run
-where it lives (MMCV's sparse conv on CPU) is checked by its layout's
+channel takes part; features are random (a fixed seed). The reference is
+computed at a few output sites that together use every offset (a complete
+check for random inputs). spconv modules of one class, config and input width
+run once with their converted weights stacked along the output channels, with
+one CPU thread (spconv's CPU kernels race with several). A module that cannot
+run where it lives (MMCV's sparse conv on CPU) is checked by its layout's
 definition instead.
 """
 import itertools
