@@ -131,6 +131,30 @@ def find_state_dict(ckpt: Any, filename: str, prefer_ema: bool = False):
          f'bare dict of tensors; the file holds: {found})'], 'not a checkpoint')
 
 
+def _short(value: Any) -> str:
+    text = repr(value) if isinstance(value, (str, int, float, bytes, tuple)) else \
+        f'of type {type(value).__name__}'
+    return text if len(text) <= 80 else text[:77] + '...'
+
+
+def _checked_metadata(meta: Any, filename: str) -> Dict[str, dict]:
+    """``_metadata`` as module name -> dict whose ``version`` is an int or absent."""
+    if meta is None:
+        return {}
+    if not isinstance(meta, Mapping):
+        raise FusionLoadError([f'{filename}: _metadata is {_short(meta)}, not a mapping'],
+                              'not a checkpoint')
+    out = {}
+    for k, v in meta.items():
+        version = v.get('version') if isinstance(v, Mapping) else v
+        if not isinstance(k, str) or not isinstance(v, Mapping) or not (
+                version is None or type(version) is int):
+            raise FusionLoadError([f'{filename}: _metadata entry {_short(k)}: version '
+                                   f'{_short(version)} is not an int'], 'not a checkpoint')
+        out[k] = v
+    return out
+
+
 def _strip(key: str, prefix: str) -> str:
     return key[len(prefix):] if key.startswith(prefix) else key
 
@@ -151,7 +175,7 @@ def unwrap(ckpt: Any, filename: str, prefer_ema: bool = False) -> Unwrapped:
         Unwrapped: The tensors and where they came from.
     """
     state, container = find_state_dict(ckpt, filename, prefer_ema)
-    metadata = dict(getattr(state, '_metadata', None) or {})
+    metadata = _checked_metadata(getattr(state, '_metadata', None), filename)
     keys = list(state.keys())
     stripped = []
     for prefix in WRAPPER_PREFIXES:
@@ -173,6 +197,9 @@ def unwrap(ckpt: Any, filename: str, prefer_ema: bool = False) -> Unwrapped:
     skipped = []
     # a lazy state dict holds tensors only: go by its keys, create no tensor
     for k, v in ((k, None) for k in keys) if lazy else state.items():
+        if not isinstance(k, str):
+            raise FusionLoadError([f'{filename}: state dict key {_short(k)} is not a string'],
+                                  'not a checkpoint')
         if not lazy and not torch.is_tensor(v):
             skipped.append(str(k))
             continue
