@@ -177,6 +177,10 @@ def unwrap(ckpt: Any, filename: str, prefer_ema: bool = False) -> Unwrapped:
     state, container = find_state_dict(ckpt, filename, prefer_ema)
     metadata = _checked_metadata(getattr(state, '_metadata', None), filename)
     keys = list(state.keys())
+    bad = [k for k in keys if not isinstance(k, str)]
+    if bad:
+        raise FusionLoadError([f'{filename}: state dict key {_short(bad[0])} is not a string'],
+                              'not a checkpoint')
     stripped = []
     for prefix in WRAPPER_PREFIXES:
         if sum(k.startswith(prefix) for k in keys) * 2 > len(keys):
@@ -197,9 +201,6 @@ def unwrap(ckpt: Any, filename: str, prefer_ema: bool = False) -> Unwrapped:
     skipped = []
     # a lazy state dict holds tensors only: go by its keys, create no tensor
     for k, v in ((k, None) for k in keys) if lazy else state.items():
-        if not isinstance(k, str):
-            raise FusionLoadError([f'{filename}: state dict key {_short(k)} is not a string'],
-                                  'not a checkpoint')
         if not lazy and not torch.is_tensor(v):
             skipped.append(str(k))
             continue

@@ -138,7 +138,7 @@ def mark_mapped(tensors: Iterable[torch.Tensor], path: str,
     if madvise() is None:
         return 0
     tensors = [t for t in tensors if torch.is_tensor(t) and t.device.type == 'cpu'
-               and t.numel() > 0]
+               and t.layout == torch.strided and not t.is_quantized and t.numel() > 0]
     per_storage: Dict[int, int] = {}
     for t in tensors:
         p = t.untyped_storage().data_ptr()

@@ -93,6 +93,18 @@ def zip_members(f: Any, size: int) -> Dict[str, Member]:
         zf = zipfile.ZipFile(f)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError) as e:
         raise CorruptFileError(f'corrupt zip directory ({e})') from e
+    # the directory must sit where the end record says (zipfile would accept bytes
+    # before the archive and shift every offset; Python 3.11's end-record layout)
+    end_rec = zipfile._EndRecData(f)
+    if end_rec is None:
+        raise CorruptFileError('no zip end record')
+    shift = end_rec[zipfile._ECD_LOCATION] - end_rec[zipfile._ECD_SIZE] - \
+        end_rec[zipfile._ECD_OFFSET]
+    if end_rec[zipfile._ECD_SIGNATURE] == zipfile.stringEndArchive64:
+        shift -= zipfile.sizeEndCentDir64 + zipfile.sizeEndCentDir64Locator
+    if shift:
+        raise CorruptFileError(f'the zip directory is not where the end record puts it '
+                               f'({shift} bytes off)')
     members: Dict[str, Member] = {}
     spans: List[Tuple[int, int, str]] = []
     end = min(size, getattr(zf, 'start_dir', size))
@@ -306,9 +318,6 @@ class _LegacyStorages(_FileStorages):
     after it; tensors wait (:class:`_Deferred`) until the bytes are read and checked."""
 
     def storage(self, saved_id: Any) -> _Storage:
-        if isinstance(saved_id, tuple) and saved_id and \
-                _text(saved_id[0], 'persistent id type') == 'module':
-            raise CheckpointValueError('a pickled nn.Module (save its state_dict instead)')
         if not (isinstance(saved_id, tuple) and len(saved_id) == 6):
             raise CheckpointValueError('persistent id that is not a 6-item storage id')
         kind, key, location, numel = self._kind(saved_id[:5], 5)
@@ -392,12 +401,16 @@ class _Finisher:
     def __init__(self, storages: _FileStorages, bookkeeping: bool):
         self.storages, self.bookkeeping = storages, bookkeeping
         self.memo: Dict[int, Any] = {}
+        self.height: Dict[int, int] = {}  # levels below a container, shared ones included
 
     def __call__(self, obj: Any, path: Tuple[str, ...] = (), depth: int = 0) -> Any:
         if obj is None or isinstance(obj, (str, int, float, bytes, complex, torch.dtype)):
             return obj
         key = id(obj)
         if key in self.memo:
+            if depth + self.height.get(key, 0) > MAX_DEPTH:
+                raise CheckpointValueError(f'{_where(path)}: nested more than {MAX_DEPTH} '
+                                           'levels')
             return self.memo[key]
         if depth > MAX_DEPTH:
             raise CheckpointValueError(f'{_where(path)}: nested more than {MAX_DEPTH} levels')
@@ -417,6 +430,20 @@ class _Finisher:
         elif isinstance(obj, _Storage):
             raise CheckpointValueError(f'{_where(path)}: a bare storage')
         self.memo[key] = out
+        self._children(obj, key, path, depth)
+        return self.memo[key]
+
+    def _children(self, obj: Any, key: int, path: Tuple[str, ...], depth: int) -> None:
+        kids: List[Any] = []
+        if isinstance(obj, dict):
+            kids = list(obj.values())
+        elif isinstance(obj, (list, tuple, set, frozenset)) and not isinstance(obj, torch.Size):
+            kids = list(obj)
+        self._rebuild_children(obj, key, path, depth)
+        self.height[key] = 1 + max((self.height.get(id(k), 0) for k in kids), default=0)
+
+    def _rebuild_children(self, obj: Any, key: int, path: Tuple[str, ...], depth: int) -> None:
+        out = self.memo[key]
         if isinstance(obj, dict):
             if type(obj) is OrderedDict:
                 extra = set(vars(obj)) - {'_metadata'}
@@ -437,14 +464,11 @@ class _Finisher:
         elif isinstance(obj, (set, frozenset)):
             items = [self(v, path + ('<set item>', ), depth + 1) for v in obj]
             if any(a is not b for a, b in zip(items, obj)):
-                out = type(obj)(items)
-                self.memo[key] = out
+                self.memo[key] = type(obj)(items)
         elif isinstance(obj, tuple) and not isinstance(obj, torch.Size):
             items = [self(v, path + (f'[{i}]', ), depth + 1) for i, v in enumerate(obj)]
             if any(a is not b for a, b in zip(items, obj)):
-                out = type(obj)(items) if type(obj) is tuple else tuple(items)
-                self.memo[key] = out
-        return out
+                self.memo[key] = tuple(items)
 
     def tensor(self, t: torch.Tensor, path: Tuple[str, ...]) -> torch.Tensor:
         where = _where(path)

@@ -376,22 +376,25 @@ class Storages:
 
     def _rebuild_tensor_v2(self, storage, storage_offset, size, stride, requires_grad=False,
                            backward_hooks=None, metadata=None):
-        _no_extras(backward_hooks, metadata)
-        return self.checked(storage, storage_offset, size, stride, None)
+        return self.checked(storage, storage_offset, size, stride, None,
+                            (backward_hooks, metadata))
 
     def _rebuild_tensor_v3(self, storage, storage_offset, size, stride, requires_grad,
                            backward_hooks, dtype, metadata=None):
-        _no_extras(backward_hooks, metadata)
         if not isinstance(dtype, torch.dtype) or dtype not in _DTYPES.values():
-            raise CheckpointValueError(f'tensor of dtype {_short(dtype)}')
-        return self.checked(storage, storage_offset, size, stride, dtype)
+            return Invalid(f'tensor of dtype {_short(dtype)}')
+        return self.checked(storage, storage_offset, size, stride, dtype,
+                            (backward_hooks, metadata))
 
     def _rebuild_parameter(self, data, requires_grad=False, backward_hooks=None, state=None):
-        _no_extras(backward_hooks, None)
         if isinstance(data, Invalid):
             return data
         if not self.is_tensor(data):
             raise CheckpointValueError('parameter of something that is not a tensor')
+        try:
+            _no_extras(backward_hooks, None)
+        except CheckpointValueError as e:
+            return Invalid(str(e))
         return data  # a plain tensor: attributes the file gives are dropped
 
     def _rebuild_from_type(self, func, new_type, args, state=None):
@@ -400,12 +403,14 @@ class Storages:
             raise CheckpointValueError('tensor of a type other than torch.Tensor/Parameter')
         return func(*args)
 
-    def checked(self, storage, offset, size, stride, dtype):
+    def checked(self, storage, offset, size, stride, dtype, extras=(None, None)):
         """Check ``(offset, size, stride)`` against ``storage`` and build the view
-        (an :class:`Invalid` instead when a check fails)."""
+        (an :class:`Invalid` instead when a check fails). ``extras``: the backward
+        hooks and metadata the file gives, which must be empty."""
         if isinstance(storage, Invalid):
             return storage
         try:
+            _no_extras(*extras)
             return self._checked(storage, offset, size, stride, dtype)
         except CorruptFileError:
             raise
