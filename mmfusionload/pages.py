@@ -84,8 +84,8 @@ def track(t: torch.Tensor, ranges: Iterable[Tuple[int, int]]) -> bool:
     Returns:
         bool: Whether it was recorded.
     """
-    if madvise() is None or not torch.is_tensor(t) or t.device.type != 'cpu' or \
-            t.numel() == 0 or t.layout != torch.strided or min(t.stride(), default=0) < 0:
+    if _MADVISE.get('fn') is None and madvise() is None or not torch.is_tensor(t) or \
+            t.device.type != 'cpu' or t.numel() == 0 or t.layout != torch.strided:
         return False
     start, nbytes = t.data_ptr(), extent(t)
     if not any(lo <= start and start + nbytes <= hi for lo, hi in ranges):

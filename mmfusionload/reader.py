@@ -15,6 +15,7 @@ unpickling.
 """
 import cmath
 import io
+import mmap
 import os
 import os.path as osp
 import re
@@ -30,8 +31,9 @@ from mmengine.runner.checkpoint import CheckpointLoader
 
 from .errors import FusionLoadError
 from .pages import file_mappings, is_tracked, madvise, mark_mapped, release_pages, track
-from .safe_unpickle import (CheckpointValueError, CorruptFileError, HistoryBufferState, Invalid, NumpyArray, NumpyDtype,
-                            Placeholder, Storages, UnsafeGlobalError, unpickle)
+from .safe_unpickle import (CheckpointValueError, CorruptFileError, HistoryBufferState, Invalid,
+                            NumpyArray, NumpyDtype, Storages, UnsafeGlobalError, opcode_limit,
+                            unpickle)
 
 __all__ = ['read_checkpoint', 'release_pages', 'mark_mapped', 'is_tracked', 'all_finite',
            'SafetensorsState', 'install_checkpoint_loader', 'load_local', 'is_safetensors']
@@ -108,6 +110,20 @@ def zip_members(f: Any, size: int) -> Dict[str, Member]:
     members: Dict[str, Member] = {}
     spans: List[Tuple[int, int, str]] = []
     end = min(size, getattr(zf, 'start_dir', size))
+    view = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        _check_members(zf, view, end, members, spans)
+    finally:
+        view.close()
+    spans.sort()
+    for (_, a_end, a), (b_start, _, b) in zip(spans, spans[1:]):
+        if b_start < a_end:
+            raise CheckpointValueError(f'zip members {a!r} and {b!r} overlap')
+    return members
+
+
+def _check_members(zf: zipfile.ZipFile, view: Any, end: int, members: Dict[str, Member],
+                   spans: List[Tuple[int, int, str]]) -> None:
     for info in zf.infolist():
         name = info.orig_filename
         parts = name.split('/')
@@ -121,15 +137,15 @@ def zip_members(f: Any, size: int) -> Dict[str, Member]:
                                        'uncompressed')
         if info.flag_bits & 0x1 or info.file_size != info.compress_size:
             raise CheckpointValueError(f'zip member {name!r}: encrypted or sizes disagree')
-        f.seek(info.header_offset)
-        head = f.read(30)
+        head = view[info.header_offset:info.header_offset + 30]
         if len(head) != 30 or head[:4] != _ZIP_MAGIC:
             raise CorruptFileError(f'zip member {name!r}: no local header at '
                                        f'{info.header_offset}')
         method, = struct.unpack('<H', head[8:10])
         n, m = struct.unpack('<HH', head[26:30])
         raw_name = name.encode('utf-8' if info.flag_bits & 0x800 else 'cp437', 'replace')
-        if method != zipfile.ZIP_STORED or f.read(n) != raw_name:
+        at = info.header_offset + 30
+        if method != zipfile.ZIP_STORED or view[at:at + n] != raw_name:
             raise CheckpointValueError(f'zip member {name!r}: local header disagrees with the '
                                        'directory')
         start = info.header_offset + 30 + n + m
@@ -138,11 +154,6 @@ def zip_members(f: Any, size: int) -> Dict[str, Member]:
                                        f'{start} run past the data ({end} bytes)')
         members[name] = Member(name, start, info.file_size)
         spans.append((info.header_offset, start + info.file_size, name))
-    spans.sort()
-    for (_, a_end, a), (b_start, _, b) in zip(spans, spans[1:]):
-        if b_start < a_end:
-            raise CheckpointValueError(f'zip members {a!r} and {b!r} overlap')
-    return members
 
 
 def _read_member(f: Any, m: Member) -> bytes:
@@ -297,8 +308,15 @@ class _Bounded(io.RawIOBase):
 
     def __init__(self, f: Any, end: int):
         self.f, self.end = f, end
+        self.limit = opcode_limit(end)
+        # an opcode takes at least a byte: a file no longer than the limit is within it
+        self.ops = self.limit if end > self.limit else None
 
     def read(self, n: int = -1) -> bytes:
+        if n == 1 and self.ops is not None:
+            self.ops -= 1
+            if self.ops < 0:
+                raise CheckpointValueError(f'the pickles run more than {self.limit} opcodes')
         left = self.end - self.f.tell()
         if n is None or n < 0:
             n = left
@@ -404,7 +422,8 @@ class _Finisher:
         self.height: Dict[int, int] = {}  # levels below a container, shared ones included
 
     def __call__(self, obj: Any, path: Tuple[str, ...] = (), depth: int = 0) -> Any:
-        if obj is None or isinstance(obj, (str, int, float, bytes, complex, torch.dtype)):
+        if obj is None or isinstance(obj, (str, int, float, bytes, complex, torch.dtype)) or (
+                type(obj) in (dict, list, tuple) and not obj):
             return obj
         key = id(obj)
         if key in self.memo:
@@ -471,21 +490,23 @@ class _Finisher:
                 self.memo[key] = tuple(items)
 
     def tensor(self, t: torch.Tensor, path: Tuple[str, ...]) -> torch.Tensor:
-        where = _where(path)
-        if type(t) is not torch.Tensor or t.layout != torch.strided:
-            raise CheckpointValueError(f'{where}: a {type(t).__name__} of layout {t.layout}')
+        """Check a tensor once more after unpickling (a ``BUILD`` may have re-set it).
+
+        Its storage must still be one of this file's, whole (``set_`` refuses negative
+        strides and views past a storage that cannot grow; one that grew has another
+        size and is refused here), and it must not view more elements than the
+        storage holds.
+        """
         st = t.untyped_storage()
-        rec = self.storages.by_ptr.get((st.data_ptr(), st.nbytes()))
-        if rec is None and st.nbytes():
-            raise CheckpointValueError(f'{where}: a tensor on memory that is no storage of '
-                                       'this file')
-        if min(t.stride(), default=0) < 0:
-            raise CheckpointValueError(f'{where}: negative stride {list(t.stride())}')
-        reach = t.storage_offset() * t.element_size() + _extent(t)
-        if reach > st.nbytes() or t.numel() * t.element_size() > st.nbytes():
-            raise CheckpointValueError(f'{where}: size {list(t.shape)}, stride '
-                                       f'{list(t.stride())} outside its storage')
-        t.requires_grad_(False)
+        nbytes = st.nbytes()
+        if type(t) is not torch.Tensor or t.layout != torch.strided or (
+                nbytes and (st.data_ptr(), nbytes) not in self.storages.by_ptr) or \
+                t.numel() * t.element_size() > nbytes or t._backward_hooks:
+            raise CheckpointValueError(
+                f'{_where(path)}: a {type(t).__name__} of size {list(t.shape)}, stride '
+                f'{list(t.stride())} that is not a plain view of a storage of this file')
+        if t.requires_grad:
+            t.requires_grad_(False)
         return t
 
 
@@ -501,12 +522,13 @@ def _where(path: Tuple[str, ...]) -> str:
 
 
 def _track_views(storages: _FileStorages, ranges: List[Tuple[int, int]]) -> None:
-    """Record the mapped tensors for :func:`release_pages`: one tensor per storage."""
+    """Record the mapped tensors for :func:`release_pages`: one tensor per storage
+    (releasing one of two views of a storage could drop the other's written pages)."""
     count: Dict[int, int] = {}
     for t, rec in storages.views:
         count[id(rec)] = count.get(id(rec), 0) + 1
     for t, rec in storages.views:
-        if count[id(rec)] == 1 and t.untyped_storage().data_ptr() == rec.untyped.data_ptr():
+        if count[id(rec)] == 1:
             track(t, ranges)
 
 
@@ -539,7 +561,7 @@ def _read_zip(path: str, size: int, map_location: Any, mmap: Optional[bool],
         whole = torch.UntypedStorage.from_file(path, False, size) if use_map else None
         storages = _ZipStorages(f, members, prefix, whole, swap, _restore_fn(map_location))
         data = _read_member(f, members[pkl[0]])
-        obj = unpickle(data, storages)
+        obj = unpickle(data, storages, opcode_limit(size))
         obj = _Finisher(storages, bookkeeping)(obj)
     if whole is not None and storages.views and madvise() is not None:
         lo = whole.data_ptr()
@@ -736,6 +758,7 @@ def read_checkpoint(path: str,
             return ckpt
         return _read_pth(path, map_location, mmap, bookkeeping)
     except UnsafeGlobalError as e:
+        e.__traceback__ = None  # its frames hold what the pickle had built
         raise FusionLoadError([
             f'{path}: the file asks to unpickle {e.name!r}, which is not a '
             'tensor, a plain container or an admitted MMEngine/numpy object; '
@@ -743,13 +766,16 @@ def read_checkpoint(path: str,
             '--trust-checkpoint) only if you trust this file'
         ], 'refusing to read checkpoint') from e
     except CorruptFileError as e:
+        e.__traceback__ = None
         raise FusionLoadError([f'{path}: not a readable checkpoint (truncated or corrupt?): {e}'],
                               'cannot read checkpoint') from e
     except CheckpointValueError as e:
+        e.__traceback__ = None
         raise FusionLoadError([f'{path}: {e}'], 'refusing to read checkpoint') from e
     except FusionLoadError:
         raise
     except Exception as e:
+        e.__traceback__ = None
         msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ''
         raise FusionLoadError(
             [f'{path}: not a readable checkpoint (truncated or corrupt?): '

@@ -37,7 +37,7 @@ import io
 import re
 import types
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import _weights_only_unpickler as _wou
@@ -165,6 +165,9 @@ class NumpyArray(Placeholder):
     global_name = 'numpy.ndarray'
     __slots__ = ('value', )
 
+    def __init__(self, *args, **kwargs):
+        self.value = None
+
     def __setstate__(self, state: Any) -> None:
         import numpy as np
         if not (isinstance(state, tuple) and len(state) == 5):
@@ -199,8 +202,9 @@ class HistoryBufferState(Placeholder):
     def __setstate__(self, state: Any) -> None:
         if not isinstance(state, dict) or not set(state) <= {
                 'max_length', '_log_history', '_count_history', 'statistics_methods'}:
-            raise CheckpointValueError('HistoryBuffer: unexpected state '
-                                       f'{sorted(map(repr, state))[:5] if isinstance(state, dict) else type(state).__name__}')
+            what = sorted(map(repr, state))[:5] if isinstance(state, dict) else \
+                type(state).__name__
+            raise CheckpointValueError(f'HistoryBuffer: unexpected state {what}')
         length = state.get('max_length', 1000000)
         if type(length) is not int or not 1 <= length <= MAX_HISTORY:
             raise CheckpointValueError(f'HistoryBuffer: max_length {length!r} is not an int '
@@ -540,12 +544,39 @@ def admitted_globals(storages: Storages) -> Dict[str, Any]:
     return table
 
 
-def unpickle(data: Any, storages: Storages) -> Any:
+class OpcodeBudget(io.BytesIO):
+    """A pickle in memory that may run at most ``limit`` opcodes (each opcode creates
+    at most one object of about 100 bytes, so this bounds the memory a pickle builds)."""
+
+    def __init__(self, data: bytes, limit: int):
+        super().__init__(data)
+        self.limit = self.left = limit
+
+    def read(self, n: int = -1) -> bytes:  # the loop reads each opcode with read(1)
+        if n == 1:
+            self.left -= 1
+            if self.left < 0:
+                raise CheckpointValueError(f'the pickle runs more than {self.limit} opcodes')
+        return super().read(n)
+
+
+def opcode_limit(file_bytes: int) -> int:
+    """Opcodes a pickle in a file of ``file_bytes`` may run: :data:`BASE_OPCODES` plus
+    one per 64 bytes of the file."""
+    return BASE_OPCODES + file_bytes // 64
+
+
+#: Opcodes any file may run (a checkpoint with optimizer state runs about 30 per tensor).
+BASE_OPCODES = 500_000
+
+
+def unpickle(data: Any, storages: Storages, limit: Optional[int] = None) -> Any:
     """Unpickle ``data`` (bytes or a binary file) with the admitted globals only.
 
     Args:
-        data (bytes | file): The pickle.
+        data (bytes | file): The pickle (a file counts its opcodes itself).
         storages (Storages): Resolves persistent ids and builds tensors.
+        limit (int, optional): Most opcodes for bytes (:func:`opcode_limit`).
 
     Returns:
         Any: The object tree (tensors, containers, numbers, strings, placeholders).
@@ -563,7 +594,12 @@ def unpickle(data: Any, storages: Storages) -> Any:
               _blocklisted_modules=(), warnings=_Quiet)
     load = types.FunctionType(_LOAD.__code__, ns, 'load', _LOAD.__defaults__,
                               _LOAD.__closure__)
-    fileobj = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        limit = limit or opcode_limit(len(data))
+        # an opcode takes at least a byte: a pickle no longer than the limit is within it
+        fileobj = io.BytesIO(data) if len(data) <= limit else OpcodeBudget(bytes(data), limit)
+    else:
+        fileobj = data
     unpickler = _wou.Unpickler(fileobj, encoding='utf-8')
     unpickler.persistent_load = storages.storage  # type: ignore[method-assign]
     return load(unpickler)

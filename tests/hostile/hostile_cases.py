@@ -16,7 +16,7 @@ import tarfile
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -182,8 +182,9 @@ def _(d):
 def _(d):
     # the state names a dunder statistic; then getattr(HistoryBuffer, '__getattribute__')
     # is called like a function on its way to os.system
-    hb = Build(New(HB, ()), {'statistics_methods': {'__getattribute__': Call(GETATTR, (HB, 'mean'))},
-                             'max_length': 10, '_log_history': [], '_count_history': []})
+    stats = {'__getattribute__': Call(GETATTR, (HB, 'mean'))}
+    hb = Build(New(HB, ()), {'statistics_methods': stats, 'max_length': 10,
+                             '_log_history': [], '_count_history': []})
     chain = Call(Call(GETATTR, (HB, '__getattribute__')), (HB, '__init__'))
     return zip_with(d, 'hb_chain.pth', {'message_hub': {'log_scalars': {'x': hb}},
                                         'payload': chain})
@@ -209,7 +210,7 @@ def _(d):
 
 @case('parameter-state-sets-reader-attribute', 'code', 'fc.weight', wide=True)
 def _(d):
-    # a stride-0 view the size of the target, with the reader's old private tag set
+    # a stride-0 view the size of the target, with an attribute named like a page tag
     return with_tensor('fc.weight', lambda ck: Call(
         G('torch._utils', '_rebuild_parameter_with_state'),
         (T(_one(ck), 'FloatStorage', 1, (3, 4), (0, 0)), False, OD(),
@@ -371,7 +372,7 @@ def _(d):
 
 @case('deep-nesting', 'memory', 'meta')
 def _(d):
-    path = zip_with(d, 'deep.pth', meta={'a': Raw(b']' + b'(]' * 200000 + b'e' * 200000)})
+    path = zip_with(d, 'deep.pth', meta={'a': Raw(b']' + b'(]' * 100000 + b'e' * 100000)})
     return path
 
 
@@ -426,6 +427,12 @@ def _(d):
 def _(d):
     return with_tensor('fc.bias', lambda ck: T(ck.tensor(torch.zeros(3)).key, 'FloatStorage',
                                                3, (3, ), (1, 1)))(d, 'strides.pth')
+
+
+@case('pickle-opcode-budget', 'memory', 'opcodes')
+def _(d):
+    # 700k empty dicts in a file of about 700 KB: more opcodes than the file may run
+    return zip_with(d, 'budget.pth', meta={'a': Raw(b']' + b'(' + b'}' * 700000 + b'e')})
 
 
 @case('ok-many-small-objects', 'control', expect='ok')
