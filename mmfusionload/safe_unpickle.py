@@ -31,6 +31,9 @@ Not admitted, among others: ``range``, ``bytearray``, ``collections.Counter``,
 ``defaultdict``, object arrays, ``getattr`` other than ``getattr(HistoryBuffer,
 name)``, quantized, sparse, nested and meta tensors, and torch's own
 ``set``/``bytearray``/``Counter`` entries.
+
+A pickle runs at most :func:`opcode_limit` opcodes (each makes at most one small
+object), so what it builds is bounded by the file's size.
 """
 import _compat_pickle
 import io
