@@ -124,6 +124,7 @@ def zip_members(f: Any, size: int) -> Dict[str, Member]:
 
 def _check_members(zf: zipfile.ZipFile, view: Any, end: int, members: Dict[str, Member],
                    spans: List[Tuple[int, int, str]]) -> None:
+    """Check every member of ``zf`` (``view``: the file mapped) into ``members``/``spans``."""
     for info in zf.infolist():
         name = info.orig_filename
         parts = name.split('/')
@@ -140,7 +141,7 @@ def _check_members(zf: zipfile.ZipFile, view: Any, end: int, members: Dict[str, 
         head = view[info.header_offset:info.header_offset + 30]
         if len(head) != 30 or head[:4] != _ZIP_MAGIC:
             raise CorruptFileError(f'zip member {name!r}: no local header at '
-                                       f'{info.header_offset}')
+                                   f'{info.header_offset}')
         method, = struct.unpack('<H', head[8:10])
         n, m = struct.unpack('<HH', head[26:30])
         raw_name = name.encode('utf-8' if info.flag_bits & 0x800 else 'cp437', 'replace')
@@ -151,7 +152,7 @@ def _check_members(zf: zipfile.ZipFile, view: Any, end: int, members: Dict[str, 
         start = info.header_offset + 30 + n + m
         if start + info.file_size > end:
             raise CorruptFileError(f'zip member {name!r}: {info.file_size} bytes at '
-                                       f'{start} run past the data ({end} bytes)')
+                                   f'{start} run past the data ({end} bytes)')
         members[name] = Member(name, start, info.file_size)
         spans.append((info.header_offset, start + info.file_size, name))
 
@@ -385,7 +386,7 @@ class _LegacyStorages(_FileStorages):
                                            f'{rec.numel} declared')
             if f.tell() + rec.nbytes > end:
                 raise CorruptFileError(f'storage {key}: {rec.nbytes} bytes run past the '
-                                           'end of the file')
+                                       'end of the file')
             buf = torch.empty(rec.nbytes, dtype=torch.uint8)
             if rec.nbytes and f.readinto(buf.numpy()) != rec.nbytes:
                 raise CorruptFileError(f'storage {key}: truncated')
@@ -540,7 +541,7 @@ def _restore_fn(map_location: Any) -> Optional[Callable]:
     return torch.serialization._get_restore_location(map_location)
 
 
-def _read_zip(path: str, size: int, map_location: Any, mmap: Optional[bool],
+def _read_zip(path: str, size: int, map_location: Any, mapped: Optional[bool],
               bookkeeping: bool) -> Any:
     with open(path, 'rb') as f:
         members = zip_members(f, size)
@@ -557,7 +558,7 @@ def _read_zip(path: str, size: int, map_location: Any, mmap: Optional[bool],
             if order not in ('little', 'big'):
                 raise CheckpointValueError(f'{prefix}byteorder is {order[:16]!r}')
         swap = order != sys.byteorder
-        use_map = (mmap is None or mmap) and size > 0
+        use_map = (mapped is None or mapped) and size > 0
         whole = torch.UntypedStorage.from_file(path, False, size) if use_map else None
         storages = _ZipStorages(f, members, prefix, whole, swap, _restore_fn(map_location))
         data = _read_member(f, members[pkl[0]])
@@ -588,12 +589,12 @@ def _read_legacy(path: str, size: int, map_location: Any, bookkeeping: bool) -> 
     return _Finisher(storages, bookkeeping)(obj)
 
 
-def _read_pth(path: str, map_location: Any, mmap: Optional[bool], bookkeeping: bool) -> Any:
+def _read_pth(path: str, map_location: Any, mapped: Optional[bool], bookkeeping: bool) -> Any:
     size = os.path.getsize(path)
     with open(path, 'rb') as f:
         head = f.read(4)
     if head == _ZIP_MAGIC:
-        return _read_zip(path, size, map_location, mmap, bookkeeping)
+        return _read_zip(path, size, map_location, mapped, bookkeeping)
     if head[:1] == b'\x80':
         return _read_legacy(path, size, map_location, bookkeeping)
     raise CheckpointValueError('neither a zip nor an old-format torch checkpoint '
