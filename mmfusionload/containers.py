@@ -121,6 +121,30 @@ def find_state_dict(ckpt: Any, filename: str, prefer_ema: bool = False,
     return choice.state, choice.key
 
 
+def _short(value: Any) -> str:
+    text = repr(value) if isinstance(value, (str, int, float, bytes, tuple)) else \
+        f'of type {type(value).__name__}'
+    return text if len(text) <= 80 else text[:77] + '...'
+
+
+def _checked_metadata(meta: Any, filename: str) -> Dict[str, dict]:
+    """``_metadata`` as module name -> dict whose ``version`` is an int or absent."""
+    if meta is None:
+        return {}
+    if not isinstance(meta, Mapping):
+        raise FusionLoadError([f'{filename}: _metadata is {_short(meta)}, not a mapping'],
+                              'not a checkpoint')
+    out = {}
+    for k, v in meta.items():
+        version = v.get('version') if isinstance(v, Mapping) else v
+        if not isinstance(k, str) or not isinstance(v, Mapping) or not (
+                version is None or type(version) is int):
+            raise FusionLoadError([f'{filename}: _metadata entry {_short(k)}: version '
+                                   f'{_short(version)} is not an int'], 'not a checkpoint')
+        out[k] = v
+    return out
+
+
 def _strip(key: str, prefix: str) -> str:
     return key[len(prefix):] if key.startswith(prefix) else key
 
@@ -145,8 +169,12 @@ def unwrap(ckpt: Any, filename: str, prefer_ema: bool = False,
     """
     choice = choose_copy(ckpt, filename, 'ema' if prefer_ema else weights)
     state, container = choice.state, choice.key
-    metadata = dict(getattr(state, '_metadata', None) or {})
+    metadata = _checked_metadata(getattr(state, '_metadata', None), filename)
     keys = list(state.keys())
+    bad = [k for k in keys if not isinstance(k, str)]
+    if bad:
+        raise FusionLoadError([f'{filename}: state dict key {_short(bad[0])} is not a string'],
+                              'not a checkpoint')
     stripped = []
     for prefix in WRAPPER_PREFIXES:
         if sum(k.startswith(prefix) for k in keys) * 2 > len(keys):

@@ -15,13 +15,17 @@ Two ways:
 Files are written atomically (a temporary file in the destination's folder, then
 ``os.replace``); the source file is never the destination.
 """
+import contextlib
 import json
+import math
 import os
 import os.path as osp
+import signal
 import tempfile
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -99,26 +103,103 @@ def _file_mode(path: str) -> int:
         return 0o666 & ~mask
 
 
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    """Turn SIGTERM/SIGHUP into ``SystemExit`` while writing, so the ``finally`` that
+    removes a temporary file runs (SIGINT already raises ``KeyboardInterrupt``)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    old = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        old[sig] = signal.signal(sig, stop)
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
 def atomic_write(dst: str, writer: Callable[[str], None]) -> None:
     """Call ``writer(tmp)`` on a temporary file next to ``dst``, then rename it to ``dst``.
 
-    On any error the temporary file is removed and ``dst`` is left as it was. The
-    result has ``dst``'s permissions when it existed, else the umask's default
-    (``mkstemp`` would leave it private to the owner).
+    On any error, and on SIGINT, SIGTERM or SIGHUP, the temporary file is removed
+    and ``dst`` is left as it was. The result has ``dst``'s permissions when it
+    existed, else the umask's default (``mkstemp`` would leave it private to the owner).
     """
     folder = osp.dirname(osp.abspath(dst))
-    fd, tmp = tempfile.mkstemp(prefix=f'.{osp.basename(dst)}.', suffix='.tmp', dir=folder)
-    os.close(fd)
-    try:
-        writer(tmp)
-        with open(tmp, 'rb') as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode(dst))
-        os.replace(tmp, dst)
-    except BaseException:
-        if osp.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with _signals_raise():
+        fd, tmp = tempfile.mkstemp(prefix=f'.{osp.basename(dst)}.', suffix='.tmp', dir=folder)
+        os.close(fd)
+        try:
+            writer(tmp)
+            with open(tmp, 'rb') as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp, _file_mode(dst))
+            os.replace(tmp, dst)
+        except BaseException:
+            if osp.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+
+#: Bounds of the metadata a written checkpoint carries: values visited (a list
+#: shared many times counts every time), nesting, characters per string.
+META_NODES = 10000
+META_DEPTH = 16
+META_CHARS = 1 << 16
+
+
+class _NotPlain(Exception):
+    pass
+
+
+def plain_metadata(meta: Mapping[str, Any], notes: Optional[List[str]] = None) -> Dict[str, Any]:
+    """``meta`` as plain JSON-able data: strings, finite numbers, bools, None, lists and
+    string-keyed dicts, bounded by :data:`META_NODES`, :data:`META_DEPTH` and
+    :data:`META_CHARS`. numpy numbers become Python numbers; a top-level entry
+    holding anything else (an object, a tensor, a placeholder) is left out and
+    named in ``notes``.
+    """
+    budget = [META_NODES]
+
+    def conv(v: Any, depth: int) -> Any:
+        budget[0] -= 1
+        if budget[0] < 0 or depth > META_DEPTH:
+            raise _NotPlain(f'more than {META_NODES} values or {META_DEPTH} levels')
+        if v is None or type(v) in (bool, int):
+            return v
+        if type(v) is float:
+            return v if math.isfinite(v) else repr(v)
+        if type(v) is str:
+            if len(v) > META_CHARS:
+                raise _NotPlain(f'a string of {len(v)} characters')
+            return v
+        if type(v).__module__ == 'numpy' and hasattr(v, 'item') and getattr(v, 'ndim', 1) == 0 \
+                and getattr(getattr(v, 'dtype', None), 'kind', '') in 'biuf':
+            return conv(v.item(), depth)
+        if type(v) in (list, tuple):
+            return [conv(x, depth + 1) for x in v]
+        if type(v) in (dict, OrderedDict):
+            if not all(type(k) is str for k in v):
+                raise _NotPlain('a dict with keys that are not strings')
+            return {k: conv(x, depth + 1) for k, x in v.items()}
+        raise _NotPlain(f'a {type(v).__name__}')
+
+    out: Dict[str, Any] = {}
+    for k, v in meta.items():
+        if type(k) is not str:
+            continue
+        try:
+            out[k] = conv(v, 0)
+        except _NotPlain as e:
+            if notes is not None:
+                notes.append(f'meta entry {k!r} not written: {e}')
+    return out
 
 
 def module_versions(state: Mapping[str, torch.Tensor]) -> Dict[str, int]:
@@ -143,8 +224,10 @@ def save_checkpoint(path: str, state: Mapping[str, torch.Tensor], meta: Mapping[
 
     ``.safetensors``: the tensors, ``meta`` entries as metadata strings (non-strings
     as JSON) and the ``_metadata`` versions as JSON under ``module_versions``.
-    Otherwise ``torch.save`` (``_metadata`` travels with the state dict).
+    Otherwise ``torch.save`` (``_metadata`` travels with the state dict). ``meta`` is
+    written as :func:`plain_metadata` makes it.
     """
+    meta = plain_metadata(meta)
     if path.endswith(SAFETENSORS_SUFFIX):
         from safetensors.torch import save_file
         tensors, seen = OrderedDict(), set()
@@ -431,6 +514,7 @@ def convert_checkpoint(src: str,
         result = convert_state(ckpt, preset, strip_prefix, add_prefix, spconv_layout,
                                to_layout, src)
         result.meta = dict(ckpt.meta)
+    result.meta = plain_metadata(result.meta, result.notes)
     layouts = sorted({d for _, d in result.sparse.values()})
     result.meta['mmfusionload'] = dict(
         converted_from=osp.abspath(src), preset=preset,

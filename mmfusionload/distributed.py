@@ -220,8 +220,8 @@ def _picklable(obj: Any) -> bool:
 
 
 def _tensor_problem(key: str, t: torch.Tensor) -> Optional[str]:
-    if t.layout != torch.strided or t.is_quantized or t.is_nested:
-        return f'{key}: a {t.layout} / quantized tensor cannot be broadcast'
+    if t.layout != torch.strided or t.is_quantized or t.is_nested or t.device.type == 'meta':
+        return f'{key}: a {t.layout} / quantized / meta tensor cannot be broadcast'
     return None
 
 

@@ -20,13 +20,14 @@ from .identify import auto_preset, identify_state
 from .modality import resolve_targets
 from .prefix import Alignment, auto_alignment, explicit_alignment
 from .presets import KeyPreset, get_preset, rename_keys
-from .reader import all_finite, read_checkpoint, release_pages
+from .reader import read_checkpoint, release_pages
 from .repairs import (Entry, Mapped, RepairProblem, SourceContext, may_be_absent,
                       repairs_in_order, run_repairs)
 from .report import (LoadReport, SourceReport, compress_keys, overlap_problems,
                      size_mismatch_problems)
 from .source import SourceSpec, parse_source, source_list
 from .verify import verify_plans
+from .values import entry_problem
 
 SourceLike = Union[SourceSpec, Dict[str, Any]]
 
@@ -113,7 +114,7 @@ def plan_source(model: nn.Module,
         if spec.prefix == 'auto':
             align: Alignment = auto_alignment(shapes, tshapes, targets, fname)
         else:
-            align = explicit_alignment(list(shapes), spec.prefix, shapes, tshapes)
+            align = explicit_alignment(list(shapes), spec.prefix, shapes, tshapes, fname)
             if align.names == 0:
                 raise FusionLoadError(
                     [f'{fname}: prefix {spec.prefix} places no tensor on the targeted '
@@ -215,13 +216,10 @@ def validate(plans: Sequence[SourcePlan], allow_overlap: bool = False) -> List[s
     problems: List[str] = []
     for plan in plans:
         problems += plan.problems
-        if plan.spec.allow_nonfinite:
-            continue
-        for e in plan.to_load:
-            if not all_finite(e.source):
-                bad = int((~torch.isfinite(e.source)).sum())
-                problems.append(f'{e.filename}: {e.file_key} holds {bad} NaN/Inf '
-                                'value(s) (allow_nonfinite=True to load anyway)')
+        for e in plan.to_load:  # the values as written: after every step and the cast
+            problem = entry_problem(e, plan.spec.allow_nonfinite)
+            if problem:
+                problems.append(problem)
             release_pages(e.source)  # read once: hand its mapped pages back
     writers: Dict[str, str] = {}
     pairs: Dict[tuple, List[str]] = {}

@@ -1,6 +1,6 @@
 """Align checkpoint key prefixes with the model's: ``backbone.`` vs ``img_backbone.`` vs none."""
 from dataclasses import dataclass
-from typing import Dict, Mapping, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import FusionLoadError
 
@@ -47,14 +47,21 @@ def compatible(src: Sequence[int], dst: Sequence[int]) -> bool:
     return len(src) == len(dst) == 2 and (src[0] == dst[0] or src[1] == dst[1])
 
 
-def _apply(keys: Sequence[str], pairs: Mapping[str, str]) -> Dict[str, str]:
-    """Model key -> checkpoint key under prefix rewrites (longest prefix wins)."""
+def _apply(keys: Sequence[str], pairs: Mapping[str, str],
+           collisions: Optional[List[Tuple[str, str, str]]] = None) -> Dict[str, str]:
+    """Model key -> checkpoint key under prefix rewrites (longest prefix wins).
+
+    Two checkpoint keys landing on one model key are added to ``collisions`` as
+    ``(first, second, model key)``; the first is kept.
+    """
     order = sorted(pairs, key=len, reverse=True)
     out: Dict[str, str] = {}
     for key in keys:
         for strip in order:
             if key.startswith(strip):
                 new = pairs[strip] + key[len(strip):]
+                if new in out and collisions is not None:
+                    collisions.append((out[new], key, new))
                 out.setdefault(new, key)
                 break
     return out
@@ -67,9 +74,19 @@ def _score(mapping: Mapping[str, str], ckpt_shapes: Mapping[str, Sequence[int]],
 
 
 def explicit_alignment(keys: Sequence[str], pairs: Mapping[str, str],
-                       ckpt_shapes, model_shapes) -> Alignment:
-    """The alignment given by an explicit ``{checkpoint_prefix: model_prefix}``."""
-    mapping = _apply(keys, pairs)
+                       ckpt_shapes, model_shapes, filename: str = '') -> Alignment:
+    """The alignment given by an explicit ``{checkpoint_prefix: model_prefix}``.
+
+    Raises:
+        FusionLoadError: Two checkpoint keys land on the same model key (the
+            message names both).
+    """
+    collisions: List[Tuple[str, str, str]] = []
+    mapping = _apply(keys, pairs, collisions)
+    if collisions:
+        raise FusionLoadError(
+            [f'{filename}: checkpoint keys {a!r} and {b!r} both become {new!r} under prefix '
+             f'{dict(pairs)}' for a, b, new in collisions[:20]], 'key collision')
     return Alignment(dict(pairs), mapping, _score(mapping, ckpt_shapes, model_shapes),
                      sum(1 for m in mapping if m in model_shapes))
 

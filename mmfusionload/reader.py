@@ -1,125 +1,47 @@
 """Read checkpoint files safely: ``.pth`` through a restricted unpickler, ``.safetensors`` lazily.
 
-``torch.load(weights_only=True)`` refuses every checkpoint an MMEngine Runner
-saves (its ``message_hub`` pickles ``HistoryBuffer`` objects and numpy values),
-and ``weights_only=False`` runs whatever code the file asks for. The reader here
-sits between the two: tensors, plain containers, torch's own allowlist and a
-short list of MMEngine/numpy bookkeeping classes are rebuilt for real; any
-other global is refused with a message naming it. Pass
-``trust_checkpoint=True`` to load a file you trust completely.
+A ``.pth`` file is read without running anything it asks for
+(:mod:`mmfusionload.safe_unpickle` says exactly what is admitted and why) and
+without trusting its zip directory: every member must be stored (not
+compressed), unique, inside the file and apart from the others, with a name
+that stays inside the archive; every storage must fit in its member, and every
+tensor's offset, sizes and strides inside its storage, before a view of the
+file exists. Objects a weight load does not need (``message_hub`` buffers,
+``argparse`` arguments, dates) become inert placeholders; MMEngine's
+``HistoryBuffer`` is rebuilt from checked numbers only when a run resumes
+(``bookkeeping=True``, what :func:`install_checkpoint_loader` asks for). Pass
+``trust_checkpoint=True`` to load a file you trust completely with plain
+unpickling.
 """
-import _compat_pickle
 import cmath
-import functools
+import io
+import mmap
 import os
 import os.path as osp
-import pickle
+import re
+import struct
 import sys
 import zipfile
 from collections import OrderedDict
-from types import ModuleType
-from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional,
-                    Tuple)
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 from mmengine.runner.checkpoint import CheckpointLoader
 
 from .errors import FusionLoadError
+from .pages import file_mappings, is_tracked, madvise, mark_mapped, release_pages, track
+from .safe_unpickle import (CheckpointValueError, CorruptFileError, HistoryBufferState, Invalid,
+                            NumpyArray, NumpyDtype, Storages, UnsafeGlobalError, opcode_limit,
+                            unpickle)
 
-# Globals admitted beside torch's own weights-only allowlist, as 'module.name'.
-EXTRA_SAFE_GLOBALS = {
-    'mmengine.logging.history_buffer.HistoryBuffer',
-    # training scripts (timm, Cream, DeiT) save their argparse arguments
-    'argparse.Namespace',
-    'numpy.ndarray',
-    'numpy.dtype',
-    'numpy.core.multiarray._reconstruct',
-    'numpy.core.multiarray.scalar',
-    'numpy._core.multiarray._reconstruct',
-    'numpy._core.multiarray.scalar',
-    'builtins.slice',
-    'builtins.frozenset',
-    'builtins.range',
-    'collections.defaultdict',
-    'collections.deque',
-    'datetime.datetime',
-    'datetime.timedelta',
-    'datetime.date',
-}
-# HistoryBuffer's built-in statistics (its registry fills only once one is built).
-HISTORY_BUFFER_STATISTICS = {'min', 'max', 'current', 'mean'}
+__all__ = ['read_checkpoint', 'release_pages', 'mark_mapped', 'is_tracked', 'all_finite',
+           'SafetensorsState', 'install_checkpoint_loader', 'load_local', 'is_safetensors']
 
 _ZIP_MAGIC = b'PK\x03\x04'
-# torch's storage classes (``torch.FloatStorage``...), as old checkpoints name them.
-_STORAGE_NAMES = frozenset(n for n in dir(torch) if n.endswith('Storage')
-                           and isinstance(getattr(torch, n), type))
-
-
-def _torch_allowed_globals() -> Dict[str, Any]:
-    try:
-        from torch._weights_only_unpickler import _get_allowed_globals
-        return dict(_get_allowed_globals())
-    except Exception:  # pragma: no cover - older/newer torch
-        return {}
-
-
-def _safe_getattr(owner: Any, name: str) -> Any:
-    """``getattr`` restricted to the one use MMEngine's pickles make.
-
-    MMEngine's ``HistoryBuffer`` pickles its statistics methods as
-    ``getattr(HistoryBuffer, 'mean')``; anything else is refused.
-    """
-    from mmengine.logging.history_buffer import HistoryBuffer
-    if (owner is HistoryBuffer or type(owner) is HistoryBuffer) and \
-            name in HISTORY_BUFFER_STATISTICS | set(HistoryBuffer._statistics_methods):
-        return getattr(owner, name)
-    owner_name = getattr(owner, '__name__', type(owner).__name__)
-    raise UnsafeGlobalError(f'getattr({owner_name}, {name!r})')
-
-
-class UnsafeGlobalError(pickle.UnpicklingError):
-    """A pickle asked for a global outside the allowlist."""
-
-    def __init__(self, name: str):
-        self.name = name
-        super().__init__(f'unsupported global {name!r}')
-
-
-def _restricted_pickle_module() -> ModuleType:
-    """A stand-in for the ``pickle`` module whose Unpickler refuses unknown globals."""
-    allowed = _torch_allowed_globals()
-    extra = set(EXTRA_SAFE_GLOBALS)
-    for obj in torch.serialization.get_safe_globals():
-        obj = obj[0] if isinstance(obj, tuple) else obj
-        extra.add(f'{obj.__module__}.{obj.__qualname__}')
-
-    class RestrictedUnpickler(pickle.Unpickler):
-
-        def find_class(self, module: str, name: str) -> Any:
-            # protocol-2 pickles name Python 2 modules (``__builtin__``...)
-            if (module, name) in _compat_pickle.NAME_MAPPING:
-                module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-            full = f'{module}.{name}'
-            if full in allowed:
-                return allowed[full]
-            if full in extra:
-                return super().find_class(module, name)
-            if full == 'builtins.getattr':
-                return _safe_getattr
-            if module == 'torch' and name in _STORAGE_NAMES:
-                return super().find_class(module, name)
-            raise UnsafeGlobalError(full)
-
-    def load(file, **kwargs) -> Any:
-        # torch's reader of old-format (non-zip) files calls ``pickle_module.load``
-        return RestrictedUnpickler(file, **kwargs).load()
-
-    mod = ModuleType('mmfusionload_restricted_pickle')
-    mod.Unpickler = RestrictedUnpickler  # type: ignore[attr-defined]
-    mod.load = load  # type: ignore[attr-defined]
-    mod.__name__ = 'pickle'
-    return mod
+#: Deepest nesting of containers a checkpoint may have.
+MAX_DEPTH = 64
+_KEY = re.compile(r'^[A-Za-z0-9_.]{1,64}$')
 
 
 def is_safetensors(path: str) -> bool:
@@ -132,125 +54,6 @@ def is_safetensors(path: str) -> bool:
     except OSError:
         return False
     return len(head) == 9 and head[8:9] == b'{' and head[:4] != _ZIP_MAGIC
-
-
-# ---------------------------------------------------------------------------
-# Memory-mapped tensors: find them, give their pages back, check them cheaply.
-#
-# Both readers return tensors that are views of a private, read-only-in-practice
-# mapping of the file (``torch.load(mmap=True)`` and safetensors' ``safe_open``):
-# reading a tensor faults its pages in, and those pages then count in the
-# process's RSS (as ``RssFile``) until the mapping is dropped. ``release_pages``
-# hands the pages of one tensor back to the page cache after it has been read, so
-# a load's peak RSS stays near one tensor instead of the whole checkpoint; the
-# data is re-read from the page cache on the next access.
-_MADV_DONTNEED = 4
-_MAPPED_ATTR = '_mmfl_mapped'
-_MADVISE: Dict[str, Any] = {}
-
-
-def _madvise() -> Optional[Callable]:
-    """libc's ``madvise`` on Linux, else None (found once)."""
-    if 'fn' not in _MADVISE:
-        fn = None
-        if sys.platform.startswith('linux'):
-            try:
-                import ctypes
-                fn = ctypes.CDLL(None, use_errno=True).madvise
-                fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-                fn.restype = ctypes.c_int
-                _MADVISE['page'] = os.sysconf('SC_PAGE_SIZE')
-            except (OSError, AttributeError, ValueError):  # pragma: no cover
-                fn = None
-        _MADVISE['fn'] = fn
-    return _MADVISE['fn']
-
-
-def _file_mappings(path: str) -> List[Tuple[int, int]]:
-    """Address ranges of this process's private mappings of ``path`` (Linux)."""
-    real = osp.realpath(path)
-    out = []
-    try:
-        with open('/proc/self/maps') as f:
-            for line in f:
-                parts = line.split(None, 5)
-                if len(parts) == 6 and parts[5].rstrip('\n') == real and parts[1][3] == 'p':
-                    lo, hi = parts[0].split('-')
-                    out.append((int(lo, 16), int(hi, 16)))
-    except OSError:  # pragma: no cover - not Linux
-        return []
-    return out
-
-
-def _tag_if_inside(t: torch.Tensor, ranges: Iterable[Tuple[int, int]]) -> bool:
-    """Tag ``t`` for :func:`release_pages` if its own bytes lie inside one of ``ranges``."""
-    if not torch.is_tensor(t) or t.device.type != 'cpu' or t.numel() == 0:
-        return False
-    start = t.data_ptr()
-    end = start + t.numel() * t.element_size()
-    if any(lo <= start and end <= hi for lo, hi in ranges):
-        setattr(t, _MAPPED_ATTR, t._version)
-        return True
-    return False
-
-
-def mark_mapped(tensors: Iterable[torch.Tensor], path: str,
-                ranges: Optional[List[Tuple[int, int]]] = None) -> int:
-    """Tag the tensors whose data lies in a private file mapping of ``path``.
-
-    Only tagged tensors are ever released by :func:`release_pages`; a tensor
-    copied out of the file (an older safetensors, a legacy ``.pth``) or backed by
-    any other memory is left alone: each tensor's own byte range is checked.
-
-    Args:
-        tensors (Iterable[Tensor]): Candidates.
-        path (str): The file.
-        ranges (list[tuple[int, int]], optional): The file's mapped address ranges
-            (:func:`_file_mappings`), when already known; read from
-            ``/proc/self/maps`` on the first candidate otherwise.
-
-    Returns:
-        int: How many tensors were tagged.
-    """
-    if _madvise() is None:
-        return 0
-    n = 0
-    for t in tensors:
-        if not torch.is_tensor(t) or t.device.type != 'cpu' or t.numel() == 0:
-            continue
-        if ranges is None:
-            ranges = _file_mappings(path)
-        if not ranges:
-            return 0
-        n += _tag_if_inside(t, ranges)
-    return n
-
-
-def release_pages(t: torch.Tensor) -> bool:
-    """Give back the memory pages a memory-mapped checkpoint tensor occupies.
-
-    A no-op for tensors :func:`mark_mapped` did not tag, for tensors written
-    in place since (their version counter moved; a private page written to is
-    no longer the file's), and off Linux. Only whole pages inside the tensor are
-    released, never a neighbour's. The values stay the same: the next read
-    faults the pages in again from the page cache.
-
-    Returns:
-        bool: Whether pages were released.
-    """
-    version = getattr(t, _MAPPED_ATTR, None)
-    if version is None or t._version != version:
-        return False
-    fn = _madvise()
-    if fn is None:
-        return False
-    page = _MADVISE['page']
-    ptr = t.data_ptr()
-    lo = -(-ptr // page) * page
-    hi = (ptr + t.numel() * t.element_size()) // page * page
-    if hi <= lo:
-        return False
-    return fn(lo, hi - lo, _MADV_DONTNEED) == 0
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -269,6 +72,536 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
+# ----------------------------------------------------------------- zip directory
+@dataclass
+class Member:
+    """One stored member of a zip checkpoint: where its bytes are."""
+    name: str
+    offset: int
+    size: int
+
+
+def zip_members(f: Any, size: int) -> Dict[str, Member]:
+    """Check a zip checkpoint's directory and return its members by name.
+
+    Every member must be stored uncompressed and unencrypted, named once, with
+    a relative name without ``..``, its local header agreeing with the central
+    directory, and its bytes inside the file and apart from every other member.
+
+    Raises:
+        CheckpointValueError: Naming the member and what is wrong.
+    """
+    try:
+        zf = zipfile.ZipFile(f)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError) as e:
+        raise CorruptFileError(f'corrupt zip directory ({e})') from e
+    # the directory must sit where the end record says (zipfile would accept bytes
+    # before the archive and shift every offset; Python 3.11's end-record layout)
+    end_rec = zipfile._EndRecData(f)
+    if end_rec is None:
+        raise CorruptFileError('no zip end record')
+    shift = end_rec[zipfile._ECD_LOCATION] - end_rec[zipfile._ECD_SIZE] - \
+        end_rec[zipfile._ECD_OFFSET]
+    if end_rec[zipfile._ECD_SIGNATURE] == zipfile.stringEndArchive64:
+        shift -= zipfile.sizeEndCentDir64 + zipfile.sizeEndCentDir64Locator
+    if shift:
+        raise CorruptFileError(f'the zip directory is not where the end record puts it '
+                               f'({shift} bytes off)')
+    members: Dict[str, Member] = {}
+    spans: List[Tuple[int, int, str]] = []
+    end = min(size, getattr(zf, 'start_dir', size))
+    view = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        _check_members(zf, view, end, members, spans)
+    finally:
+        view.close()
+    spans.sort()
+    for (_, a_end, a), (b_start, _, b) in zip(spans, spans[1:]):
+        if b_start < a_end:
+            raise CheckpointValueError(f'zip members {a!r} and {b!r} overlap')
+    return members
+
+
+def _check_members(zf: zipfile.ZipFile, view: Any, end: int, members: Dict[str, Member],
+                   spans: List[Tuple[int, int, str]]) -> None:
+    """Check every member of ``zf`` (``view``: the file mapped) into ``members``/``spans``."""
+    for info in zf.infolist():
+        name = info.orig_filename
+        parts = name.split('/')
+        if (not name or name in members or '\\' in name or '\x00' in name or name.startswith('/')
+                or any(p in ('..', '.') for p in parts)):
+            raise CheckpointValueError(f'zip member {name!r}: a name that is repeated or '
+                                       'leaves the archive')
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise CheckpointValueError(f'zip member {name!r} is compressed (method '
+                                       f'{info.compress_type}); checkpoints store members '
+                                       'uncompressed')
+        if info.flag_bits & 0x1 or info.file_size != info.compress_size:
+            raise CheckpointValueError(f'zip member {name!r}: encrypted or sizes disagree')
+        head = view[info.header_offset:info.header_offset + 30]
+        if len(head) != 30 or head[:4] != _ZIP_MAGIC:
+            raise CorruptFileError(f'zip member {name!r}: no local header at '
+                                   f'{info.header_offset}')
+        method, = struct.unpack('<H', head[8:10])
+        n, m = struct.unpack('<HH', head[26:30])
+        raw_name = name.encode('utf-8' if info.flag_bits & 0x800 else 'cp437', 'replace')
+        at = info.header_offset + 30
+        if method != zipfile.ZIP_STORED or view[at:at + n] != raw_name:
+            raise CheckpointValueError(f'zip member {name!r}: local header disagrees with the '
+                                       'directory')
+        start = info.header_offset + 30 + n + m
+        if start + info.file_size > end:
+            raise CorruptFileError(f'zip member {name!r}: {info.file_size} bytes at '
+                                   f'{start} run past the data ({end} bytes)')
+        members[name] = Member(name, start, info.file_size)
+        spans.append((info.header_offset, start + info.file_size, name))
+
+
+def _read_member(f: Any, m: Member) -> bytes:
+    f.seek(m.offset)
+    data = f.read(m.size)
+    if len(data) != m.size:
+        raise CorruptFileError(f'zip member {m.name!r} is truncated')
+    return data
+
+
+@dataclass
+class _Storage:
+    """A storage a persistent id names: its bytes, checked to fit."""
+    name: str
+    dtype: torch.dtype
+    numel: int
+    nbytes: int
+    untyped: Any = None
+    mapped: bool = False
+    base: Any = None  # a view's root (old format)
+    base_offset: int = 0
+
+
+@dataclass
+class _Deferred:
+    """A tensor of an old-format file, built once its storage's bytes are read."""
+    storage: _Storage
+    offset: int
+    size: Tuple[int, ...]
+    stride: Tuple[int, ...]
+    dtype: torch.dtype
+
+
+def _text(value: Any, what: str, limit: int = 64) -> str:
+    if isinstance(value, bytes):
+        value = value.decode('ascii', 'replace')
+    if not isinstance(value, str) or len(value) > limit:
+        raise CheckpointValueError(f'{what} is not a short string')
+    return value
+
+
+class _FileStorages(Storages):
+    """Storages of one checkpoint file (zip or old format)."""
+
+    def __init__(self, restore: Optional[Callable]):
+        super().__init__()
+        self.restore = restore
+        self.storages: Dict[str, _Storage] = {}
+        self.views: List[Tuple[torch.Tensor, _Storage]] = []
+        self.by_ptr: Dict[Tuple[int, int], _Storage] = {}
+
+    def record(self, storage: Any) -> _Storage:
+        if not isinstance(storage, _Storage):
+            return super().record(storage)
+        return storage
+
+    def _kind(self, saved_id: Any, n: int) -> Tuple[Any, ...]:
+        if not (isinstance(saved_id, tuple) and len(saved_id) == n):
+            raise CheckpointValueError(f'persistent id {type(saved_id).__name__} of '
+                                       f'{len(saved_id) if isinstance(saved_id, tuple) else 0} '
+                                       f'items (expected {n})')
+        if _text(saved_id[0], 'persistent id type') != 'storage':
+            raise CheckpointValueError('persistent id that is not a storage')
+        kind = saved_id[1]
+        if type(kind).__name__ != '_StorageKind':
+            raise CheckpointValueError('storage of an unknown type')
+        key = _text(saved_id[2], 'storage key')
+        if not _KEY.match(key):
+            raise CheckpointValueError(f'storage key {key!r}')
+        location = _text(saved_id[3], 'storage location')
+        numel = saved_id[4]
+        if type(numel) is not int or numel < 0:
+            raise CheckpointValueError(f'storage {key}: {numel!r} elements')
+        return kind, key, location, numel
+
+    def _place(self, rec: _Storage, location: str) -> None:
+        if self.restore is not None:
+            moved = self.restore(rec.untyped, location)
+            if not isinstance(moved, torch.UntypedStorage) or moved.nbytes() < rec.nbytes:
+                raise CheckpointValueError(f'{rec.name}: map_location returned no storage '
+                                           'of the size read')
+            rec.mapped = rec.mapped and moved.data_ptr() == rec.untyped.data_ptr()
+            rec.untyped = moved
+        self.by_ptr[rec.untyped.data_ptr(), rec.untyped.nbytes()] = rec
+
+    def view(self, rec: _Storage, offset, size, stride, dtype) -> torch.Tensor:
+        t = torch.empty((0, ), dtype=dtype, device=rec.untyped.device).set_(
+            rec.untyped, offset, size, stride)
+        if rec.mapped:
+            self.views.append((t, rec))
+        return t
+
+
+class _ZipStorages(_FileStorages):
+    """Storages of a zip checkpoint: slices of the file's mapping, each checked
+    against its member."""
+
+    def __init__(self, f: Any, members: Dict[str, Member], prefix: str, whole: Any,
+                 swap: bool, restore: Optional[Callable]):
+        super().__init__(restore)
+        self.f, self.members, self.prefix, self.whole, self.swap = f, members, prefix, whole, swap
+
+    def storage(self, saved_id: Any) -> Any:
+        try:
+            return self._storage(saved_id)
+        except CorruptFileError:
+            raise
+        except CheckpointValueError as e:  # reported with the key that uses it
+            return Invalid(str(e))
+
+    def _storage(self, saved_id: Any) -> _Storage:
+        kind, key, location, numel = self._kind(saved_id, 5)
+        rec = self.storages.get(key)
+        if rec is not None:
+            if rec.dtype != kind.dtype or rec.numel != numel:
+                raise CheckpointValueError(f'{rec.name}: named again with another type or size')
+            return rec
+        name = f'{self.prefix}data/{key}'
+        member = self.members.get(name)
+        if member is None:
+            raise CheckpointValueError(f'storage {key}: no member {name!r} in the archive')
+        itemsize = kind.dtype.itemsize
+        nbytes = numel * itemsize
+        if nbytes > member.size:
+            raise CheckpointValueError(f'{name}: the storage needs {nbytes} bytes '
+                                       f'({numel} x {kind.dtype}), the member holds '
+                                       f'{member.size}')
+        if member.offset % itemsize:
+            raise CheckpointValueError(f'{name}: stored at offset {member.offset}, not aligned '
+                                       f'to its {itemsize}-byte elements')
+        mapped = self.whole is not None and not self.swap
+        if self.whole is not None:
+            untyped = self.whole[member.offset:member.offset + nbytes]
+        else:
+            self.f.seek(member.offset)
+            untyped = torch.UntypedStorage(nbytes)
+            buf = torch.empty(0, dtype=torch.uint8).set_(untyped)
+            if nbytes and self.f.readinto(buf.numpy()) != nbytes:
+                raise CorruptFileError(f'{name} is truncated')
+        if self.swap:  # into private memory: the mapped pages stay the file's
+            untyped = untyped.clone() if self.whole is not None else untyped
+            untyped.byteswap(kind.dtype)
+        rec = _Storage(name, kind.dtype, numel, nbytes, untyped, mapped)
+        self._place(rec, location)
+        self.storages[key] = rec
+        return rec
+
+
+class _Bounded(io.RawIOBase):
+    """A file read no further than ``end`` (a length from the file never
+    allocates more than what is left)."""
+
+    def __init__(self, f: Any, end: int):
+        self.f, self.end = f, end
+        self.limit = opcode_limit(end)
+        # an opcode takes at least a byte: a file no longer than the limit is within it
+        self.ops = self.limit if end > self.limit else None
+
+    def read(self, n: int = -1) -> bytes:
+        if n == 1 and self.ops is not None:
+            self.ops -= 1
+            if self.ops < 0:
+                raise CheckpointValueError(f'the pickles run more than {self.limit} opcodes')
+        left = self.end - self.f.tell()
+        if n is None or n < 0:
+            n = left
+        if n > left:
+            raise CorruptFileError(f'a length of {n} bytes runs past the end of the file')
+        return self.f.read(n)
+
+    def readline(self, limit: int = -1) -> bytes:
+        return self.f.readline(min(4096, self.end - self.f.tell()))
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+
+class _LegacyStorages(_FileStorages):
+    """Storages of an old-format (pre-zip) file: declared in the pickle, their bytes
+    after it; tensors wait (:class:`_Deferred`) until the bytes are read and checked."""
+
+    def storage(self, saved_id: Any) -> _Storage:
+        if not (isinstance(saved_id, tuple) and len(saved_id) == 6):
+            raise CheckpointValueError('persistent id that is not a 6-item storage id')
+        kind, key, location, numel = self._kind(saved_id[:5], 5)
+        view = saved_id[5]
+        root = self.storages.get(key)
+        if root is None:
+            root = _Storage(f'storage {key}', kind.dtype, numel, numel * kind.dtype.itemsize)
+            root.base = location
+            self.storages[key] = root
+        elif root.dtype != kind.dtype or root.numel != numel:
+            raise CheckpointValueError(f'storage {key}: named again with another type or size')
+        if view is None:
+            return root
+        if not (isinstance(view, tuple) and len(view) == 3 and type(view[1]) is int
+                and type(view[2]) is int and view[1] >= 0 and view[2] >= 0):
+            raise CheckpointValueError(f'storage {key}: bad view')
+        vkey = _text(view[0], 'storage view key')
+        if view[1] + view[2] > numel:
+            raise CheckpointValueError(f'storage {key}: view {vkey} of {view[2]} elements at '
+                                       f'{view[1]} runs past its {numel}')
+        rec = _Storage(f'storage {vkey}', kind.dtype, view[2], view[2] * kind.dtype.itemsize)
+        rec.base, rec.base_offset = root, view[1] * kind.dtype.itemsize
+        return rec
+
+    def is_tensor(self, obj: Any) -> bool:
+        return isinstance(obj, _Deferred) or torch.is_tensor(obj)
+
+    def view(self, rec, offset, size, stride, dtype) -> _Deferred:
+        return _Deferred(rec, offset, size, stride, dtype)
+
+    def read_data(self, f: Any, end: int, keys: Any) -> None:
+        """Read the storages' bytes that follow the pickles, each checked against its
+        declaration."""
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) or \
+                len(set(keys)) != len(keys):
+            raise CheckpointValueError('the list of storages is not a list of distinct names')
+        for key in keys:
+            rec = self.storages.get(key)
+            if rec is None:
+                raise CheckpointValueError(f'storage {key}: data without a declaration')
+            head = f.read(8)
+            if len(head) != 8:
+                raise CorruptFileError(f'storage {key}: truncated')
+            numel, = struct.unpack('<q', head)
+            if numel != rec.numel:
+                raise CheckpointValueError(f'storage {key}: {numel} elements stored, '
+                                           f'{rec.numel} declared')
+            if f.tell() + rec.nbytes > end:
+                raise CorruptFileError(f'storage {key}: {rec.nbytes} bytes run past the '
+                                       'end of the file')
+            buf = torch.empty(rec.nbytes, dtype=torch.uint8)
+            if rec.nbytes and f.readinto(buf.numpy()) != rec.nbytes:
+                raise CorruptFileError(f'storage {key}: truncated')
+            location, rec.base = rec.base, None
+            rec.untyped = buf.untyped_storage()
+            self._place(rec, location)
+        missing = [k for k, r in self.storages.items() if r.untyped is None]
+        if missing:
+            raise CheckpointValueError(f'storage {missing[0]}: declared but never stored')
+
+    def build(self, d: _Deferred) -> torch.Tensor:
+        rec = d.storage
+        if rec.base is not None:  # a view of a root storage
+            root = rec.base
+            rec = _Storage(rec.name, rec.dtype, rec.numel, rec.nbytes,
+                           root.untyped[rec.base_offset:rec.base_offset + rec.nbytes])
+            self.by_ptr[rec.untyped.data_ptr(), rec.untyped.nbytes()] = rec
+        return torch.empty((0, ), dtype=d.dtype, device=rec.untyped.device).set_(
+            rec.untyped, d.offset, d.size, d.stride)
+
+
+# ----------------------------------------------------------------- the object tree
+class _Finisher:
+    """Turn what the unpickler built into what a caller gets, checking as it goes.
+
+    Numpy placeholders become arrays and numbers; ``HistoryBuffer`` state becomes a
+    ``HistoryBuffer`` when ``bookkeeping``; deferred tensors are built; every tensor
+    is checked to view a storage of this file, in bounds; nesting is bounded.
+    """
+
+    def __init__(self, storages: _FileStorages, bookkeeping: bool):
+        self.storages, self.bookkeeping = storages, bookkeeping
+        self.memo: Dict[int, Any] = {}
+        self.height: Dict[int, int] = {}  # levels below a container, shared ones included
+
+    def __call__(self, obj: Any, path: Tuple[str, ...] = (), depth: int = 0) -> Any:
+        if obj is None or isinstance(obj, (str, int, float, bytes, complex, torch.dtype)) or (
+                type(obj) in (dict, list, tuple) and not obj):
+            return obj
+        key = id(obj)
+        if key in self.memo:
+            if depth + self.height.get(key, 0) > MAX_DEPTH:
+                raise CheckpointValueError(f'{_where(path)}: nested more than {MAX_DEPTH} '
+                                           'levels')
+            return self.memo[key]
+        if depth > MAX_DEPTH:
+            raise CheckpointValueError(f'{_where(path)}: nested more than {MAX_DEPTH} levels')
+        out = obj
+        if isinstance(obj, Invalid):
+            raise CheckpointValueError(f'{_where(path)}: {obj.reason}')
+        if isinstance(obj, _Deferred):
+            out = self.tensor(self.storages.build(obj), path)  # type: ignore[attr-defined]
+        elif torch.is_tensor(obj):
+            out = self.tensor(obj, path)
+        elif isinstance(obj, (NumpyArray, NumpyDtype)):
+            if obj.value is None:
+                raise CheckpointValueError(f'{_where(path)}: a numpy object without its data')
+            out = obj.value
+        elif isinstance(obj, HistoryBufferState):
+            out = obj.rebuild() if self.bookkeeping else obj
+        elif isinstance(obj, _Storage):
+            raise CheckpointValueError(f'{_where(path)}: a bare storage')
+        self.memo[key] = out
+        self._children(obj, key, path, depth)
+        return self.memo[key]
+
+    def _children(self, obj: Any, key: int, path: Tuple[str, ...], depth: int) -> None:
+        kids: List[Any] = []
+        if isinstance(obj, dict):
+            kids = list(obj.values())
+        elif isinstance(obj, (list, tuple, set, frozenset)) and not isinstance(obj, torch.Size):
+            kids = list(obj)
+        self._rebuild_children(obj, key, path, depth)
+        self.height[key] = 1 + max((self.height.get(id(k), 0) for k in kids), default=0)
+
+    def _rebuild_children(self, obj: Any, key: int, path: Tuple[str, ...], depth: int) -> None:
+        out = self.memo[key]
+        if isinstance(obj, dict):
+            if type(obj) is OrderedDict:
+                extra = set(vars(obj)) - {'_metadata'}
+                for name in extra:
+                    delattr(obj, name)
+                if '_metadata' in vars(obj):
+                    obj._metadata = self(obj._metadata, path + ('_metadata', ), depth + 1)
+            for k, v in list(obj.items()):
+                new = self(v, path + (str(k) if isinstance(k, (str, int)) else
+                                      f'<{type(k).__name__}>', ), depth + 1)
+                if new is not v:
+                    obj[k] = new
+        elif isinstance(obj, list):
+            for i, v in enumerate(obj):
+                new = self(v, path + (f'[{i}]', ), depth + 1)
+                if new is not v:
+                    obj[i] = new
+        elif isinstance(obj, (set, frozenset)):
+            items = [self(v, path + ('<set item>', ), depth + 1) for v in obj]
+            if any(a is not b for a, b in zip(items, obj)):
+                self.memo[key] = type(obj)(items)
+        elif isinstance(obj, tuple) and not isinstance(obj, torch.Size):
+            items = [self(v, path + (f'[{i}]', ), depth + 1) for i, v in enumerate(obj)]
+            if any(a is not b for a, b in zip(items, obj)):
+                self.memo[key] = tuple(items)
+
+    def tensor(self, t: torch.Tensor, path: Tuple[str, ...]) -> torch.Tensor:
+        """Check a tensor once more after unpickling (a ``BUILD`` may have re-set it).
+
+        Its storage must still be one of this file's, whole (``set_`` refuses negative
+        strides and views past a storage that cannot grow; one that grew has another
+        size and is refused here), and it must not view more elements than the
+        storage holds.
+        """
+        st = t.untyped_storage()
+        nbytes = st.nbytes()
+        if type(t) is not torch.Tensor or t.layout != torch.strided or (
+                nbytes and (st.data_ptr(), nbytes) not in self.storages.by_ptr) or \
+                t.numel() * t.element_size() > nbytes or t._backward_hooks:
+            raise CheckpointValueError(
+                f'{_where(path)}: a {type(t).__name__} of size {list(t.shape)}, stride '
+                f'{list(t.stride())} that is not a plain view of a storage of this file')
+        if t.requires_grad:
+            t.requires_grad_(False)
+        return t
+
+
+def _extent(t: torch.Tensor) -> int:
+    if t.numel() == 0:
+        return 0
+    return (sum((s - 1) * st for s, st in zip(t.shape, t.stride())) + 1) * t.element_size()
+
+
+def _where(path: Tuple[str, ...]) -> str:
+    text = '.'.join(path) or '<top level>'
+    return text if len(text) < 200 else text[:100] + '...' + text[-80:]
+
+
+def _track_views(storages: _FileStorages, ranges: List[Tuple[int, int]]) -> None:
+    """Record the mapped tensors for :func:`release_pages`: one tensor per storage
+    (releasing one of two views of a storage could drop the other's written pages)."""
+    count: Dict[int, int] = {}
+    for t, rec in storages.views:
+        count[id(rec)] = count.get(id(rec), 0) + 1
+    for t, rec in storages.views:
+        if count[id(rec)] == 1:
+            track(t, ranges)
+
+
+def _restore_fn(map_location: Any) -> Optional[Callable]:
+    if map_location is None or map_location == 'cpu' or (
+            isinstance(map_location, torch.device) and map_location.type == 'cpu'):
+        return None
+    # torch 2.13.0: maps a storage and its saved location as torch.load does
+    return torch.serialization._get_restore_location(map_location)
+
+
+def _read_zip(path: str, size: int, map_location: Any, mapped: Optional[bool],
+              bookkeeping: bool) -> Any:
+    with open(path, 'rb') as f:
+        members = zip_members(f, size)
+        pkl = [n for n in members if n.endswith('/data.pkl') and n.count('/') == 1]
+        if len(pkl) != 1:
+            raise CheckpointValueError('the archive has no single <name>/data.pkl member')
+        prefix = pkl[0][:-len('data.pkl')]
+        stray = [n for n in members if not n.startswith(prefix)]
+        if stray:
+            raise CheckpointValueError(f'zip member {stray[0]!r} outside {prefix}')
+        order = sys.byteorder
+        if prefix + 'byteorder' in members:
+            order = _read_member(f, members[prefix + 'byteorder']).decode('ascii', 'replace')
+            if order not in ('little', 'big'):
+                raise CheckpointValueError(f'{prefix}byteorder is {order[:16]!r}')
+        swap = order != sys.byteorder
+        use_map = (mapped is None or mapped) and size > 0
+        whole = torch.UntypedStorage.from_file(path, False, size) if use_map else None
+        storages = _ZipStorages(f, members, prefix, whole, swap, _restore_fn(map_location))
+        data = _read_member(f, members[pkl[0]])
+        obj = unpickle(data, storages, opcode_limit(size))
+        obj = _Finisher(storages, bookkeeping)(obj)
+    if whole is not None and storages.views and madvise() is not None:
+        lo = whole.data_ptr()
+        _track_views(storages, [(lo, lo + whole.nbytes())])
+    return obj
+
+
+def _read_legacy(path: str, size: int, map_location: Any, bookkeeping: bool) -> Any:
+    from torch.serialization import MAGIC_NUMBER, PROTOCOL_VERSION
+    storages = _LegacyStorages(_restore_fn(map_location))
+    with open(path, 'rb') as raw:
+        f = _Bounded(raw, size)
+        if unpickle(f, storages) != MAGIC_NUMBER:
+            raise CheckpointValueError('not a torch checkpoint (no magic number)')
+        if unpickle(f, storages) != PROTOCOL_VERSION:
+            raise CheckpointValueError('unknown torch serialization protocol')
+        info = unpickle(f, storages)
+        if not isinstance(info, dict) or info.get('little_endian', True) is not True or \
+                sys.byteorder != 'little':
+            raise CheckpointValueError('an old-format file of another byte order')
+        obj = unpickle(f, storages)
+        keys = unpickle(f, storages)
+        storages.read_data(raw, size, keys)
+    return _Finisher(storages, bookkeeping)(obj)
+
+
+def _read_pth(path: str, map_location: Any, mapped: Optional[bool], bookkeeping: bool) -> Any:
+    size = os.path.getsize(path)
+    with open(path, 'rb') as f:
+        head = f.read(4)
+    if head == _ZIP_MAGIC:
+        return _read_zip(path, size, map_location, mapped, bookkeeping)
+    if head[:1] == b'\x80':
+        return _read_legacy(path, size, map_location, bookkeeping)
+    raise CheckpointValueError('neither a zip nor an old-format torch checkpoint '
+                               '(the old .tar format is not read)')
+
+
+# ----------------------------------------------------------------- safetensors
 class SafetensorsState(Mapping):
     """A safetensors file as a lazy ``key -> tensor`` mapping.
 
@@ -299,11 +632,11 @@ class SafetensorsState(Mapping):
             if key not in self._index:
                 raise KeyError(key)
             t = self._file.get_tensor(key)
-            if t.numel() and _madvise() is not None:
+            if t.numel() and madvise() is not None:
                 if self._ranges is None:
-                    self._ranges = _file_mappings(self.path)
-                # every tensor's own bytes are checked: only a view of the mapping is tagged
-                _tag_if_inside(t, self._ranges)
+                    self._ranges = file_mappings(self.path)
+                # every tensor's own bytes are checked: only a view of the mapping is tracked
+                track(t, self._ranges)
             self._cache[key] = t
         return t
 
@@ -334,125 +667,48 @@ def _read_safetensors(path: str) -> Dict[str, Any]:
     """Read a safetensors file as a checkpoint dict with ``state_dict`` and ``meta``.
 
     The state dict is a lazy :class:`SafetensorsState` (nothing is read here).
+    ``module_versions`` must be a JSON object of module name -> int.
     """
     import json
 
     state = SafetensorsState(path)
     meta = dict(state.metadata)
-    versions = json.loads(meta.pop('module_versions', '{}'))
+    raw = meta.pop('module_versions', '{}')
+    try:
+        versions = json.loads(raw) if len(raw) <= (1 << 24) else None
+    except ValueError:
+        versions = None
+    if not isinstance(versions, dict) or not all(
+            isinstance(k, str) and type(v) is int for k, v in versions.items()):
+        raise CheckpointValueError('metadata module_versions is not a JSON object of module '
+                                   'name -> int')
     if versions:
         state._metadata = OrderedDict(  # type: ignore[attr-defined]
             (k, {'version': v}) for k, v in versions.items())
     return {'state_dict': state, 'meta': meta}
 
 
-def _tensors_in(obj: Any, depth: int = 0) -> Iterable[torch.Tensor]:
+def _tensors_in(obj: Any, depth: int = 0, seen: Optional[set] = None) -> Iterable[torch.Tensor]:
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
     if torch.is_tensor(obj):
         yield obj
     elif depth < 4 and isinstance(obj, Mapping) and not isinstance(obj, SafetensorsState):
         for v in obj.values():
-            yield from _tensors_in(v, depth + 1)
+            yield from _tensors_in(v, depth + 1, seen)
     elif depth < 4 and isinstance(obj, (list, tuple)):
         for v in obj:
-            yield from _tensors_in(v, depth + 1)
+            yield from _tensors_in(v, depth + 1, seen)
 
 
-_NOT_HANDLED = object()
-
-
-def _native_byteorder(reader: Any) -> bool:
-    """Whether a zip checkpoint's tensors are stored in this machine's byte order
-    (torch byte-swaps the mapped pages otherwise, and they are no longer the file's)."""
-    order = (reader.get_record('byteorder').decode()
-             if reader.has_record('byteorder') else 'little')
-    return order == sys.byteorder
-
-
-def _rebuild_tensor_mapped(bounds, storage, storage_offset, size, stride, requires_grad,
-                           backward_hooks, metadata=None):
-    """``torch._utils._rebuild_tensor_v2`` for CPU storages of a mapped file, tagged for
-    :func:`release_pages` (torch's own also looks for fake/meta modes, per tensor).
-
-    ``bounds`` is the mapping's ``(start, end)`` address range: a tensor is tagged only
-    when its own bytes lie inside it.
-    """
-    t = torch.empty((0, ), dtype=storage.dtype).set_(storage._untyped_storage, storage_offset,
-                                                     size, stride)
-    if requires_grad:
-        t.requires_grad = True
-    if metadata:
-        torch._utils.set_tensor_metadata(t, metadata)
-    t._backward_hooks = backward_hooks
-    _tag_if_inside(t, (bounds, ))
-    return t
-
-
-def _load_zip_mapped(path: str, pickle_module: Any) -> Any:
-    """``torch.load(path, mmap=True, map_location='cpu')`` for the common case, faster.
-
-    The file is mapped once and every storage is a slice of that mapping, as
-    ``torch.load(mmap=True)`` does, but tensors are rebuilt without torch's
-    per-tensor fake-mode and device bookkeeping (a third of a BEVFusion load's
-    read time). ``pickle_module`` decides which globals may be unpickled, as in
-    ``torch.load``. Returns ``_NOT_HANDLED`` for anything unusual (another byte
-    order, another pickle layout, a fake/meta mode active, no ``madvise``), for
-    which the caller uses ``torch.load``.
-    """
-    import io
-
-    from torch.serialization import StorageType
-    if _madvise() is None or torch._guards.detect_fake_mode(None) is not None:
-        return _NOT_HANDLED
-    reader = torch._C.PyTorchFileReader(path)
-    if not reader.has_record('data.pkl'):
-        return _NOT_HANDLED
-    if not _native_byteorder(reader):
-        return _NOT_HANDLED
-    whole = torch.UntypedStorage.from_file(path, False, os.path.getsize(path))
-    rebuild = functools.partial(_rebuild_tensor_mapped,
-                                (whole.data_ptr(), whole.data_ptr() + whole.nbytes()))
-    storages: Dict[str, Any] = {}
-
-    def persistent_load(saved_id):
-        typename, storage_type, key, _location, numel = saved_id
-        if (typename.decode() if isinstance(typename, bytes) else typename) != 'storage':
-            raise pickle.UnpicklingError(f'unknown persistent id {typename!r}')
-        key = key.decode() if isinstance(key, bytes) else key
-        typed = storages.get(key)
-        if typed is None:
-            dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
-            nbytes = numel * dtype.itemsize
-            offset = reader.get_record_offset(f'data/{key}')
-            typed = torch.storage.TypedStorage(wrap_storage=whole[offset:offset + nbytes],
-                                               dtype=dtype, _internal=True)
-            storages[key] = typed
-        return typed
-
-    class MappedUnpickler(pickle_module.Unpickler):  # type: ignore[name-defined]
-
-        def find_class(self, module: str, name: str) -> Any:
-            if type(name) is str and 'Storage' in name:  # as torch.load does
-                try:
-                    return StorageType(name)
-                except KeyError:
-                    pass
-            if module == 'torch._utils' and name == '_rebuild_tensor_v2':
-                super().find_class(module, name)  # the allowlist still decides
-                return rebuild
-            return super().find_class('torch._tensor' if module == 'torch.tensor' else module,
-                                      name)
-
-    unpickler = MappedUnpickler(io.BytesIO(reader.get_record('data.pkl')), encoding='utf-8')
-    unpickler.persistent_load = persistent_load
-    result = unpickler.load()
-    torch._utils._validate_loaded_sparse_tensors()
-    return result
-
-
+# ----------------------------------------------------------------- entry points
 def read_checkpoint(path: str,
                     map_location: Any = 'cpu',
                     trust_checkpoint: bool = False,
-                    mmap: Optional[bool] = None) -> Any:
+                    mmap: Optional[bool] = None,
+                    bookkeeping: bool = False) -> Any:
     """Read a checkpoint file or URI.
 
     Args:
@@ -463,13 +719,16 @@ def read_checkpoint(path: str,
             asks for). Only for files you trust. Defaults to False.
         mmap (bool, optional): Memory-map a local zip checkpoint so only the
             tensors used are read. Defaults to True for local ``.pth`` files.
+        bookkeeping (bool): Rebuild MMEngine's ``HistoryBuffer`` objects (what
+            resuming a run needs) instead of leaving inert placeholders.
+            Defaults to False.
 
     Returns:
         Any: What the file holds (usually a dict).
 
     Raises:
-        FusionLoadError: The file is missing, unreadable, corrupt, or asks
-            for a global outside the allowlist.
+        FusionLoadError: The file is missing, unreadable, corrupt, breaks a
+            rule, or asks for a global outside the admitted ones.
     """
     path = str(path)
     loader = CheckpointLoader._get_checkpoint_loader(path)
@@ -493,43 +752,45 @@ def read_checkpoint(path: str,
             return read_sharded(path)
         if is_safetensors(path):
             return _read_safetensors(path)
-        is_zip = zipfile.is_zipfile(path)
-        kwargs: Dict[str, Any] = dict(map_location=map_location)
         if trust_checkpoint:
-            kwargs['weights_only'] = False
-        else:
-            kwargs.update(weights_only=False, pickle_module=_restricted_pickle_module())
-        mapped = is_zip and (mmap is None or mmap)
-        if mapped and str(map_location) == 'cpu':
-            ckpt = _load_zip_mapped(path, kwargs.get('pickle_module', pickle))
-            if ckpt is not _NOT_HANDLED:
-                return ckpt
-        if mapped:
-            kwargs['mmap'] = True
-        ckpt = torch.load(path, **kwargs)
-        if mapped and _native_byteorder(torch._C.PyTorchFileReader(path)):
-            mark_mapped(_tensors_in(ckpt), path)
-        return ckpt
+            is_zip = zipfile.is_zipfile(path)
+            mapped = is_zip and (mmap is None or mmap)
+            ckpt = torch.load(path, map_location=map_location, weights_only=False,
+                              mmap=mapped)
+            if mapped:
+                mark_mapped(_tensors_in(ckpt), path)
+            return ckpt
+        return _read_pth(path, map_location, mmap, bookkeeping)
     except UnsafeGlobalError as e:
+        e.__traceback__ = None  # its frames hold what the pickle had built
         raise FusionLoadError([
             f'{path}: the file asks to unpickle {e.name!r}, which is not a '
-            'tensor, a plain container or an allowed MMEngine/numpy object; '
+            'tensor, a plain container or an admitted MMEngine/numpy object; '
             'pass trust_checkpoint=True (source option, hook argument or '
             '--trust-checkpoint) only if you trust this file'
         ], 'refusing to read checkpoint') from e
+    except CorruptFileError as e:
+        e.__traceback__ = None
+        raise FusionLoadError([f'{path}: not a readable checkpoint (truncated or corrupt?): {e}'],
+                              'cannot read checkpoint') from e
+    except CheckpointValueError as e:
+        e.__traceback__ = None
+        raise FusionLoadError([f'{path}: {e}'], 'refusing to read checkpoint') from e
     except FusionLoadError:
         raise
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ''
+        e.__traceback__ = None
+        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ''
         raise FusionLoadError(
             [f'{path}: not a readable checkpoint (truncated or corrupt?): '
              f'{type(e).__name__}: {msg}'], 'cannot read checkpoint') from e
 
 
 def load_local(filename: str, map_location: Any = None) -> Any:
-    """MMEngine local-file scheme backed by :func:`read_checkpoint`."""
+    """MMEngine local-file scheme backed by :func:`read_checkpoint` (with bookkeeping,
+    so ``resume`` gets its ``HistoryBuffer`` objects)."""
     return read_checkpoint(filename, map_location=map_location or 'cpu',
-                           trust_checkpoint=_TRUST['local'])
+                           trust_checkpoint=_TRUST['local'], bookkeeping=True)
 
 
 _TRUST = {'local': False}

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 import mmfusionload.loading as loading
 from mmfusionload import load_sources
-from mmfusionload.reader import (SafetensorsState, all_finite, read_checkpoint,
+from mmfusionload.reader import (SafetensorsState, all_finite, is_tracked, read_checkpoint,
                                  release_pages)
 
 safetensors_torch = pytest.importorskip('safetensors.torch')
@@ -223,29 +223,24 @@ def test_only_tensors_inside_the_file_mapping_are_released(tmp_path):
     state = read_checkpoint(paths['lidar.safetensors'])['state_dict']
     state._file = _CopyingFile(state._file, [big])
     first = state['pts_middle_encoder.2.bias']  # from the mapping: tagged
-    assert getattr(first, '_mmfl_mapped', None) is not None
+    assert is_tracked(first)
     t = state[big]  # a private copy, read after a mapped one
-    assert getattr(t, '_mmfl_mapped', None) is None
+    assert not is_tracked(t)
     assert not release_pages(t) and torch.equal(t, sd[big])
 
-    # the zip reader: only a tensor whose bytes lie inside the file's mapping is tagged
-    from mmfusionload.reader import _rebuild_tensor_mapped
+    # the zip reader: only a tensor whose bytes lie inside the file's mapping is tracked
+    from mmfusionload.pages import track
     path = paths['lidar.pth']
     whole = torch.UntypedStorage.from_file(path, False, osp.getsize(path))
-    bounds = (whole.data_ptr(), whole.data_ptr() + whole.nbytes())
-
-    def rebuild(untyped, n):
-        typed = torch.storage.TypedStorage(wrap_storage=untyped, dtype=torch.uint8,
-                                           _internal=True)
-        return _rebuild_tensor_mapped(bounds, typed, 0, (n, ), (1, ), False, OrderedDict())
-
-    inside = rebuild(whole[:64], 64)
-    assert getattr(inside, '_mmfl_mapped', None) is not None
+    bounds = [(whole.data_ptr(), whole.data_ptr() + whole.nbytes())]
+    inside = torch.empty(0, dtype=torch.uint8).set_(whole[:64], 0, (64, ), (1, ))
+    assert track(inside, bounds) and is_tracked(inside)
     other = torch.arange(1 << 22, dtype=torch.int32).view(torch.uint8)
-    outside = rebuild(other.untyped_storage(), other.numel())
-    assert getattr(outside, '_mmfl_mapped', None) is None
-    assert not release_pages(outside) and torch.equal(outside, other)
-    assert outside.view(torch.int32)[-1] == (1 << 22) - 1
+    assert not track(other, bounds) and not is_tracked(other)
+    assert not release_pages(other) and other.view(torch.int32)[-1] == (1 << 22) - 1
+    # an attribute a file could set changes nothing
+    other._mmfl_mapped = other._version
+    assert not release_pages(other) and other.view(torch.int32)[-1] == (1 << 22) - 1
 
 
 def test_repairs_run_on_the_target_device_bit_for_bit(tmp_path, device):
@@ -320,6 +315,6 @@ def test_mapped_zip_reader_matches_torch_load(tmp_path):
     _same(torch.load(path, weights_only=False), got)
     views = got['views']  # one storage, as saved
     assert len({v.untyped_storage().data_ptr() for v in views}) == 1
-    assert getattr(got['state_dict']['0.weight'], '_mmfl_mapped', None) is not None
+    assert is_tracked(got['state_dict']['0.weight'])
     restricted = read_checkpoint(path)  # the restricted unpickler, same tensors
     _same(got['state_dict'], restricted['state_dict'])

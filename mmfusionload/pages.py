@@ -1,0 +1,155 @@
+"""Give a memory-mapped checkpoint tensor's pages back once it has been read.
+
+The readers return tensors that are views of a private mapping of the file:
+reading a tensor faults its pages in, and they then count in the process's RSS
+until the mapping is dropped. :func:`release_pages` hands one tensor's pages
+back (``madvise(MADV_DONTNEED)``); the next read faults them in again from the
+page cache, so a load's peak RSS stays near one tensor instead of the whole file.
+
+Which tensors may be released is recorded here, by the reader, when it builds
+them (:func:`track`): the tensor's address range, checked to lie inside the
+file's mapping, and its version counter. Nothing a file can set (an attribute,
+a state) is consulted. A tensor is released only while its data pointer, size
+and version are still the recorded ones; a private page written to is no longer
+the file's and is never released.
+"""
+import os
+import os.path as osp
+import sys
+import weakref
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+import torch
+
+_MADV_DONTNEED = 4  # Linux <sys/mman.h>
+_MADVISE: Dict[str, Any] = {}
+# id(tensor) -> (weakref, data_ptr, nbytes, version)
+_TRACKED: Dict[int, Tuple[Any, int, int, int]] = {}
+
+
+def madvise() -> Optional[Callable]:
+    """libc's ``madvise`` on Linux, else None (found once)."""
+    if 'fn' not in _MADVISE:
+        fn = None
+        if sys.platform.startswith('linux'):
+            try:
+                import ctypes
+                fn = ctypes.CDLL(None, use_errno=True).madvise
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+                fn.restype = ctypes.c_int
+                _MADVISE['page'] = os.sysconf('SC_PAGE_SIZE')
+            except (OSError, AttributeError, ValueError):  # pragma: no cover
+                fn = None
+        _MADVISE['fn'] = fn
+    return _MADVISE['fn']
+
+
+def file_mappings(path: str) -> List[Tuple[int, int]]:
+    """Address ranges of this process's private mappings of ``path`` (Linux)."""
+    real = osp.realpath(path)
+    out = []
+    try:
+        with open('/proc/self/maps') as f:
+            for line in f:
+                parts = line.split(None, 5)
+                if len(parts) == 6 and parts[5].rstrip('\n') == real and parts[1][3] == 'p':
+                    lo, hi = parts[0].split('-')
+                    out.append((int(lo, 16), int(hi, 16)))
+    except OSError:  # pragma: no cover - not Linux
+        return []
+    return out
+
+
+def extent(t: torch.Tensor) -> int:
+    """Bytes from a tensor's first element to the end of its last one."""
+    if t.numel() == 0:
+        return 0
+    last = sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
+    return (last + 1) * t.element_size()
+
+
+def _forget(ref: Any, key: int) -> None:
+    entry = _TRACKED.get(key)
+    if entry is not None and entry[0] is ref:
+        del _TRACKED[key]
+
+
+def track(t: torch.Tensor, ranges: Iterable[Tuple[int, int]]) -> bool:
+    """Record ``t`` as releasable if its bytes lie inside one of ``ranges``.
+
+    Args:
+        t (Tensor): A tensor the reader built on a private mapping of a file.
+        ranges: The mapping's ``(start, end)`` address ranges.
+
+    Returns:
+        bool: Whether it was recorded.
+    """
+    if _MADVISE.get('fn') is None and madvise() is None or not torch.is_tensor(t) or \
+            t.device.type != 'cpu' or t.numel() == 0 or t.layout != torch.strided:
+        return False
+    start, nbytes = t.data_ptr(), extent(t)
+    if not any(lo <= start and start + nbytes <= hi for lo, hi in ranges):
+        return False
+    key = id(t)
+    ref = weakref.ref(t, lambda r, k=key: _forget(r, k))
+    _TRACKED[key] = (ref, start, nbytes, t._version)
+    return True
+
+
+def is_tracked(t: Any) -> bool:
+    """Whether :func:`release_pages` may release ``t`` now."""
+    entry = _TRACKED.get(id(t))
+    return (entry is not None and entry[0]() is t and t.data_ptr() == entry[1]
+            and extent(t) == entry[2] and t._version == entry[3])
+
+
+def release_pages(t: Any) -> bool:
+    """Give back the memory pages of a tensor the reader recorded with :func:`track`.
+
+    A no-op for any other tensor, for one written in place since (its version
+    moved), set to other memory, or off Linux. Only whole pages inside the
+    tensor are released, never a neighbour's. The values stay the same.
+
+    Returns:
+        bool: Whether pages were released.
+    """
+    if not is_tracked(t):
+        return False
+    page = _MADVISE['page']
+    _, ptr, nbytes, _ = _TRACKED[id(t)]
+    lo = -(-ptr // page) * page
+    hi = (ptr + nbytes) // page * page
+    if hi <= lo:
+        return False
+    return madvise()(lo, hi - lo, _MADV_DONTNEED) == 0
+
+
+def mark_mapped(tensors: Iterable[torch.Tensor], path: str,
+                ranges: Optional[List[Tuple[int, int]]] = None) -> int:
+    """Record the tensors whose data lies in a private mapping of ``path``.
+
+    For a file read by ``torch.load(mmap=True)`` (a trusted file). Tensors
+    sharing a storage are left out: releasing one would drop a neighbour's
+    written pages.
+
+    Returns:
+        int: How many tensors were recorded.
+    """
+    if madvise() is None:
+        return 0
+    tensors = [t for t in tensors if torch.is_tensor(t) and t.device.type == 'cpu'
+               and t.layout == torch.strided and not t.is_quantized and t.numel() > 0]
+    per_storage: Dict[int, int] = {}
+    for t in tensors:
+        p = t.untyped_storage().data_ptr()
+        per_storage[p] = per_storage.get(p, 0) + 1
+    n = 0
+    for t in tensors:
+        if per_storage[t.untyped_storage().data_ptr()] != 1:
+            continue
+        if ranges is None:
+            ranges = file_mappings(path)
+        if not ranges:
+            return 0
+        n += track(t, ranges)
+    return n
