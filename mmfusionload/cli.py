@@ -2,9 +2,10 @@
 
 Commands:
 
-- ``inspect CONFIG``: dry run of every load the config would do (``load_from`` as
-  ``FusionLoadHook`` repairs it, the hook's sources, extra ``--source``); exit 1 if
-  the real run would fail.
+- ``inspect CONFIG``: dry run of every load the config would do (each module's
+  ``init_cfg=Pretrained``, ``load_from`` as ``FusionLoadHook`` repairs it, the hook's
+  sources, extra ``--source``); exit 1 if the real run would fail. Compiled extensions
+  that are not built are replaced by inert stand-ins (structure only).
 - ``convert SRC DST``: rewrite a checkpoint into the names and layout a model expects.
 - ``merge --config CONFIG -o OUT SOURCES...``: one initial fusion checkpoint from
   per-modality checkpoints.
