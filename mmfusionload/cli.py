@@ -32,7 +32,7 @@ DEBUG_HELP = 'on an error, show the traceback instead of the chain of causes'
 LIST_OPTIONS = ('modality', 'modules', 'exclude')
 BOOL_OPTIONS = ('prefer_ema', 'allow_nonfinite', 'trust_checkpoint')
 TRUE, FALSE = ('1', 'true', 'yes', 'on'), ('0', 'false', 'no', 'off')
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+EXIT_FAIL, EXIT_USAGE = 1, 2  # and 0 for success
 
 
 class UsageError(FusionLoadError):
@@ -81,7 +81,7 @@ def parse_source_arg(text: str) -> Dict[str, Any]:
                 out[key] = pairs
         elif key == 'rename':
             raise UsageError(['rename= is not supported on the command line; use a '
-                                   'preset or a FusionLoadHook in a config'], 'bad --source')
+                              'preset or a FusionLoadHook in a config'], 'bad --source')
         else:
             out[key] = value
     return out
