@@ -60,7 +60,7 @@ pyver=$("$PY" -c "import sys; print(f'cp{sys.version_info[0]}{sys.version_info[1
 mmcv_dir="$cache/wheels/mmcv-2.1.0-torch$torch_ver-cuda$cuda-$pyver"
 if ! has mmcv 2.1.0 || ! "$PY" -c "import mmcv.ops" 2>/dev/null; then
   if ! ls "$mmcv_dir"/mmcv-*.whl >/dev/null 2>&1; then
-    step "building mmcv 2.1.0 with ops (4 to 6 minutes on 2 cores)"
+    step "building mmcv 2.1.0 with ops (5 minutes or more on 2 cores)"
     mkdir -p "$mmcv_dir"
     # The whole flag set (setuptools replaces Python's default flags with these): no debug
     # info, and -O1 for the host C++ (MMCV's CPU ops and dispatch): most files' time is
