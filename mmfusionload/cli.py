@@ -2,9 +2,10 @@
 
 Commands:
 
-- ``inspect CONFIG``: dry run of every load the config would do (``load_from`` as
-  ``FusionLoadHook`` repairs it, the hook's sources, extra ``--source``); exit 1 if
-  the real run would fail.
+- ``inspect CONFIG``: dry run of every load the config would do (each module's
+  ``init_cfg=Pretrained``, ``load_from`` as ``FusionLoadHook`` repairs it, the hook's
+  sources, extra ``--source``); exit 1 if the real run would fail. Compiled extensions
+  that are not built are replaced by inert stand-ins (structure only).
 - ``convert SRC DST``: rewrite a checkpoint into the names and layout a model expects.
 - ``merge --config CONFIG -o OUT SOURCES...``: one initial fusion checkpoint from
   per-modality checkpoints.
@@ -33,7 +34,7 @@ DEBUG_HELP = 'on an error, show the traceback instead of the chain of causes'
 LIST_OPTIONS = ('modality', 'modules', 'exclude')
 BOOL_OPTIONS = ('prefer_ema', 'allow_nonfinite', 'trust_checkpoint')
 TRUE, FALSE = ('1', 'true', 'yes', 'on'), ('0', 'false', 'no', 'off')
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+EXIT_FAIL, EXIT_USAGE = 1, 2  # and 0 for success
 
 
 class UsageError(FusionLoadError):
@@ -84,7 +85,7 @@ def parse_source_arg(text: str) -> Dict[str, Any]:
                 out[key] = pairs
         elif key == 'rename':
             raise UsageError(['rename= is not supported on the command line; use a '
-                                   'preset or a FusionLoadHook in a config'], 'bad --source')
+                              'preset or a FusionLoadHook in a config'], 'bad --source')
         else:
             out[key] = value
     return out

@@ -60,12 +60,12 @@ pyver=$("$PY" -c "import sys; print(f'cp{sys.version_info[0]}{sys.version_info[1
 mmcv_dir="$cache/wheels/mmcv-2.1.0-torch$torch_ver-cuda$cuda-$pyver"
 if ! has mmcv 2.1.0 || ! "$PY" -c "import mmcv.ops" 2>/dev/null; then
   if ! ls "$mmcv_dir"/mmcv-*.whl >/dev/null 2>&1; then
-    step "building mmcv 2.1.0 with ops (4 to 6 minutes on 2 cores)"
+    step "building mmcv 2.1.0 with ops (5 minutes or more on 2 cores)"
     mkdir -p "$mmcv_dir"
     # The whole flag set (setuptools replaces Python's default flags with these): no debug
-    # info, and -O1 for the host C++ (MMCV's CPU ops and dispatch): each file's time is
-    # mostly parsing torch's headers, -O1 takes 10-20 % off the rest; CUDA kernels keep
-    # nvcc's own flags.
+    # info, and -O1 for the host C++ (MMCV's CPU ops and dispatch): most files' time is
+    # parsing torch's headers, but pybind.cpp, the longest, takes 36 s instead of 56 s
+    # (see README "Install"); CUDA kernels keep nvcc's own flags.
     flags="-DNDEBUG -O1 -g0 -fwrapv -Wall -Wsign-compare"
     MMCV_WITH_OPS=1 FORCE_CUDA=$cuda MAX_JOBS=${MAX_JOBS:-2} CFLAGS="$flags" CXXFLAGS="$flags" \
       "$PY" -m pip wheel --disable-pip-version-check -q --no-build-isolation --no-deps --no-cache-dir \
