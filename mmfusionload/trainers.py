@@ -130,12 +130,14 @@ def _meta(ckpt: Mapping) -> Dict[str, Any]:
 def _mmengine_raw(ema_state: Mapping) -> 'OrderedDict[str, Any]':
     """``ema_state_dict`` as model keys: ``module.`` removed, ``steps`` left out."""
     out: 'OrderedDict[str, Any]' = OrderedDict(
-        (k[len('module.'):], v) for k, v in ema_state.items() if k.startswith('module.'))
+        (k[len('module.'):] if isinstance(k, str) else k, v)  # unwrap refuses other keys
+        for k, v in ema_state.items() if not isinstance(k, str) or k.startswith('module.'))
     metadata = getattr(ema_state, '_metadata', None)
     if metadata:
         out._metadata = OrderedDict(  # type: ignore[attr-defined]
             (k[len('module.'):] if k.startswith('module.') else '', v)
-            for k, v in metadata.items() if k == 'module' or k.startswith('module.'))
+            for k, v in metadata.items()
+            if isinstance(k, str) and (k == 'module' or k.startswith('module.')))
     return out
 
 
@@ -143,9 +145,10 @@ def _mmcv1_ema_keys(state: Mapping) -> List[str]:
     """MMCV 1.x ``EMAHook`` buffers (``ema_<key with '.' -> '_'>``) in ``state``."""
     if _is_lazy(state):
         return []
-    flat = {MMCV1_EMA_PREFIX + k.replace('.', '_') for k in state
+    keys = [k for k in state if isinstance(k, str)]  # other keys are refused by unwrap
+    flat = {MMCV1_EMA_PREFIX + k.replace('.', '_') for k in keys
             if not k.startswith(MMCV1_EMA_PREFIX)}
-    return [k for k in state if k.startswith(MMCV1_EMA_PREFIX) and k in flat]
+    return [k for k in keys if k.startswith(MMCV1_EMA_PREFIX) and k in flat]
 
 
 def _without(state: Mapping, keys: List[str]) -> 'OrderedDict[str, Any]':
