@@ -35,6 +35,21 @@ def device(request: pytest.FixtureRequest) -> torch.device:
     return torch.device(request.param)
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test, the count restored afterwards.
+
+    spconv 2.3.8's CPU kernels race under several threads (outputs change from
+    call to call); with one they are deterministic and compare exactly. Its CPU
+    path also issues many tiny ``gather``/``mm`` calls that spin against each
+    other with two OpenMP threads on two busy cores.
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def load_manifest(name: str) -> Dict[str, Any]:
     """Load ``tests/data/manifests/<name>.json``.
 

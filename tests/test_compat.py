@@ -35,14 +35,6 @@ def unpatched(monkeypatch) -> Callable[[], int]:
     return original
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _subm_backward() -> None:
     conv = spconv.SubMConv3d(2, 3, 3, bias=False)
     indices = torch.tensor([[0, 1, 1, 1], [0, 1, 2, 1], [0, 2, 2, 2]],

@@ -14,14 +14,10 @@ SHAPE = [41, 16, 16]  # z, y, x: the 41-high grid of OpenPCDet's KITTI/nuScenes 
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # spconv's CPU kernels race with more than one thread
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     from mmfusionload.compat import patch_spconv_cpu_stream
     patch_spconv_cpu_stream()
     yield
-    torch.set_num_threads(n)
 
 
 class Target(nn.Module):

@@ -15,13 +15,7 @@ from mmfusionload import FusionLoadError, load_sources
 spconv = pytest.importorskip('spconv.pytorch')
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """spconv 2.3.8's CPU kernels race under several threads; one thread is exact."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 # name: (ndim, spconv class, mmcv class name, kwargs)

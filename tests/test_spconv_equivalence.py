@@ -34,14 +34,7 @@ def voxels(seed=0, n=400, device='cpu'):
     return feats.to(device), coors.to(device)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """spconv 2.3.8's CPU kernels race under several threads (outputs change from
-    call to call); with one thread they are deterministic, so outputs compare exactly."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')

@@ -204,20 +204,6 @@ def test_mmcv_and_spconv_kernel_layouts():
 
 
 # --- spconv 2.x SparseEncoder forward + backward ---
-@pytest.fixture
-def one_thread():
-    """Run with one intra-op thread, restoring the count afterwards.
-
-    spconv's CPU path issues hundreds of tiny ``gather``/``mm`` calls; with
-    two OpenMP threads on a 2-core machine that is also running anything
-    else, they spin against each other (0.4 s becomes 30 s+ here).
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_sparse_encoder_forward_backward(device, one_thread):
     _skip_unless_runs_on(device)
     # True on a CPU-only machine; a no-op (False) when CUDA is present
