@@ -33,12 +33,14 @@ file has (the spconv-layout repair decides it from each kernel's shape).
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
+from ..axis_order import kernel_order
 from ..errors import FusionLoadError
 from ..presets import KeyPreset, register_preset
+from ..sparse_layouts import ZYX
 
 SRC_3D, SRC_2D = 'backbone_3d.', 'backbone_2d.'
 DST_3D, DST_2D, DST_NECK = 'pts_middle_encoder.', 'pts_backbone.', 'pts_neck.'
@@ -217,4 +219,40 @@ def not_converted(keys) -> List[str]:
     return [f'{g}. ({n})' for g, n in groups.items()]
 
 
-OPENPCDET = register_preset('openpcdet', KeyPreset(convert=openpcdet_to_mmdet3d))
+# OpenPCDet v0.6.0 (``VoxelBackBone8x``: ``sparse_shape = grid_size[::-1] + [1, 0, 0]``,
+# voxel coordinates ``(batch, z, y, x)``; ``HeightCompression`` flattens ``(N, C, D, H, W)``
+# to ``(N, C * D, H, W)``, so every BEV layer reads a ``(y, x)`` map).
+OPENPCDET_BEV = ("OpenPCDet's map_to_bev (HeightCompression) lays the BEV map out (y, x), "
+                 'the map of a z-y-x encoder')
+
+
+def _kernel_order(shape: Tuple[int, ...]) -> Optional[str]:
+    """The order a 3-D sparse kernel's shape shows in both layouts (spconv 2.x
+    ``[out, *k, in]``, spconv 1.x/MMCV ``[*k, in, out]``): z is the odd extent."""
+    if len(shape) != 5:
+        return None
+    found = {kernel_order(k) for k in (shape[1:4], shape[0:3])} - {None}
+    return found.pop() if len(found) == 1 else None
+
+
+def openpcdet_orders(shapes: Mapping[str, Tuple[int, ...]]) -> Dict[str, Tuple[str, str]]:
+    """The axis order of an OpenPCDet file's backbones, under the converted prefixes.
+
+    ``backbone_3d``: from its ``conv_out`` kernel (``(3, 1, 1)``: z first), the
+    file's own evidence; nothing when the kernel does not show it. ``backbone_2d``:
+    the order of that encoder, or, without one in the file, OpenPCDet's BEV map
+    layout ``(y, x)``.
+    """
+    out: Dict[str, Tuple[str, str]] = {}
+    key = SRC_3D + 'conv_out.0.weight'
+    order = _kernel_order(tuple(shapes[key])) if key in shapes else None
+    if order is not None:
+        out[DST_3D] = (order, f'{key} {list(shapes[key])}')
+    if any(k.startswith(SRC_2D) for k in shapes):
+        bev = out.get(DST_3D) or (ZYX, OPENPCDET_BEV)
+        out[DST_2D] = out[DST_NECK] = bev
+    return out
+
+
+OPENPCDET = register_preset('openpcdet', KeyPreset(convert=openpcdet_to_mmdet3d,
+                                                   orders=openpcdet_orders))
