@@ -216,10 +216,19 @@ def declared_order(ctx: Any, file_keys: Sequence[str]) -> Optional[Tuple[str, st
     return next(iter(found)) if len({f[0] for f in found}) == 1 else None
 
 
+def _is_pillar_scatter(m: nn.Module) -> bool:
+    """MMDetection3D 1.4.0's ``PointPillarsScatter`` writes pillar ``(b, z, y, x)``
+    coordinates to ``y * nx + x`` and views the canvas as ``(C, ny, nx)``: a
+    ``(y, x)`` BEV map, the map of a z-y-x encoder."""
+    cls = type(m)
+    return cls.__name__ == 'PointPillarsScatter' and cls.__module__.startswith('mmdet3d.')
+
+
 def model_order(model: Optional[nn.Module]) -> Tuple[Optional[str], List[str]]:
     """The axis order of the model's sparse encoders (every module with a
-    ``sparse_shape``), which is also the order of the BEV map they produce:
-    z-y-x encoders give ``(y, x)`` maps, x-y-z ones ``(x, y)``.
+    ``sparse_shape``, and MMDetection3D's pillar scatter), which is also the
+    order of the BEV map they produce: z-y-x encoders give ``(y, x)`` maps,
+    x-y-z ones ``(x, y)``.
 
     Returns:
         tuple: ``(order or None, reasons)``; None when the model has no such
@@ -229,6 +238,9 @@ def model_order(model: Optional[nn.Module]) -> Tuple[Optional[str], List[str]]:
         return None, ['no model']
     found: Dict[str, List[str]] = {}
     for name, m in model.named_modules():
+        if _is_pillar_scatter(m):
+            found.setdefault(ZYX, []).append(f'{name} (PointPillarsScatter: (y, x) canvas)')
+            continue
         if getattr(m, 'sparse_shape', None) is None:
             continue
         order, reasons = live_order(m)
@@ -239,5 +251,6 @@ def model_order(model: Optional[nn.Module]) -> Tuple[Optional[str], List[str]]:
         order = next(iter(found))
         return order, found[order]
     if not found:
-        return None, ['no sparse encoder (a module with a sparse_shape) in the model']
+        return None, ['no sparse encoder (a module with a sparse_shape) or pillar scatter '
+                      'in the model']
     return None, [f'{o}: {", ".join(r)}' for o, r in found.items()]

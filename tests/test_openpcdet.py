@@ -264,3 +264,21 @@ def test_bev_backbone_into_model_of_unknown_orientation_is_an_error(pcdet, tmp_p
     assert 'bev_only.pth' in str(e.value) and 'pts_backbone.blocks.0.0.weight' in str(e.value)
     for k, v in target.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_bev_backbone_into_pillar_model_loads_as_it_is(pcdet, tmp_path):
+    """MMDetection3D's PointPillarsScatter lays its canvas out (y, x), as OpenPCDet does:
+    the 2-D layers load unchanged and compute the same on the same map."""
+    if pcdet['res']:
+        pytest.skip('the 2-D backbone is the same for both 3-D backbones')
+    from mmdet3d.registry import MODELS
+    target = Target(False, encoder=False).eval()
+    target.pts_middle_encoder = MODELS.build(dict(type='PointPillarsScatter', in_channels=256,
+                                                  output_shape=[8, 6]))
+    src = _load(target, _bev_only(pcdet, tmp_path), strict=False)
+    assert 'bev_transpose' not in src.adapted and len(src.loaded) > 0
+    bev = torch.randn(2, 256, 8, 6, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = pcdet['src'].backbone_2d(bev)
+    torch.testing.assert_close(_bev_run(target.pts_backbone, target.pts_neck, bev), want,
+                               rtol=1e-5, atol=1e-5)

@@ -219,11 +219,13 @@ def not_converted(keys) -> List[str]:
     return [f'{g}. ({n})' for g, n in groups.items()]
 
 
-# OpenPCDet v0.6.0 (``VoxelBackBone8x``: ``sparse_shape = grid_size[::-1] + [1, 0, 0]``,
-# voxel coordinates ``(batch, z, y, x)``; ``HeightCompression`` flattens ``(N, C, D, H, W)``
-# to ``(N, C * D, H, W)``, so every BEV layer reads a ``(y, x)`` map).
-OPENPCDET_BEV = ("OpenPCDet's map_to_bev (HeightCompression) lays the BEV map out (y, x), "
-                 'the map of a z-y-x encoder')
+# OpenPCDet v0.6.0: ``VoxelBackBone8x`` uses ``sparse_shape = grid_size[::-1] + [1, 0, 0]``
+# and voxel coordinates ``(batch, z, y, x)``; both ``map_to_bev`` modules give the BEV
+# layers a ``(y, x)`` map: ``HeightCompression`` views ``(N, C, D, H, W)`` as
+# ``(N, C * D, H, W)``, ``PointPillarScatter`` writes pillars to ``y * nx + x`` of a
+# ``(C, ny, nx)`` canvas.
+OPENPCDET_BEV = ("OpenPCDet's map_to_bev (HeightCompression, PointPillarScatter) lays the "
+                 'BEV map out (y, x), the map of a z-y-x encoder')
 
 
 def _kernel_order(shape: Tuple[int, ...]) -> Optional[str]:
