@@ -282,3 +282,18 @@ def test_bev_backbone_into_pillar_model_loads_as_it_is(pcdet, tmp_path):
         want = pcdet['src'].backbone_2d(bev)
     torch.testing.assert_close(_bev_run(target.pts_backbone, target.pts_neck, bev), want,
                                rtol=1e-5, atol=1e-5)
+
+
+def test_transposed_bev_map_and_asymmetric_conv_is_an_error(pcdet, tmp_path):
+    """A conv whose padding differs between the axes does not compute the transposed
+    function with a transposed kernel: refused, naming the module and the padding."""
+    if pcdet['res']:
+        pytest.skip('the 2-D backbone is the same for both 3-D backbones')
+    target = Target(False, xyz=True)
+    target.pts_backbone.blocks[0][0] = nn.Conv2d(256, 16, 3, padding=(1, 0), bias=False)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(FusionLoadError, match=r'pts_backbone\.blocks\.0\.0\.weight: the BEV '
+                       r'map is transposed.*padding \(1, 0\)'):
+        _load(target, _bev_only(pcdet, tmp_path), strict=False)
+    for k, v in target.state_dict().items():
+        assert torch.equal(v, before[k]), k
