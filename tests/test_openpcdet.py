@@ -297,3 +297,29 @@ def test_transposed_bev_map_and_asymmetric_conv_is_an_error(pcdet, tmp_path):
         _load(target, _bev_only(pcdet, tmp_path), strict=False)
     for k, v in target.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_spconv1_file_into_xyz_encoder_same_bev_features(pcdet, tmp_path):
+    """An OpenPCDet file from spconv 1.x holds ``[*k, in, out]`` kernels (spconv 1.x's
+    layout, none of volume 1 here): its conv_out still tells z-y-x, and the loaded x-y-z
+    encoder computes the transposed BEV map; with conv_out not targeted, the cubes are
+    still reordered."""
+    ckpt = torch.load(pcdet['path'], weights_only=False)
+    ckpt['model_state'] = {k: v.permute(1, 2, 3, 4, 0).contiguous() if v.dim() == 5 else v
+                           for k, v in ckpt['model_state'].items()}
+    path = str(tmp_path / 'spconv1.pth')
+    torch.save(ckpt, path, _use_new_zipfile_serialization=False)
+    target = Target(pcdet['res'], xyz=True).eval()
+    src = _load(target, path)
+    assert not src.mismatched and src.verified == (21 if pcdet['res'] else 12)
+    feats, coords = points(SHAPE)
+    want_bev, want = _run_source(pcdet['src'], feats, coords)
+    with torch.no_grad():
+        bev, got = target(feats, coords[:, [0, 3, 2, 1]], 2)
+    torch.testing.assert_close(bev.transpose(-1, -2), want_bev, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.transpose(-1, -2), want, rtol=1e-5, atol=1e-5)
+    cubes = Target(pcdet['res'], xyz=True)
+    load_sources(cubes, [dict(checkpoint=path, preset='openpcdet', modules=[
+        'pts_middle_encoder.conv_input', 'pts_middle_encoder.encoder_layers'])], logger=None)
+    w = pcdet['src'].backbone_3d.conv_input[0].weight                    # [16, z, y, x, 4]
+    assert torch.equal(cubes.pts_middle_encoder.conv_input[0].weight, w.permute(0, 3, 2, 1, 4))

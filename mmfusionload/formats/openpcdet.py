@@ -228,12 +228,15 @@ OPENPCDET_BEV = ("OpenPCDet's map_to_bev (HeightCompression, PointPillarScatter)
                  'BEV map out (y, x), the map of a z-y-x encoder')
 
 
-def _kernel_order(shape: Tuple[int, ...]) -> Optional[str]:
-    """The order a 3-D sparse kernel's shape shows in both layouts (spconv 2.x
-    ``[out, *k, in]``, spconv 1.x/MMCV ``[*k, in, out]``): z is the odd extent."""
+def _kernel_order(shape: Tuple[int, ...], out: Optional[int]) -> Optional[str]:
+    """The order a 3-D sparse kernel's shape shows: z is the odd extent. Read in
+    both layouts (spconv 2.x ``[out, *k, in]``, spconv 1.x/MMCV ``[*k, in, out]``)
+    whose output channels agree with the following BatchNorm's (``out``); None
+    unless exactly one order comes out."""
     if len(shape) != 5:
         return None
-    found = {kernel_order(k) for k in (shape[1:4], shape[0:3])} - {None}
+    readings = ((shape[0], shape[1:4]), (shape[4], shape[0:3]))
+    found = {kernel_order(k) for c, k in readings if out is None or c == out} - {None}
     return found.pop() if len(found) == 1 else None
 
 
@@ -247,7 +250,9 @@ def openpcdet_orders(shapes: Mapping[str, Tuple[int, ...]]) -> Dict[str, Tuple[s
     """
     out: Dict[str, Tuple[str, str]] = {}
     key = SRC_3D + 'conv_out.0.weight'
-    order = _kernel_order(tuple(shapes[key])) if key in shapes else None
+    bn = shapes.get(SRC_3D + 'conv_out.1.weight')
+    order = (_kernel_order(tuple(shapes[key]), int(bn[0]) if bn is not None and len(bn) == 1
+                           else None) if key in shapes else None)
     if order is not None:
         out[DST_3D] = (order, f'{key} {list(shapes[key])}')
     if any(k.startswith(SRC_2D) for k in shapes):
