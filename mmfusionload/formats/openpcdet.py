@@ -28,7 +28,10 @@ Facts read from OpenPCDet (``pcdet/models/backbones_3d/spconv_backbone.py``,
 
 The mapping is derived from the structure of the keys (stage and block indices), so
 other depths and channel counts map the same way. Sparse kernels keep the layout the
-file has (the spconv-layout repair decides it from each kernel's shape).
+file has (the spconv-layout repair decides it from each kernel's shape). The preset
+also tells the axis-order decision what the file shows (:func:`openpcdet_orders`):
+the encoder's order from ``conv_out``'s kernel, and the BEV layers' map orientation;
+the axis-order and BEV-order repairs compare them with the live model.
 """
 import re
 from collections import OrderedDict
