@@ -47,6 +47,12 @@ def _order_of_axis(i: Optional[int]) -> Optional[str]:
     return {0: ZYX, 2: XYZ}.get(i) if i is not None else None
 
 
+def kernel_order(kernel: Sequence[int]) -> Optional[str]:
+    """The order an anisotropic 3-D kernel size shows: z is the one extent that
+    differs from the two others (``(3, 1, 1)``: z-y-x); None otherwise."""
+    return _order_of_axis(_odd_axis(kernel))
+
+
 def shape_order(sparse_shape: Sequence[int]) -> Optional[str]:
     """The order a ``sparse_shape`` implies: z is the odd extent, or the one far smaller."""
     s = [int(x) for x in sparse_shape]
@@ -150,6 +156,15 @@ def decide_axis_order(ctx: Any, enc: str, members: List[Any], revs: Dict[str, se
             f'{fname}: the spatial axis order of {label} cannot be decided: '
             f'{proof[False]} fits the model with its axes as they are, {proof[True]} only '
             "with them reversed; set spatial_order='zyx' or 'xyz' on this source")
+    declared = declared_order(ctx, [m.file_key for m in members])
+    if declared is not None and proof:
+        rev = next(iter(proof))
+        if live is not None and (declared[0] != live) != rev:
+            return rev, (declared[0], live), (
+                f'{fname}: the axis order of {label} cannot be decided: the file says '
+                f'{declared[0]} ({declared[1]}) and the model\'s {label} is {live}, but '
+                f'{proof[rev]} fits only with the axes {"reversed" if rev else "as they are"}; '
+                "set spatial_order='zyx' or 'xyz' on this source")
     if option in ORDERS:
         if live is None:
             if proof:
@@ -170,7 +185,7 @@ def decide_axis_order(ctx: Any, enc: str, members: List[Any], revs: Dict[str, se
         rev = next(iter(proof))
         src = (_reverse(live) if rev else live) if live else None
         return rev, (src, live), None
-    src = _meta_order(ctx)
+    src = declared[0] if declared is not None else _meta_order(ctx)
     if src is not None and live is not None:
         return src != live, (src, live), None
     return False, (src or live, live), None
@@ -187,3 +202,55 @@ def _meta_order(ctx: Any) -> Optional[str]:
         r'sparse_shape\s*=\s*[\[(]\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*[\])]', cfg)}
     found.discard(None)
     return next(iter(found)) if len(found) == 1 else None
+
+
+def declared_order(ctx: Any, file_keys: Sequence[str]) -> Optional[Tuple[str, str]]:
+    """The order the source's preset read from the file for these (converted)
+    checkpoint keys: ``(order, evidence)``, or None when it says nothing or
+    the keys' prefixes disagree."""
+    found = set()
+    for key in file_keys:
+        for prefix, fact in (getattr(ctx, 'orders', None) or {}).items():
+            if key.startswith(prefix):
+                found.add(tuple(fact))
+    return next(iter(found)) if len({f[0] for f in found}) == 1 else None
+
+
+def _is_pillar_scatter(m: nn.Module) -> bool:
+    """MMDetection3D 1.4.0's ``PointPillarsScatter`` writes pillar ``(b, z, y, x)``
+    coordinates to ``y * nx + x`` and views the canvas as ``(C, ny, nx)``: a
+    ``(y, x)`` BEV map, the map of a z-y-x encoder."""
+    cls = type(m)
+    return cls.__name__ == 'PointPillarsScatter' and cls.__module__.startswith('mmdet3d.')
+
+
+def model_order(model: Optional[nn.Module]) -> Tuple[Optional[str], List[str]]:
+    """The axis order of the model's sparse encoders (every module with a
+    ``sparse_shape``, and MMDetection3D's pillar scatter), which is also the
+    order of the BEV map they produce: z-y-x encoders give ``(y, x)`` maps,
+    x-y-z ones ``(x, y)``.
+
+    Returns:
+        tuple: ``(order or None, reasons)``; None when the model has no such
+        encoder, an encoder's order cannot be decided, or two encoders disagree.
+    """
+    if model is None:
+        return None, ['no model']
+    found: Dict[str, List[str]] = {}
+    for name, m in model.named_modules():
+        if _is_pillar_scatter(m):
+            found.setdefault(ZYX, []).append(f'{name} (PointPillarsScatter: (y, x) canvas)')
+            continue
+        if getattr(m, 'sparse_shape', None) is None:
+            continue
+        order, reasons = live_order(m)
+        if order is None:
+            return None, [f'{name or "the model"}: {"; ".join(reasons) or "no evidence"}']
+        found.setdefault(order, []).append(f'{name or "the model"} ({", ".join(reasons[:2])})')
+    if len(found) == 1:
+        order = next(iter(found))
+        return order, found[order]
+    if not found:
+        return None, ['no sparse encoder (a module with a sparse_shape) or pillar scatter '
+                      'in the model']
+    return None, [f'{o}: {", ".join(r)}' for o, r in found.items()]

@@ -128,6 +128,8 @@ def plan_source(model: nn.Module,
     excludes = [re.compile(p) for p in spec.exclude]
     modules: Dict[str, nn.Module] = {}
     context = SourceContext(fname, spec, model, meta=dict(ckpt.meta or {}))
+    if preset is not None and preset.orders is not None:
+        context.orders = preset.orders({k: shape_of(ckpt.state, k) for k in ckpt.state})
     for key, new in align.mapping.items():
         file_key = renamed[new]
         if _under(key, targets) is None:

@@ -25,6 +25,11 @@ class KeyPreset:
             ``'auto'``.
         convert (Callable, optional): Whole-dict conversion run before the
             rules, for formats that need more than renames (returns a dict).
+        orders (Callable, optional): The spatial axis order the format's
+            tensors were trained in, read from the file: called with the
+            file's key -> shape, returns converted key prefix -> ``(order,
+            evidence)`` (``'zyx'`` or ``'xyz'``; for 2-D BEV layers, the
+            order of the encoder whose BEV map they read).
     """
 
     def __init__(self,
@@ -32,11 +37,14 @@ class KeyPreset:
                  new_keys: Sequence[str] = (),
                  spconv_layout: Optional[str] = None,
                  convert: Optional[Callable[[Dict[str, torch.Tensor]],
-                                            Dict[str, torch.Tensor]]] = None):
+                                            Dict[str, torch.Tensor]]] = None,
+                 orders: Optional[Callable[[Dict[str, Tuple[int, ...]]],
+                                           Dict[str, Tuple[str, str]]]] = None):
         self.rules = [(re.compile(p), r) for p, r in rules]
         self.new_keys = [re.compile(p) for p in new_keys]
         self.spconv_layout = spconv_layout
         self.convert = convert
+        self.orders = orders
 
     def rename(self, key: str) -> Optional[str]:
         """The new name of ``key``, or None to drop it."""

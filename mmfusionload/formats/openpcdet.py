@@ -28,17 +28,22 @@ Facts read from OpenPCDet (``pcdet/models/backbones_3d/spconv_backbone.py``,
 
 The mapping is derived from the structure of the keys (stage and block indices), so
 other depths and channel counts map the same way. Sparse kernels keep the layout the
-file has (the spconv-layout repair decides it from each kernel's shape).
+file has (the spconv-layout repair decides it from each kernel's shape). The preset
+also tells the axis-order decision what the file shows (:func:`openpcdet_orders`):
+the encoder's order from ``conv_out``'s kernel, and the BEV layers' map orientation;
+the axis-order and BEV-order repairs compare them with the live model.
 """
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
+from ..axis_order import kernel_order
 from ..errors import FusionLoadError
 from ..presets import KeyPreset, register_preset
+from ..sparse_layouts import ZYX
 
 SRC_3D, SRC_2D = 'backbone_3d.', 'backbone_2d.'
 DST_3D, DST_2D, DST_NECK = 'pts_middle_encoder.', 'pts_backbone.', 'pts_neck.'
@@ -217,4 +222,47 @@ def not_converted(keys) -> List[str]:
     return [f'{g}. ({n})' for g, n in groups.items()]
 
 
-OPENPCDET = register_preset('openpcdet', KeyPreset(convert=openpcdet_to_mmdet3d))
+# OpenPCDet v0.6.0: ``VoxelBackBone8x`` uses ``sparse_shape = grid_size[::-1] + [1, 0, 0]``
+# and voxel coordinates ``(batch, z, y, x)``; both ``map_to_bev`` modules give the BEV
+# layers a ``(y, x)`` map: ``HeightCompression`` views ``(N, C, D, H, W)`` as
+# ``(N, C * D, H, W)``, ``PointPillarScatter`` writes pillars to ``y * nx + x`` of a
+# ``(C, ny, nx)`` canvas.
+OPENPCDET_BEV = ("OpenPCDet's map_to_bev (HeightCompression, PointPillarScatter) lays the "
+                 'BEV map out (y, x), the map of a z-y-x encoder')
+
+
+def _kernel_order(shape: Tuple[int, ...], out: Optional[int]) -> Optional[str]:
+    """The order a 3-D sparse kernel's shape shows: z is the odd extent. Read in
+    both layouts (spconv 2.x ``[out, *k, in]``, spconv 1.x/MMCV ``[*k, in, out]``)
+    whose output channels agree with the following BatchNorm's (``out``); None
+    unless exactly one order comes out."""
+    if len(shape) != 5:
+        return None
+    readings = ((shape[0], shape[1:4]), (shape[4], shape[0:3]))
+    found = {kernel_order(k) for c, k in readings if out is None or c == out} - {None}
+    return found.pop() if len(found) == 1 else None
+
+
+def openpcdet_orders(shapes: Mapping[str, Tuple[int, ...]]) -> Dict[str, Tuple[str, str]]:
+    """The axis order of an OpenPCDet file's backbones, under the converted prefixes.
+
+    ``backbone_3d``: from its ``conv_out`` kernel (``(3, 1, 1)``: z first), the
+    file's own evidence; nothing when the kernel does not show it. ``backbone_2d``:
+    the order of that encoder, or, without one in the file, OpenPCDet's BEV map
+    layout ``(y, x)``.
+    """
+    out: Dict[str, Tuple[str, str]] = {}
+    key = SRC_3D + 'conv_out.0.weight'
+    bn = shapes.get(SRC_3D + 'conv_out.1.weight')
+    order = (_kernel_order(tuple(shapes[key]), int(bn[0]) if bn is not None and len(bn) == 1
+                           else None) if key in shapes else None)
+    if order is not None:
+        out[DST_3D] = (order, f'{key} {list(shapes[key])}')
+    if any(k.startswith(SRC_2D) for k in shapes):
+        bev = out.get(DST_3D) or (ZYX, OPENPCDET_BEV)
+        out[DST_2D] = out[DST_NECK] = bev
+    return out
+
+
+OPENPCDET = register_preset('openpcdet', KeyPreset(convert=openpcdet_to_mmdet3d,
+                                                   orders=openpcdet_orders))

@@ -6,6 +6,7 @@ from typing import List, Optional
 
 from ..registry import REPAIRS
 from .base import Entry, Mapped, Repair, RepairProblem, SourceContext
+from .bev_order import BevOrder
 from .derived import SkipDerived, is_derived, may_be_absent, register_derived
 from .dtype import CastDtype
 from .pos_bias import (ResizePositionBias, resize_attention_biases,
@@ -42,5 +43,5 @@ __all__ = [
     'run_repairs',
     'repairs_in_order', 'resize_attention_biases', 'resize_relative_position_table',
     'convert_kernel', 'kernel_shape', 'module_layout', 'module_geometry', 'decide_sparse',
-    'AxisOrder'
+    'AxisOrder', 'BevOrder'
 ]

@@ -43,6 +43,8 @@ class SourceContext:
         mapped (list[Mapped]): Every tensor the source maps onto the model,
             excluded ones included (their shapes are evidence too).
         meta (dict): The checkpoint's ``meta``.
+        orders (dict): Checkpoint key prefix -> ``(axis order, evidence)``
+            the source's preset read from the file.
         cache (dict): Decisions, computed once by the repairs that need them.
     """
     filename: str = ''
@@ -50,6 +52,7 @@ class SourceContext:
     model: Optional[nn.Module] = None
     mapped: List[Mapped] = field(default_factory=list)
     meta: Dict[str, Any] = field(default_factory=dict)
+    orders: Dict[str, Tuple[str, str]] = field(default_factory=dict)
     cache: Dict[str, Any] = field(default_factory=dict)
 
 
