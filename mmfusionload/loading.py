@@ -4,9 +4,12 @@ The pipeline, top to bottom: read -> unwrap -> rename -> select modality ->
 plan against the model -> validate -> apply -> report. Nothing is written
 into the model until every source has been planned and validated.
 """
+import os.path as osp
 import re
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, Hashable, Iterable, Iterator, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -52,10 +55,55 @@ def _under(key: str, targets: Sequence[str]) -> Optional[str]:
     return None
 
 
+# Files read during one load, shared by the sources that name them (see ``reading_once``).
+_FILES: ContextVar[Optional[Dict[Hashable, Any]]] = ContextVar('mmfusionload_files',
+                                                                 default=None)
+_UNREAD = object()
+
+
+def file_key(spec: SourceSpec) -> Hashable:
+    """What makes two sources one read: the file (a local path resolved, a URI as given)
+    and the options that change what reading returns (``trust_checkpoint``).
+
+    Unwrapping options (``prefer_ema``...) are not part of it: each source unwraps
+    the shared result on its own.
+    """
+    path = osp.expanduser(spec.checkpoint)
+    where = osp.realpath(path) if osp.exists(path) else spec.checkpoint
+    return where, bool(spec.trust_checkpoint)
+
+
+@contextmanager
+def reading_once() -> Iterator[Dict[Hashable, Any]]:
+    """Within the block, :func:`read_source` reads each file once, however many sources
+    name it; what was read is dropped when the block ends (the sources' tensors stay
+    alive as long as the sources do)."""
+    token = _FILES.set({})
+    try:
+        yield _FILES.get()  # type: ignore[misc]
+    finally:
+        _FILES.reset(token)
+
+
 def read_source(spec: SourceSpec) -> Unwrapped:
-    """Read and unwrap one source's checkpoint (on CPU, memory-mapped when possible)."""
-    raw = read_checkpoint(spec.checkpoint, map_location='cpu',
-                          trust_checkpoint=spec.trust_checkpoint)
+    """Read and unwrap one source's checkpoint (on CPU, memory-mapped when possible).
+
+    Inside :func:`reading_once`, a file another source already read is not read again
+    (nor mapped again): both sources unwrap the same result, and share its tensors.
+    """
+    files = _FILES.get()
+    key = file_key(spec) if files is not None else None
+    raw = files.get(key, _UNREAD) if files is not None else _UNREAD
+    if raw is _UNREAD:
+        try:
+            raw = read_checkpoint(spec.checkpoint, map_location='cpu',
+                                  trust_checkpoint=spec.trust_checkpoint)
+        except FusionLoadError as e:
+            raw = e
+        if files is not None:
+            files[key] = raw
+    if isinstance(raw, FusionLoadError):
+        raise FusionLoadError(list(raw.problems), raw.title)
     return unwrap(raw, spec.checkpoint, prefer_ema=spec.prefer_ema)
 
 
@@ -316,7 +364,9 @@ def load_sources(model: nn.Module,
         problems.append('no sources given')
     model_state = dict(model.state_dict(keep_vars=True))
     plans: List[SourcePlan] = []
-    for spec, ckpt in zip(specs, read_all(specs, read_source, broadcast)):
+    with reading_once():  # one read of each file, however many sources name it
+        read = read_all(specs, read_source, broadcast)
+    for spec, ckpt in zip(specs, read):
         if isinstance(ckpt, FusionLoadError):
             problems += ckpt.problems
             report.sources.append(SourceReport(spec.checkpoint, spec.label))

@@ -55,8 +55,9 @@ def _write_sources(d: str) -> dict:
     camera = OrderedDict(('backbone.' + k[len('img_backbone.'):], v) for k, v in sd.items()
                          if k.startswith('img_backbone.'))
     paths = dict(lidar=osp.join(d, 'lidar.pth'), camera=osp.join(d, 'camera.safetensors'),
-                 corrupt=osp.join(d, 'corrupt.pth'))
+                 corrupt=osp.join(d, 'corrupt.pth'), both=osp.join(d, 'both.pth'))
     torch.save({'state_dict': lidar, 'meta': {'epoch': 3}}, paths['lidar'])
+    torch.save({'state_dict': sd}, paths['both'])
     save_file(dict(camera), paths['camera'])
     with open(paths['lidar'], 'rb') as f:
         data = f.read()
@@ -66,11 +67,11 @@ def _write_sources(d: str) -> dict:
     return paths
 
 
-def _sources(paths: dict, rank: int, lidar: str = 'lidar') -> list:
+def _sources(paths: dict, rank: int, lidar: str = 'lidar', camera: str = 'camera') -> list:
     if rank != 0:  # nothing of rank 0's files exists here
         paths = {k: f'/nonexistent/rank{rank}/{osp.basename(v)}' for k, v in paths.items()}
     return [dict(modality='lidar', checkpoint=paths[lidar]),
-            dict(modality='camera', checkpoint=paths['camera'])]
+            dict(modality='camera', checkpoint=paths[camera])]
 
 
 def _worker(rank: int, world: int, port: int, d: str, paths: dict) -> None:
@@ -121,7 +122,7 @@ def _worker(rank: int, world: int, port: int, d: str, paths: dict) -> None:
         dist.barrier()
 
         # 4. many small buckets give the same tensors
-        from mmfusionload.loading import read_source
+        from mmfusionload.loading import read_source, reading_once
         from mmfusionload.source import parse_source
         specs = [parse_source(s) for s in _sources(paths, rank)]
         res = read_all(specs, read_source, bucket_bytes=300)
@@ -130,7 +131,34 @@ def _worker(rank: int, world: int, port: int, d: str, paths: dict) -> None:
         out['buckets'] = dict(meta=[r.meta for r in res], container=[r.container for r in res])
         dist.barrier()
 
-        # 5. rank 1 leaves without loading: rank 0 gets a FusionLoadError, not a hang
+        # 5. two sources of one file: read once on rank 0, its tensors sent once
+        sent = []
+        real_broadcast = dist.broadcast
+
+        def counting_broadcast(tensor, *args, **kwargs):
+            sent.append(tensor.numel() * tensor.element_size())
+            return real_broadcast(tensor, *args, **kwargs)
+
+        opened.clear()
+        dist.broadcast = counting_broadcast
+        try:
+            torch.manual_seed(0)
+            model = Small()
+            report = load_sources(model, _sources(paths, rank, lidar='both', camera='both'),
+                                  logger=None)
+            with reading_once():
+                res = read_all([parse_source(s) for s in
+                                _sources(paths, rank, lidar='both', camera='both')], read_source)
+        finally:
+            dist.broadcast = real_broadcast
+        torch.save(model.state_dict(), osp.join(d, f'both_rank{rank}.pt'))
+        out['both'] = dict(opened=list(opened), sent=sent,
+                           loaded=[sorted(s.loaded) for s in report.sources],
+                           shared=all(res[0].state[k] is res[1].state[k] for k in res[0].state),
+                           keys=[list(r.state) for r in res])
+        dist.barrier()
+
+        # 6. rank 1 leaves without loading: rank 0 gets a FusionLoadError, not a hang
         if rank == 0:
             t0 = time.perf_counter()
             try:
@@ -214,6 +242,29 @@ def test_small_buckets_carry_every_tensor(two_ranks):
             assert s0[k].dtype == s1[k].dtype and torch.equal(s0[k], s1[k]), k
     assert r0['buckets'] == r1['buckets']
     assert r1['buckets']['meta'][0] == {'epoch': 3}
+
+
+def test_one_file_for_two_sources_is_read_and_sent_once(two_ranks):
+    d, (r0, r1) = two_ranks['dir'], two_ranks['results']
+    expected = torch.load(osp.join(d, 'expected.pt'))
+    w0 = torch.load(osp.join(d, 'both_rank0.pt'))
+    w1 = torch.load(osp.join(d, 'both_rank1.pt'))
+    both = two_ranks['paths']['both']
+    # rank 0 read the file once per load (the load, then read_all), rank 1 never
+    assert r0['both']['opened'] == [both, both] and r1['both']['opened'] == []
+    # every tensor's bytes went out once per load: buckets of one copy of the file
+    nbytes = [v.numel() * v.element_size() for v in expected.values() if v.numel()]
+    for r in (r0, r1):
+        assert len(r['both']['sent']) == 2  # one 64 MiB bucket per load
+        for size in r['both']['sent']:
+            assert sum(nbytes) <= size < sum(nbytes) + 64 * len(nbytes)
+        assert r['both']['shared']  # on every rank the sources share the tensors
+        assert r['both']['keys'] == [list(expected)] * 2
+    assert r0['both']['loaded'] == r1['both']['loaded']
+    lidar, camera = r1['both']['loaded']
+    assert lidar and camera and all(k.startswith('pts_') for k in lidar)
+    for k in lidar + camera:
+        assert torch.equal(w1[k], expected[k]) and torch.equal(w0[k], expected[k]), k
 
 
 def test_bucket_layout_is_aligned_and_bounded():
