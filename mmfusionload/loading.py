@@ -245,16 +245,21 @@ def _account(plan: SourcePlan, targets: List[str], targeted: Dict[str, torch.Ten
 def validate(plans: Sequence[SourcePlan], allow_overlap: bool = False) -> List[str]:
     """Check values and overlaps across all plans; return the problems."""
     problems: List[str] = []
-    for plan in plans:
-        problems += plan.problems
-        if plan.spec.allow_nonfinite:
+    # Values are checked last to first: :func:`apply` writes first to last, so the
+    # tensors it starts with are the ones read most recently, still in the CPU cache.
+    nonfinite: Dict[int, List[str]] = {}
+    for i in reversed(range(len(plans))):
+        if plans[i].spec.allow_nonfinite:
             continue
-        for e in plan.to_load:
+        for e in reversed(plans[i].to_load):
             if not all_finite(e.source):
                 bad = int((~torch.isfinite(e.source)).sum())
-                problems.append(f'{e.filename}: {e.file_key} holds {bad} NaN/Inf '
-                                'value(s) (allow_nonfinite=True to load anyway)')
+                nonfinite.setdefault(i, []).insert(
+                    0, f'{e.filename}: {e.file_key} holds {bad} NaN/Inf '
+                    'value(s) (allow_nonfinite=True to load anyway)')
             release_pages(e.source)  # read once: hand its mapped pages back
+    for i, plan in enumerate(plans):
+        problems += plan.problems + nonfinite.get(i, [])
     writers: Dict[str, str] = {}
     for plan in plans:
         for e in plan.to_load:
