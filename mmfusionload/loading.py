@@ -166,11 +166,11 @@ def plan_source(model: nn.Module,
     modules: Dict[str, nn.Module] = {}
     for key, new in align.mapping.items():
         file_key = renamed[new]
-        if _under(key, targets) is None:
-            report.ignored += 1
-            continue
-        if key not in targeted:
-            report.unexpected.append(key)
+        if key not in targeted:  # every targeted key is under a target
+            if _under(key, targets) is None:
+                report.ignored += 1
+            else:
+                report.unexpected.append(key)
             continue
         if any(p.search(key) for p in excludes):
             report.excluded.append(key)
