@@ -425,3 +425,30 @@ def test_one_read_each_source_unwraps_its_own(tmp_path):
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     finally:
         CheckpointLoader._schemes.pop('counted://', None)
+
+
+def test_nonfinite_in_one_shared_file_leaves_the_model_bit_identical(tmp_path):
+    """NaN/Inf in both sources' parts of one file: every one is named, in source and key
+    order, and nothing is written (the values are checked before any write)."""
+    sd = _trained()
+    bad = OrderedDict((k, v.clone()) for k, v in sd.items())
+    bad['pts_middle_encoder.2.weight'][3, 5] = float('nan')
+    bad['pts_middle_encoder.2.bias'][0] = float('-inf')
+    bad['img_backbone.0.weight'][1, 2] = float('inf')
+    path = str(tmp_path / 'bad.pth')
+    torch.save({'state_dict': bad}, path)
+    model = FastModel()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(loading.FusionLoadError) as info:
+        load_sources(model, [dict(modality='lidar', checkpoint=path),
+                             dict(modality='camera', checkpoint=path)], logger=None)
+    named = [p.split(': ')[1].split(' ')[0] for p in info.value.problems if 'NaN/Inf' in p]
+    assert named == ['pts_middle_encoder.2.weight', 'pts_middle_encoder.2.bias',
+                     'img_backbone.0.weight']
+    after = model.state_dict()
+
+    def bits(t):
+        return t.contiguous().view(-1).view(torch.uint8)
+
+    for k, v in before.items():
+        assert v.dtype == after[k].dtype and torch.equal(bits(v), bits(after[k])), k
