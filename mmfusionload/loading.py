@@ -2,7 +2,8 @@
 
 The pipeline, top to bottom: read -> unwrap -> rename -> select modality ->
 plan against the model -> validate -> apply -> report. Nothing is written
-into the model until every source has been planned and validated.
+into the model until every source has been planned and validated. A file
+several sources name is read once; each source unwraps and plans on its own.
 """
 import os.path as osp
 import re
@@ -61,7 +62,7 @@ _FILES: ContextVar[Optional[Dict[Hashable, Any]]] = ContextVar('mmfusionload_fil
 _UNREAD = object()
 
 
-def file_key(spec: SourceSpec) -> Hashable:
+def read_key(spec: SourceSpec) -> Hashable:
     """What makes two sources one read: the file (a local path resolved, a URI as given)
     and the options that change what reading returns (``trust_checkpoint``).
 
@@ -101,7 +102,7 @@ def read_source(spec: SourceSpec) -> Unwrapped:
     (nor mapped again): both sources unwrap the same result, and share its tensors.
     """
     files = _FILES.get()
-    key = file_key(spec) if files is not None else None
+    key = read_key(spec) if files is not None else None
     raw = files.get(key, _UNREAD) if files is not None else _UNREAD
     if raw is _UNREAD:
         try:
@@ -340,8 +341,9 @@ def load_sources(model: nn.Module,
 
     Args:
         model (nn.Module): The model (wrappers are unwrapped).
-        sources (Iterable[dict | SourceSpec]): One per checkpoint; see
-            :class:`~mmfusionload.source.SourceSpec` for the options.
+        sources (Iterable[dict | SourceSpec]): One per checkpoint part; see
+            :class:`~mmfusionload.source.SourceSpec` for the options. Sources
+            naming the same file (and ``trust_checkpoint``) share one read.
         dry_run (bool): Plan and validate only; problems are reported in the
             returned report instead of raised. Defaults to False.
         allow_overlap (bool): Let a later source overwrite keys an earlier one
