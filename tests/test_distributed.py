@@ -335,3 +335,35 @@ def test_header_carries_the_error_title():
         err = FusionLoadError(['a', 'b (c)'], title)
         src = _make_header([err], 1000)['sources'][0]
         assert src == dict(problems=['a', 'b (c)'], title=title)
+
+
+def test_shared_tensors_travel_once_and_stay_shared():
+    """Two sources holding the same tensor objects (one file read once): the header lists
+    the second use as a reference, the buckets carry the bytes once, and the rebuilt
+    sources share one tensor again."""
+    from mmfusionload.containers import Unwrapped
+    from mmfusionload.distributed import _as_bytes, _make_header, _rebuild
+    w, b, n = torch.randn(5, 3), torch.arange(4), torch.ones(7, dtype=torch.float16)
+    results = [Unwrapped(OrderedDict(w=w, b=b), {}, 'state_dict'),
+               Unwrapped(OrderedDict(w=w, n=n, b=b), {}, 'model_ema')]
+    header = _make_header(results, 1 << 20)
+    assert [len(t) for t in header['sources'][1]['tensors']] == [4, 3, 4]
+    assert header['sources'][1]['tensors'][0][3] == (0, 0)
+    assert header['sources'][1]['tensors'][2][3] == (0, 1)
+    layout = bucket_layout(header)
+    sent = [(si, ti) for _, items in layout for si, ti, _, _ in items]
+    assert sent == [(0, 0), (0, 1), (1, 1)]
+    buckets = []
+    for size, items in layout:  # what rank 0 fills and broadcasts
+        bucket = torch.empty(size, dtype=torch.uint8)
+        for si, ti, off, nb in items:
+            key = header['sources'][si]['tensors'][ti][0]
+            bucket[off:off + nb].copy_(_as_bytes(results[si].state[key]))
+        buckets.append(bucket)
+    out = _rebuild(header, buckets)
+    assert [r.container for r in out] == ['state_dict', 'model_ema']
+    assert out[1].state['w'] is out[0].state['w'] and out[1].state['b'] is out[0].state['b']
+    for r, want in zip(out, results):
+        assert list(r.state) == list(want.state)
+        for k, v in want.state.items():
+            assert r.state[k].dtype == v.dtype and torch.equal(r.state[k], v), k
