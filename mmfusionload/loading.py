@@ -114,7 +114,13 @@ def read_source(spec: SourceSpec) -> Unwrapped:
             files[key] = raw
     if isinstance(raw, FusionLoadError):
         raise FusionLoadError(list(raw.problems), raw.title)
-    return unwrap(raw, spec.checkpoint, prefer_ema=spec.prefer_ema)
+    if files is None:
+        return unwrap(raw, spec.checkpoint, prefer_ema=spec.prefer_ema)
+    # unwrapping depends on the source's own options: shared only between equal ones
+    ukey = ('unwrapped', key, bool(spec.prefer_ema))
+    if ukey not in files:
+        files[ukey] = unwrap(raw, spec.checkpoint, prefer_ema=spec.prefer_ema)
+    return files[ukey]
 
 
 def plan_source(model: nn.Module,
