@@ -1,4 +1,4 @@
-"""Load-time and memory benchmark: BEVFusion-size checkpoints, four ways of loading them.
+"""Load-time and memory benchmark: BEVFusion-size checkpoints, several ways of loading them.
 
 Run from the repository root::
 
