@@ -99,7 +99,8 @@ def read_source(spec: SourceSpec) -> Unwrapped:
     """Read and unwrap one source's checkpoint (on CPU, memory-mapped when possible).
 
     Inside :func:`reading_once`, a file another source already read is not read again
-    (nor mapped again): both sources unwrap the same result, and share its tensors.
+    (nor mapped again), and sources with the same unwrapping options (``prefer_ema``)
+    share one unwrapped state: their tensors are the same objects.
     """
     files = _FILES.get()
     key = read_key(spec) if files is not None else None
@@ -109,10 +110,12 @@ def read_source(spec: SourceSpec) -> Unwrapped:
             raw = read_checkpoint(spec.checkpoint, map_location='cpu',
                                   trust_checkpoint=spec.trust_checkpoint)
         except FusionLoadError as e:
-            raw = e
+            if files is not None:
+                files[key] = e
+            raise
         if files is not None:
             files[key] = raw
-    if isinstance(raw, FusionLoadError):
+    if isinstance(raw, FusionLoadError):  # the same file failed for an earlier source
         raise FusionLoadError(list(raw.problems), raw.title)
     if files is None:
         return unwrap(raw, spec.checkpoint, prefer_ema=spec.prefer_ema)
@@ -261,21 +264,16 @@ def _account(plan: SourcePlan, targets: List[str], targeted: Dict[str, torch.Ten
 def validate(plans: Sequence[SourcePlan], allow_overlap: bool = False) -> List[str]:
     """Check values and overlaps across all plans; return the problems."""
     problems: List[str] = []
-    # Values are checked last to first: :func:`apply` writes first to last, so the
-    # tensors it starts with are the ones read most recently, still in the CPU cache.
-    nonfinite: Dict[int, List[str]] = {}
-    for i in reversed(range(len(plans))):
-        if plans[i].spec.allow_nonfinite:
+    for plan in plans:
+        problems += plan.problems
+        if plan.spec.allow_nonfinite:
             continue
-        for e in reversed(plans[i].to_load):
+        for e in plan.to_load:
             if not all_finite(e.source):
                 bad = int((~torch.isfinite(e.source)).sum())
-                nonfinite.setdefault(i, []).insert(
-                    0, f'{e.filename}: {e.file_key} holds {bad} NaN/Inf '
-                    'value(s) (allow_nonfinite=True to load anyway)')
+                problems.append(f'{e.filename}: {e.file_key} holds {bad} NaN/Inf '
+                                'value(s) (allow_nonfinite=True to load anyway)')
             release_pages(e.source)  # read once: hand its mapped pages back
-    for i, plan in enumerate(plans):
-        problems += plan.problems + nonfinite.get(i, [])
     writers: Dict[str, str] = {}
     for plan in plans:
         for e in plan.to_load:
