@@ -17,7 +17,7 @@ import torch.nn as nn
 from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 
-from .containers import Unwrapped, shape_of, unwrap
+from .containers import Unwrapped, is_lazy, shape_of, unwrap
 from .distributed import read_all
 from .errors import FusionLoadError
 from .modality import resolve_targets
@@ -165,7 +165,8 @@ def plan_source(model: nn.Module,
 
     try:
         renamed = rename_keys(list(state), spec.rename, preset, fname)
-        shapes = {new: shape_of(state, old) for new, old in renamed.items()}
+        shapes = ({new: shape_of(state, old) for new, old in renamed.items()} if is_lazy(state)
+                  else {new: tuple(state[old].shape) for new, old in renamed.items()})
         tshapes = {k: tuple(v.shape) for k, v in targeted.items()}
         if spec.prefix == 'auto':
             align: Alignment = auto_alignment(shapes, tshapes, targets, fname)
