@@ -95,6 +95,15 @@ def _targeted(model_state: Dict[str, torch.Tensor], targets: Sequence[str]
     return {k: v for k, v in model_state.items() if k.startswith(prefixes) or k in names}
 
 
+def _submodule(model: nn.Module, name: str) -> nn.Module:
+    """``model.get_submodule(name)`` for a name taken from the model's own state dict
+    (every part is a child module), by plain dict lookups."""
+    mod = model
+    for part in name.split('.') if name else ():
+        mod = mod._modules[part]  # type: ignore[assignment]
+    return mod
+
+
 def read_source(spec: SourceSpec) -> Unwrapped:
     """Read and unwrap one source's checkpoint (on CPU, memory-mapped when possible).
 
@@ -197,7 +206,7 @@ def plan_source(model: nn.Module,
             continue
         mod_name = key.rsplit('.', 1)[0] if '.' in key else ''
         if mod_name not in modules:
-            modules[mod_name] = model.get_submodule(mod_name)
+            modules[mod_name] = _submodule(model, mod_name)
         file_mod = file_key.rsplit('.', 1)[0] if '.' in file_key else ''
         version = (ckpt.metadata.get(file_mod) or {}).get('version')
         plan.entries.append(Entry(key, file_key, state[file_key], targeted[key],
@@ -237,7 +246,7 @@ def _account(plan: SourcePlan, targets: List[str], targeted: Dict[str, torch.Ten
     report, spec = plan.report, plan.spec
     provided = {_under(e.key, targets) for e in plan.entries}
     report.kept = [t for t in targets if t not in provided
-                   and any(_under(k, [t]) for k in targeted)]
+                   and _targeted(targeted, [t])]
     if not provided - {None}:
         plan.problems.append(f'{spec.checkpoint}: provides nothing for the targeted '
                              f'modules ({", ".join(t or "<model>" for t in targets)})')
