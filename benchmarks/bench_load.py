@@ -1,4 +1,4 @@
-"""Load-time and memory benchmark: BEVFusion-size checkpoints, four ways of loading them.
+"""Load-time and memory benchmark: BEVFusion-size checkpoints, several ways of loading them.
 
 Run from the repository root::
 
@@ -34,7 +34,16 @@ through ``exec``) minus the RSS after building the model:
   by function is ``c - c_nv``;
 * ``d``  ``FusionLoadHook`` in an MMEngine ``Runner``: ``runner.load_or_resume()`` and
   then the timed part, ``runner.call_hook('before_test')`` (what ``runner.test()`` runs
-  first): the load, the report in the log and its JSON file.
+  first): the load, the report in the log and its JSON file;
+* ``e``  the common fusion load: :func:`mmfusionload.load_sources` with two sources of one
+  file, ``converted.pth`` (``modality=['lidar', 'head', 'fusion']`` and ``modality='camera'``),
+  with ``verify='auto'`` (the default: on for every converted tensor; here none is);
+* ``e_v``  ``e`` with ``verify=True``: every sparse kernel proved by a probe forward, although
+  none was converted (``'auto'``, the default, proves the converted ones: here none);
+* ``e_nc`` the same without the NaN/Inf check (``allow_nonfinite=True``): what the check,
+  which has to read every tensor before anything is written, costs;
+* ``copy`` the physical limit: one copy of the loaded bytes between two preallocated,
+  already written buffers (``Tensor.copy_``), timed the same way.
 
 The scaling table loads (variant ``c``) checkpoints of 0.25x, 1x and 4x BEVFusion's bytes:
 the model there is :class:`ScaledModel`, the manifest with every tensor's first dimension
@@ -64,12 +73,12 @@ MANIFEST = osp.join(ROOT, 'tests', 'data', 'manifests',
                     'mmdet3d_bevfusion_lidar-cam_spconv2.json')
 MANIFEST_MMCV = osp.join(ROOT, 'tests', 'data', 'manifests',
                          'mmdet3d_bevfusion_lidar-cam_mmcv.json')
-VARIANTS = ('a', 'b', 'c', 'c_st', 'c_nv', 'd')
+VARIANTS = ('a', 'b', 'c', 'c_st', 'c_nv', 'd', 'e', 'e_nc', 'e_v', 'copy')
 TARGETS_VERIFY = 0.20  # (c - c_nv) / c_nv
 REAL = ('img_backbone', 'pts_voxel_encoder', 'pts_middle_encoder', 'pts_backbone', 'pts_neck',
         'fusion_layer')
 LIDAR = ('pts_', 'bbox_head.')
-TARGETS = dict(ratio_c_a=1.10, ratio_c_b=0.5, rss_ratio=0.2, linearity=1.25)
+TARGETS = dict(ratio_c_a=1.10, ratio_c_b=0.5, ratio_e_a=1.0, rss_ratio=0.2, linearity=1.25)
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -235,8 +244,37 @@ def _reset_peak() -> bool:
         return False
 
 
+def common_sources(path: str, variant: str) -> List[dict]:
+    """Variant ``e``: the fusion load's two sources, both from one file, ``verify='auto'``
+    (the default); ``e_nc``: without the NaN/Inf check; ``e_v``: ``verify=True``."""
+    extra: dict = dict(verify=True if variant == 'e_v' else 'auto')
+    if variant == 'e_nc':
+        extra['allow_nonfinite'] = True
+    return [dict(modality=['lidar', 'head', 'fusion'], checkpoint=path, **extra),
+            dict(modality='camera', checkpoint=path, **extra)]
+
+
+def run_copy(work_dir: str, scale: float) -> dict:
+    """Time one ``copy_`` of the loaded bytes between two warm, preallocated buffers."""
+    n = loaded_bytes(work_dir, scale)
+    src = torch.empty(n, dtype=torch.uint8).fill_(1)
+    dst = torch.empty(n, dtype=torch.uint8).fill_(0)
+    dst.copy_(src)  # every page of both already touched
+    gc.collect()
+    reset = _reset_peak()
+    base_kb = _status_kb('VmRSS')
+    t0 = time.perf_counter()
+    dst.copy_(src)
+    elapsed = time.perf_counter() - t0
+    peak_kb = _status_kb('VmHWM') if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return dict(variant='copy', scale=scale, time_s=elapsed,
+                extra_rss=max(0, peak_kb - base_kb) * 1024, peak_reset=reset)
+
+
 def run_variant(variant: str, work_dir: str, scale: float, check: bool = True) -> dict:
     """Build the model, load the variant's files, return time and peak RSS above the model."""
+    if variant == 'copy':
+        return run_copy(work_dir, scale)
     import logging
 
     from mmengine.logging import MMLogger
@@ -251,6 +289,7 @@ def run_variant(variant: str, work_dir: str, scale: float, check: bool = True) -
     model = build_model(scale)
     lidar_src = dict(modality=['lidar', 'head'], checkpoint=p['lidar'])
     camera_src = dict(modality='camera', checkpoint=p['camera'])
+    common = common_sources(p['converted'], variant)
     runner = None
     if variant == 'd':
         from mmengine.runner import Runner
@@ -280,6 +319,8 @@ def run_variant(variant: str, work_dir: str, scale: float, check: bool = True) -
                              dict(camera_src, checkpoint=p['camera_st'])], logger=None)
     elif variant == 'd':
         runner.call_hook('before_test')
+    elif variant in ('e', 'e_nc', 'e_v'):
+        load_sources(model, common, logger=None)
     else:
         raise ValueError(variant)
     elapsed = time.perf_counter() - t0
@@ -288,7 +329,8 @@ def run_variant(variant: str, work_dir: str, scale: float, check: bool = True) -
     peak_kb = _status_kb('VmHWM') if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = dict(variant=variant, scale=scale, time_s=elapsed,
                extra_rss=max(0, peak_kb - base_kb) * 1024, peak_reset=reset,
-               mmfusionload=mmfusionload.__version__)
+               mmfusionload=mmfusionload.__version__,
+               verify={'e_v': True}.get(variant, 'auto'))
     if check:  # not timed: the model holds the converted checkpoint's values
         ref = torch.load(p['converted'], mmap=True, weights_only=True)['state_dict']
         sd = model.state_dict()
@@ -400,7 +442,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
              'c': '(c) load_sources, 2 files, all repairs (.pth)',
              'c_st': '(c) load_sources, 2 files, all repairs (.safetensors)',
              'c_nv': '(c) load_sources, .pth, verify=False',
-             'd': '(d) FusionLoadHook in a Runner (before_test)'}
+             'd': '(d) FusionLoadHook in a Runner (before_test)',
+             'e': '(e) load_sources, 2 sources of 1 file (lidar+head+fusion, camera), '
+                  "verify='auto'",
+             'e_v': '(e) with verify=True: all 21 sparse kernels proved by a probe',
+             'e_nc': '(e) without the NaN/Inf check (allow_nonfinite=True)',
+             'copy': 'plain copy of the same bytes between warm buffers'}
     table = Table(title=f'Loading BEVFusion ({nbytes / 2**20:.0f} MiB of tensors), '
                   f'median (min-max) of {repeats} fresh processes')
     for col in ('variant', 'time', 'peak RSS above model', '/ checkpoint bytes', 'correct'):
@@ -411,12 +458,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rss = [r['extra_rss'] for r in res[v]]
         med[v] = (statistics.median(times), statistics.median(rss))
         ok = res[v][0].get('correct')
-        table.add_row(names[v], _fmt_t(times), _fmt_mb(rss), f'{med[v][1] / nbytes:.2f}',
+        table.add_row(names[v], _fmt_t(times),
+                      '-' if v == 'copy' else _fmt_mb(rss),
+                      '-' if v == 'copy' else f'{med[v][1] / nbytes:.2f}',
                       '-' if ok is None else ('yes' if ok else 'NO'))
     console.print(table)
-
     summary: Dict[str, object] = dict(bytes=nbytes, files=sizes, repeats=repeats,
                                       threads=args.threads, results=res)
+    if 'e' in med and 'e_nc' in med:
+        summary['check_ms'] = (med['e'][0] - med['e_nc'][0]) * 1000
+        console.print(f'the NaN/Inf check, a read of every loaded byte before any write: '
+                      f'{summary["check_ms"]:.0f} ms of (e)\'s {med["e"][0] * 1000:.0f} ms')
+    if 'copy' in med:
+        summary['gap_to_copy_ms'] = {v: (med[v][0] - med['copy'][0]) * 1000
+                                     for v in med if v != 'copy'}
+        for v in ('a', 'e'):
+            if v in med:
+                console.print(f'gap to a plain copy of the same {nbytes / 2**20:.0f} MiB '
+                              f'between warm buffers ({med["copy"][0] * 1000:.0f} ms): '
+                              f'({v}) {(med[v][0] - med["copy"][0]) * 1000:.0f} ms above it, '
+                              f'{med[v][0] / med["copy"][0]:.1f}x')
+
     targets = Table(title='Targets')
     for col in ('target', 'measured', 'limit', 'result'):
         targets.add_column(col)
@@ -425,12 +487,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rows.append(('time c / a', med['c'][0] / med['a'][0], TARGETS['ratio_c_a']))
     if 'b' in med and 'c' in med:
         rows.append(('time c / b', med['c'][0] / med['b'][0], TARGETS['ratio_c_b']))
+    if 'a' in med and 'e' in med:
+        rows.append(('time e / a', med['e'][0] / med['a'][0], TARGETS['ratio_e_a']))
     if 'c' in med:
         rows.append(('peak RSS above model (c) / checkpoint bytes', med['c'][1] / nbytes,
                      TARGETS['rss_ratio']))
     if 'c' in med and 'c_nv' in med:
         rows.append(('verify: time (c - c_nv) / c_nv', med['c'][0] / med['c_nv'][0] - 1,
                      TARGETS_VERIFY))
+    if 'e' in med:
+        rows.append(('peak RSS above model (e) / checkpoint bytes', med['e'][1] / nbytes,
+                     TARGETS['rss_ratio']))
     if 'c_st' in med:
         rows.append(('peak RSS above model (c, safetensors) / checkpoint bytes',
                      med['c_st'][1] / nbytes, TARGETS['rss_ratio']))

@@ -15,7 +15,9 @@ every rank:
 3. ``broadcast`` of the tensors' bytes, packed into buckets of at most
    ``bucket_bytes`` (64 MiB; each tensor aligned to 64 bytes, a larger tensor
    gets a bucket of its own), on CPU for gloo and on the current CUDA device
-   for NCCL.
+   for NCCL. A tensor several sources share (sources naming the same file are
+   read once and share its tensors) is sent once: the header names the first
+   place it appears, and the receivers' sources share it too.
 
 A file rank 0 cannot read becomes the same :class:`FusionLoadError` on every
 rank, sent in step 2 before any tensor. A rank that stops taking part (killed,
@@ -227,7 +229,8 @@ def _tensor_problem(key: str, t: torch.Tensor) -> Optional[str]:
 
 def _make_header(results: List[ReadResult], bucket_bytes: int) -> Dict[str, Any]:
     """What every other rank needs to rebuild the results, tensors aside."""
-    sources = []
+    sources: List[Dict[str, Any]] = []
+    seen: Dict[int, Tuple[int, int]] = {}  # id(tensor) -> (source, tensor) it is sent as
     for res in results:
         if isinstance(res, FusionLoadError):
             sources.append(dict(problems=list(res.problems), title=res.title))
@@ -236,7 +239,12 @@ def _make_header(results: List[ReadResult], bucket_bytes: int) -> Dict[str, Any]
         if bad:
             sources.append(dict(problems=bad, title='cannot broadcast checkpoint'))
             continue
-        tensors = [(k, tuple(t.shape), str(t.dtype)[len('torch.'):]) for k, t in res.state.items()]
+        tensors = []
+        for ti, (k, t) in enumerate(res.state.items()):
+            desc = (k, tuple(t.shape), str(t.dtype)[len('torch.'):])
+            first = seen.setdefault(id(t), (len(sources), ti))
+            # a tensor already listed (the same object, from a file read once): a reference
+            tensors.append(desc if first == (len(sources), ti) else desc + (first, ))
         meta = res.meta if _picklable(res.meta) else {}
         sources.append(dict(container=res.container, stripped=list(res.stripped), meta=meta,
                             skipped=list(res.skipped), metadata=dict(res.metadata),
@@ -254,6 +262,9 @@ def _nbytes(shape: Tuple[int, ...], dtype: torch.dtype) -> int:
 def bucket_layout(header: Dict[str, Any]) -> List[Tuple[int, List[Tuple[int, int, int, int]]]]:
     """Split the header's tensors into buckets of at most ``header['bucket_bytes']``.
 
+    A tensor listed as a reference to an earlier one (a fourth element) takes no
+    space: it is not sent again.
+
     Returns:
         list: ``(bucket size, [(source index, tensor index, offset, nbytes)])``
         per bucket, the same on every rank.
@@ -263,9 +274,9 @@ def bucket_layout(header: Dict[str, Any]) -> List[Tuple[int, List[Tuple[int, int
     items: List[Tuple[int, int, int, int]] = []
     size = 0
     for si, src in enumerate(header['sources']):
-        for ti, (_, shape, dtype) in enumerate(src.get('tensors', ())):
+        for ti, (_, shape, dtype, *ref) in enumerate(src.get('tensors', ())):
             n = _nbytes(shape, getattr(torch, dtype))
-            if n == 0:
+            if n == 0 or ref:
                 continue
             off = -(-size // ALIGN) * ALIGN
             if items and off + n > bucket_bytes:
@@ -320,17 +331,22 @@ def _rebuild(header: Dict[str, Any], buckets: List[torch.Tensor]) -> List[ReadRe
         for si, ti, off, n in items:
             views[si, ti] = bucket[off:off + n]
     device = buckets[0].device if buckets else torch.device('cpu')
+    built: Dict[Tuple[int, int], torch.Tensor] = {}
     out: List[ReadResult] = []
     for si, src in enumerate(header['sources']):
         if 'problems' in src:
             out.append(FusionLoadError(src['problems'], src['title']))
             continue
         state: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
-        for ti, (key, shape, dtype) in enumerate(src['tensors']):
+        for ti, (key, shape, dtype, *ref) in enumerate(src['tensors']):
+            if ref:  # sent once for an earlier source: the same tensor, as on rank 0
+                state[key] = built[tuple(ref[0])]
+                continue
             dt = getattr(torch, dtype)
             raw = views.get((si, ti))
             state[key] = (torch.empty(shape, dtype=dt, device=device) if raw is None
                           else raw.view(dt).view(shape))
+            built[si, ti] = state[key]
         out.append(Unwrapped(state, src['metadata'], src['container'], src['stripped'],
                              src['meta'], src['skipped'], family=src.get('family', ''),
                              copy=src.get('copy', '')))

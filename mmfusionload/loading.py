@@ -2,18 +2,22 @@
 
 The pipeline, top to bottom: read -> unwrap -> rename -> select modality ->
 plan against the model -> validate -> apply -> report. Nothing is written
-into the model until every source has been planned and validated.
+into the model until every source has been planned and validated. A file
+several sources name is read once; each source unwraps and plans on its own.
 """
+import os.path as osp
 import re
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, Hashable, Iterable, Iterator, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 
-from .containers import Unwrapped, shape_of, unwrap
+from .containers import Unwrapped, is_lazy, shape_of, unwrap
 from .distributed import read_all
 from .errors import FusionLoadError
 from .identify import auto_preset, identify_state
@@ -57,11 +61,84 @@ def _under(key: str, targets: Sequence[str]) -> Optional[str]:
     return None
 
 
+# Files read during one load, shared by the sources that name them (see ``reading_once``).
+_FILES: ContextVar[Optional[Dict[Hashable, Any]]] = ContextVar('mmfusionload_files',
+                                                                 default=None)
+_UNREAD = object()
+
+
+def read_key(spec: SourceSpec) -> Hashable:
+    """What makes two sources one read: the file (a local path resolved, a URI as given)
+    and the options that change what reading returns (``trust_checkpoint``).
+
+    Unwrapping options (``weights``...) are not part of it: each source unwraps
+    the shared result on its own.
+    """
+    path = osp.expanduser(spec.checkpoint)
+    where = osp.realpath(path) if osp.exists(path) else spec.checkpoint
+    return where, bool(spec.trust_checkpoint)
+
+
+@contextmanager
+def reading_once() -> Iterator[Dict[Hashable, Any]]:
+    """Within the block, :func:`read_source` reads each file once, however many sources
+    name it; what was read is dropped when the block ends (the sources' tensors stay
+    alive as long as the sources do)."""
+    token = _FILES.set({})
+    try:
+        yield _FILES.get()  # type: ignore[misc]
+    finally:
+        _FILES.reset(token)
+
+
+def _targeted(model_state: Dict[str, torch.Tensor], targets: Sequence[str]
+              ) -> Dict[str, torch.Tensor]:
+    """The model tensors under ``targets`` (what :func:`_under` finds, in one C call a key)."""
+    if '' in targets:
+        return dict(model_state)
+    names, prefixes = set(targets), tuple(t + '.' for t in targets)
+    return {k: v for k, v in model_state.items() if k.startswith(prefixes) or k in names}
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module:
+    """``model.get_submodule(name)`` for a name taken from the model's own state dict
+    (every part is a child module), by plain dict lookups."""
+    mod = model
+    for part in name.split('.') if name else ():
+        mod = mod._modules[part]  # type: ignore[assignment]
+    return mod
+
+
 def read_source(spec: SourceSpec) -> Unwrapped:
-    """Read and unwrap one source's checkpoint (on CPU, memory-mapped when possible)."""
-    raw = read_checkpoint(spec.checkpoint, map_location='cpu',
-                          trust_checkpoint=spec.trust_checkpoint)
-    return unwrap(raw, spec.checkpoint, prefer_ema=spec.prefer_ema, weights=spec.weights)
+    """Read and unwrap one source's checkpoint (on CPU, memory-mapped when possible).
+
+    Inside :func:`reading_once`, a file another source already read is not read again
+    (nor mapped again), and sources with the same unwrapping options (``weights``)
+    share one unwrapped state: their tensors are the same objects.
+    """
+    files = _FILES.get()
+    key = read_key(spec) if files is not None else None
+    raw = files.get(key, _UNREAD) if files is not None else _UNREAD
+    if raw is _UNREAD:
+        try:
+            raw = read_checkpoint(spec.checkpoint, map_location='cpu',
+                                  trust_checkpoint=spec.trust_checkpoint)
+        except FusionLoadError as e:
+            if files is not None:
+                files[key] = e
+            raise
+        if files is not None:
+            files[key] = raw
+    if isinstance(raw, FusionLoadError):  # the same file failed for an earlier source
+        raise FusionLoadError(list(raw.problems), raw.title)
+    if files is None:
+        return unwrap(raw, spec.checkpoint, prefer_ema=spec.prefer_ema, weights=spec.weights)
+    # unwrapping depends on the source's own options: shared only between equal ones
+    ukey = ('unwrapped', key, spec.weights, bool(spec.prefer_ema))
+    if ukey not in files:
+        files[ukey] = unwrap(raw, spec.checkpoint, prefer_ema=spec.prefer_ema,
+                             weights=spec.weights)
+    return files[ukey]
 
 
 def plan_source(model: nn.Module,
@@ -105,11 +182,12 @@ def plan_source(model: nn.Module,
         state = preset.convert(dict(state))
     if model_state is None:
         model_state = dict(model.state_dict(keep_vars=True))
-    targeted = {k: v for k, v in model_state.items() if _under(k, targets) is not None}
+    targeted = _targeted(model_state, targets)
 
     try:
         renamed = rename_keys(list(state), spec.rename, preset, fname)
-        shapes = {new: shape_of(state, old) for new, old in renamed.items()}
+        shapes = ({new: shape_of(state, old) for new, old in renamed.items()} if is_lazy(state)
+                  else {new: tuple(state[old].shape) for new, old in renamed.items()})
         tshapes = {k: tuple(v.shape) for k, v in targeted.items()}
         if spec.prefix == 'auto':
             align: Alignment = auto_alignment(shapes, tshapes, targets, fname)
@@ -132,15 +210,15 @@ def plan_source(model: nn.Module,
         context.orders = preset.orders({k: shape_of(ckpt.state, k) for k in ckpt.state})
     for key, new in align.mapping.items():
         file_key = renamed[new]
-        if _under(key, targets) is None:
-            report.ignored += 1
-            continue
-        if key not in targeted:
-            report.unexpected.append(key)
+        if key not in targeted:  # every targeted key is under a target
+            if _under(key, targets) is None:
+                report.ignored += 1
+            else:
+                report.unexpected.append(key)
             continue
         mod_name = key.rsplit('.', 1)[0] if '.' in key else ''
         if mod_name not in modules:
-            modules[mod_name] = model.get_submodule(mod_name)
+            modules[mod_name] = _submodule(model, mod_name)
         file_mod = file_key.rsplit('.', 1)[0] if '.' in file_key else ''
         version = (ckpt.metadata.get(file_mod) or {}).get('version')
         context.mapped.append(Mapped(key, file_key, shapes[new], modules[mod_name], mod_name,
@@ -188,7 +266,7 @@ def _account(plan: SourcePlan, targets: List[str], targeted: Dict[str, torch.Ten
     report, spec = plan.report, plan.spec
     provided = {_under(e.key, targets) for e in plan.entries}
     report.kept = [t for t in targets if t not in provided
-                   and any(_under(k, [t]) for k in targeted)]
+                   and _targeted(targeted, [t])]
     if not provided - {None}:
         plan.problems.append(f'{spec.checkpoint}: provides nothing for the targeted '
                              f'modules ({", ".join(t or "<model>" for t in targets)})')
@@ -294,8 +372,9 @@ def load_sources(model: nn.Module,
 
     Args:
         model (nn.Module): The model (wrappers are unwrapped).
-        sources (Iterable[dict | SourceSpec]): One per checkpoint; see
-            :class:`~mmfusionload.source.SourceSpec` for the options.
+        sources (Iterable[dict | SourceSpec]): One per checkpoint part; see
+            :class:`~mmfusionload.source.SourceSpec` for the options. Sources
+            naming the same file (and ``trust_checkpoint``) share one read.
         dry_run (bool): Plan and validate only; problems are reported in the
             returned report instead of raised. Defaults to False.
         allow_overlap (bool): Let a later source overwrite keys an earlier one
@@ -332,7 +411,9 @@ def load_sources(model: nn.Module,
         problems.append('no sources given')
     model_state = dict(model.state_dict(keep_vars=True))
     plans: List[SourcePlan] = []
-    for spec, ckpt in zip(specs, read_all(specs, read_source, broadcast)):
+    with reading_once():  # one read of each file, however many sources name it
+        read = read_all(specs, read_source, broadcast)
+    for spec, ckpt in zip(specs, read):
         if isinstance(ckpt, FusionLoadError):
             problems += ckpt.problems
             report.sources.append(SourceReport(spec.checkpoint, spec.label))

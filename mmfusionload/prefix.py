@@ -91,6 +91,17 @@ def explicit_alignment(keys: Sequence[str], pairs: Mapping[str, str],
                      sum(1 for m in mapping if m in model_shapes))
 
 
+def _one_rewrite(rests: Sequence[Tuple[str, str]], strip: str, add: str, ckpt_shapes,
+                 model_shapes) -> Tuple[Alignment, frozenset]:
+    """``explicit_alignment(keys, {strip: add})`` from the keys' rests after ``strip``
+    (one rewrite maps keys one to one), and the ``(model key, checkpoint key)`` pairs
+    landing on the model."""
+    mapping = {add + rest: key for rest, key in rests}
+    landing = [(m, c) for m, c in mapping.items() if m in model_shapes]
+    score = sum(1 for m, c in landing if compatible(ckpt_shapes[c], model_shapes[m]))
+    return Alignment({strip: add}, mapping, score, len(landing)), frozenset(landing)
+
+
 def auto_alignment(ckpt_shapes: Mapping[str, Sequence[int]],
                    model_shapes: Mapping[str, Sequence[int]],
                    targets: Sequence[str],
@@ -120,15 +131,15 @@ def auto_alignment(ckpt_shapes: Mapping[str, Sequence[int]],
     tnames = [t + '.' for t in targets if t]
     strips = list(dict.fromkeys(COMMON_PREFIXES + tuple(tnames)))
     adds = list(dict.fromkeys(('', ) + tuple(tnames)))
-    seen = {}
+    seen: Dict[frozenset, Alignment] = {}
     for strip in strips:
-        if strip and not any(k.startswith(strip) for k in keys):
+        rests = [(k[len(strip):], k) for k in keys if k.startswith(strip)]
+        if strip and not rests:
             continue
         for add in adds:
             if strip == add and strip:
                 continue
-            cand = explicit_alignment(keys, {strip: add}, ckpt_shapes, model_shapes)
-            sig = frozenset((m, c) for m, c in cand.mapping.items() if m in model_shapes)
+            cand, sig = _one_rewrite(rests, strip, add, ckpt_shapes, model_shapes)
             if sig not in seen or len(cand.pairs) < len(seen[sig].pairs):
                 seen[sig] = cand
     ranked = sorted(seen.values(), key=lambda a: a.rank, reverse=True)

@@ -55,8 +55,9 @@ def _write_sources(d: str) -> dict:
     camera = OrderedDict(('backbone.' + k[len('img_backbone.'):], v) for k, v in sd.items()
                          if k.startswith('img_backbone.'))
     paths = dict(lidar=osp.join(d, 'lidar.pth'), camera=osp.join(d, 'camera.safetensors'),
-                 corrupt=osp.join(d, 'corrupt.pth'))
+                 corrupt=osp.join(d, 'corrupt.pth'), both=osp.join(d, 'both.pth'))
     torch.save({'state_dict': lidar, 'meta': {'epoch': 3}}, paths['lidar'])
+    torch.save({'state_dict': sd}, paths['both'])
     save_file(dict(camera), paths['camera'])
     with open(paths['lidar'], 'rb') as f:
         data = f.read()
@@ -66,11 +67,11 @@ def _write_sources(d: str) -> dict:
     return paths
 
 
-def _sources(paths: dict, rank: int, lidar: str = 'lidar') -> list:
+def _sources(paths: dict, rank: int, lidar: str = 'lidar', camera: str = 'camera') -> list:
     if rank != 0:  # nothing of rank 0's files exists here
         paths = {k: f'/nonexistent/rank{rank}/{osp.basename(v)}' for k, v in paths.items()}
     return [dict(modality='lidar', checkpoint=paths[lidar]),
-            dict(modality='camera', checkpoint=paths['camera'])]
+            dict(modality='camera', checkpoint=paths[camera])]
 
 
 def _worker(rank: int, world: int, port: int, d: str, paths: dict) -> None:
@@ -121,7 +122,7 @@ def _worker(rank: int, world: int, port: int, d: str, paths: dict) -> None:
         dist.barrier()
 
         # 4. many small buckets give the same tensors
-        from mmfusionload.loading import read_source
+        from mmfusionload.loading import read_source, reading_once
         from mmfusionload.source import parse_source
         specs = [parse_source(s) for s in _sources(paths, rank)]
         res = read_all(specs, read_source, bucket_bytes=300)
@@ -130,7 +131,34 @@ def _worker(rank: int, world: int, port: int, d: str, paths: dict) -> None:
         out['buckets'] = dict(meta=[r.meta for r in res], container=[r.container for r in res])
         dist.barrier()
 
-        # 5. rank 1 leaves without loading: rank 0 gets a FusionLoadError, not a hang
+        # 5. two sources of one file: read once on rank 0, its tensors sent once
+        sent = []
+        real_broadcast = dist.broadcast
+
+        def counting_broadcast(tensor, *args, **kwargs):
+            sent.append(tensor.numel() * tensor.element_size())
+            return real_broadcast(tensor, *args, **kwargs)
+
+        opened.clear()
+        dist.broadcast = counting_broadcast
+        try:
+            torch.manual_seed(0)
+            model = Small()
+            report = load_sources(model, _sources(paths, rank, lidar='both', camera='both'),
+                                  logger=None)
+            with reading_once():
+                res = read_all([parse_source(s) for s in
+                                _sources(paths, rank, lidar='both', camera='both')], read_source)
+        finally:
+            dist.broadcast = real_broadcast
+        torch.save(model.state_dict(), osp.join(d, f'both_rank{rank}.pt'))
+        out['both'] = dict(opened=list(opened), sent=sent,
+                           loaded=[sorted(s.loaded) for s in report.sources],
+                           shared=all(res[0].state[k] is res[1].state[k] for k in res[0].state),
+                           keys=[list(r.state) for r in res])
+        dist.barrier()
+
+        # 6. rank 1 leaves without loading: rank 0 gets a FusionLoadError, not a hang
         if rank == 0:
             t0 = time.perf_counter()
             try:
@@ -216,6 +244,29 @@ def test_small_buckets_carry_every_tensor(two_ranks):
     assert r1['buckets']['meta'][0] == {'epoch': 3}
 
 
+def test_one_file_for_two_sources_is_read_and_sent_once(two_ranks):
+    d, (r0, r1) = two_ranks['dir'], two_ranks['results']
+    expected = torch.load(osp.join(d, 'expected.pt'))
+    w0 = torch.load(osp.join(d, 'both_rank0.pt'))
+    w1 = torch.load(osp.join(d, 'both_rank1.pt'))
+    both = two_ranks['paths']['both']
+    # rank 0 read the file once per load (the load, then read_all), rank 1 never
+    assert r0['both']['opened'] == [both, both] and r1['both']['opened'] == []
+    # every tensor's bytes went out once per load: buckets of one copy of the file
+    nbytes = [v.numel() * v.element_size() for v in expected.values() if v.numel()]
+    for r in (r0, r1):
+        assert len(r['both']['sent']) == 2  # one 64 MiB bucket per load
+        for size in r['both']['sent']:
+            assert sum(nbytes) <= size < sum(nbytes) + 64 * len(nbytes)
+        assert r['both']['shared']  # on every rank the sources share the tensors
+        assert r['both']['keys'] == [list(expected)] * 2
+    assert r0['both']['loaded'] == r1['both']['loaded']
+    lidar, camera = r1['both']['loaded']
+    assert lidar and camera and all(k.startswith('pts_') for k in lidar)
+    for k in lidar + camera:
+        assert torch.equal(w1[k], expected[k]) and torch.equal(w0[k], expected[k]), k
+
+
 def test_bucket_layout_is_aligned_and_bounded():
     header = dict(bucket_bytes=1000, sources=[
         dict(problems=['x'], title='t'),
@@ -284,3 +335,35 @@ def test_header_carries_the_error_title():
         err = FusionLoadError(['a', 'b (c)'], title)
         src = _make_header([err], 1000)['sources'][0]
         assert src == dict(problems=['a', 'b (c)'], title=title)
+
+
+def test_shared_tensors_travel_once_and_stay_shared():
+    """Two sources holding the same tensor objects (one file read once): the header lists
+    the second use as a reference, the buckets carry the bytes once, and the rebuilt
+    sources share one tensor again."""
+    from mmfusionload.containers import Unwrapped
+    from mmfusionload.distributed import _as_bytes, _make_header, _rebuild
+    w, b, n = torch.randn(5, 3), torch.arange(4), torch.ones(7, dtype=torch.float16)
+    results = [Unwrapped(OrderedDict(w=w, b=b), {}, 'state_dict'),
+               Unwrapped(OrderedDict(w=w, n=n, b=b), {}, 'model_ema')]
+    header = _make_header(results, 1 << 20)
+    assert [len(t) for t in header['sources'][1]['tensors']] == [4, 3, 4]
+    assert header['sources'][1]['tensors'][0][3] == (0, 0)
+    assert header['sources'][1]['tensors'][2][3] == (0, 1)
+    layout = bucket_layout(header)
+    sent = [(si, ti) for _, items in layout for si, ti, _, _ in items]
+    assert sent == [(0, 0), (0, 1), (1, 1)]
+    buckets = []
+    for size, items in layout:  # what rank 0 fills and broadcasts
+        bucket = torch.empty(size, dtype=torch.uint8)
+        for si, ti, off, nb in items:
+            key = header['sources'][si]['tensors'][ti][0]
+            bucket[off:off + nb].copy_(_as_bytes(results[si].state[key]))
+        buckets.append(bucket)
+    out = _rebuild(header, buckets)
+    assert [r.container for r in out] == ['state_dict', 'model_ema']
+    assert out[1].state['w'] is out[0].state['w'] and out[1].state['b'] is out[0].state['b']
+    for r, want in zip(out, results):
+        assert list(r.state) == list(want.state)
+        for k, v in want.state.items():
+            assert r.state[k].dtype == v.dtype and torch.equal(r.state[k], v), k

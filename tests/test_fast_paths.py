@@ -318,3 +318,132 @@ def test_mapped_zip_reader_matches_torch_load(tmp_path):
     assert is_tracked(got['state_dict']['0.weight'])
     restricted = read_checkpoint(path)  # the restricted unpickler, same tensors
     _same(got['state_dict'], restricted['state_dict'])
+
+
+def _mappings(path: str) -> int:
+    """How many times this process has ``path`` mapped (from /proc/self/maps)."""
+    real = osp.realpath(path)
+    with open('/proc/self/maps') as f:
+        return sum(1 for line in f if line.split(None, 5)[5:] == [real + '\n'])
+
+
+@pytest.mark.skipif(not osp.exists('/proc/self/maps'), reason='needs Linux /proc')
+@pytest.mark.parametrize('ext', ['.pth', '.safetensors'])
+def test_sources_naming_one_file_read_and_map_it_once(tmp_path, monkeypatch, ext):
+    """Two sources of one file (spelled two ways): one read, one mapping, shared tensors;
+    each source still loads its own part, repaired."""
+    import os
+    sd, paths = _files(str(tmp_path))
+    path = paths['both' + ext]
+    link = str(tmp_path / ('link' + ext))
+    os.symlink(path, link)
+    reads, kept = [], []
+    real_read, real_source = loading.read_checkpoint, loading.read_source
+
+    def counting_read(p, *args, **kwargs):
+        reads.append(p)
+        return real_read(p, *args, **kwargs)
+
+    def keeping_source(spec):
+        kept.append(real_source(spec))  # keep the results (and the mapping) alive
+        return kept[-1]
+
+    monkeypatch.setattr(loading, 'read_checkpoint', counting_read)
+    monkeypatch.setattr(loading, 'read_source', keeping_source)
+    model = FastModel()
+    report = load_sources(model, [dict(modality='lidar', checkpoint=path),
+                                  dict(modality='camera', checkpoint=link)], logger=None)
+    assert reads == [path] and len(kept) == 2
+    assert _mappings(path) == 1  # mapped once, for both sources
+    assert all(kept[0].state[k] is kept[1].state[k] for k in kept[0].state)
+    got = model.state_dict()
+    lidar, camera = report.sources[0].loaded, report.sources[1].loaded
+    assert lidar and camera and not set(lidar) & set(camera)
+    assert 'spconv_layout' in report.sources[0].adapted or \
+        'spconv' not in str(type(FastModel().pts_middle_encoder[0]))
+    for k in lidar:
+        assert torch.equal(got[k], sd[k]), k
+    for k in camera:  # the file holds float16 copies
+        assert torch.equal(got[k], sd[k].half().float()), k
+    # another read option is another read
+    reads.clear()
+    load_sources(FastModel(), [dict(modality='lidar', checkpoint=path),
+                               dict(modality='camera', checkpoint=path, trust_checkpoint=True)],
+                 logger=None)
+    assert reads == [path, path]
+
+
+def test_one_read_each_source_unwraps_its_own(tmp_path):
+    """A file read once for two sources through a registered loader scheme (the loader
+    counts its opens); the sources unwrap it differently (``prefer_ema``), and a file
+    that cannot be read fails both sources with the model unchanged."""
+    from mmengine.runner.checkpoint import CheckpointLoader
+    sd = _trained()
+    ema = OrderedDict((k, v + 1 if v.is_floating_point() else v) for k, v in sd.items())
+    path = str(tmp_path / 'ema.pth')
+    torch.save({'state_dict': sd, 'state_dict_ema': ema}, path)
+    opens = []
+
+    def counted(uri, map_location=None):
+        real = uri[len('counted://'):]
+        with open(real, 'rb') as f:  # the only open of the file
+            opens.append(real)
+            return torch.load(f, map_location=map_location, weights_only=True)
+
+    CheckpointLoader.register_scheme(prefixes='counted://', loader=counted)
+    try:
+        model = FastModel()
+        before = _state(model)
+        uri = 'counted://' + path
+        report = load_sources(model, [
+            dict(modality='lidar', checkpoint=uri),
+            dict(modality='camera', checkpoint=uri, prefer_ema=True)], logger=None)
+        assert opens == [path]
+        assert [s.container for s in report.sources] == ['state_dict', 'state_dict_ema']
+        got = model.state_dict()
+        for k in report.sources[0].loaded:
+            assert torch.equal(got[k], sd[k]), k
+        for k in report.sources[1].loaded:
+            assert torch.equal(got[k], ema[k]), k
+        opens.clear()
+        bad = str(tmp_path / 'bad.pth')
+        with open(bad, 'wb') as f:
+            f.write(b'PK\x03\x04 not a checkpoint')
+        model = FastModel()
+        before = _state(model)
+        with pytest.raises(loading.FusionLoadError) as info:
+            load_sources(model, [dict(modality='lidar', checkpoint='counted://' + bad),
+                                 dict(modality='camera', checkpoint='counted://' + bad)],
+                         logger=None)
+        assert opens == [bad]
+        assert sum('bad.pth' in p for p in info.value.problems) >= 2  # both sources say so
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    finally:
+        CheckpointLoader._schemes.pop('counted://', None)
+
+
+def test_nonfinite_in_one_shared_file_leaves_the_model_bit_identical(tmp_path):
+    """NaN/Inf in both sources' parts of one file: every one is named, in source and key
+    order, and nothing is written (the values are checked before any write)."""
+    sd = _trained()
+    bad = OrderedDict((k, v.clone()) for k, v in sd.items())
+    bad['pts_middle_encoder.2.weight'][3, 5] = float('nan')
+    bad['pts_middle_encoder.2.bias'][0] = float('-inf')
+    bad['img_backbone.0.weight'][1, 2] = float('inf')
+    path = str(tmp_path / 'bad.pth')
+    torch.save({'state_dict': bad}, path)
+    model = FastModel()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(loading.FusionLoadError) as info:
+        load_sources(model, [dict(modality='lidar', checkpoint=path),
+                             dict(modality='camera', checkpoint=path)], logger=None)
+    named = [p.split(': ')[1].split(' ')[0] for p in info.value.problems if 'NaN/Inf' in p]
+    assert named == ['pts_middle_encoder.2.weight', 'pts_middle_encoder.2.bias',
+                     'img_backbone.0.weight']
+    after = model.state_dict()
+
+    def bits(t):
+        return t.contiguous().view(-1).view(torch.uint8)
+
+    for k, v in before.items():
+        assert v.dtype == after[k].dtype and torch.equal(bits(v), bits(after[k])), k

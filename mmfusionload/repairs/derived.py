@@ -1,6 +1,6 @@
 """Derived tensors: rebuilt by the model from its config, never loaded."""
 import re
-from typing import List
+from typing import Dict, List, Optional, Pattern, Tuple
 
 from ..registry import REPAIRS
 from .base import Entry, Repair
@@ -27,6 +27,28 @@ def register_derived(pattern: str, always: bool = True) -> None:
     (DERIVED_ALWAYS if always else DERIVED_IF_DIFFERENT).append(pattern)
 
 
+_ANY_OF: Dict[Tuple[str, ...], Optional[Pattern]] = {}
+
+
+def _search_any(patterns: List[str], key: str) -> bool:
+    """``any(re.search(p, key) for p in patterns)``, with one compiled regex per list.
+
+    Patterns with group references keep their own numbering: they are searched alone.
+    """
+    spec = tuple(patterns)
+    if spec not in _ANY_OF:
+        _ANY_OF[spec] = None
+        if spec and all('\\' not in p.replace('\\.', '') for p in spec):
+            try:
+                _ANY_OF[spec] = re.compile('|'.join(f'(?:{p})' for p in spec))
+            except re.error:  # e.g. a group name used twice, a flag mid-pattern
+                pass
+    combined = _ANY_OF[spec]
+    if combined is not None:
+        return combined.search(key) is not None
+    return any(re.search(p, key) for p in spec)
+
+
 def is_derived(key: str) -> bool:
     """Whether the model key names a derived tensor (never reported missing)."""
     return any(re.search(p, key) for p in DERIVED_ALWAYS + DERIVED_IF_DIFFERENT)
@@ -44,9 +66,9 @@ class SkipDerived(Repair):
     priority = 0
 
     def __call__(self, entry: Entry) -> None:
-        if any(re.search(p, entry.key) for p in DERIVED_ALWAYS):
+        if _search_any(DERIVED_ALWAYS, entry.key):
             entry.skip = 'derived index table, rebuilt by the model'
-        elif any(re.search(p, entry.key) for p in DERIVED_IF_DIFFERENT):
+        elif _search_any(DERIVED_IF_DIFFERENT, entry.key):
             same = (tuple(entry.source.shape) == tuple(entry.target.shape)
                     and bool((entry.source.to(entry.target.device)
                               == entry.target).all()))

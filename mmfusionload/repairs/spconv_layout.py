@@ -37,13 +37,19 @@ SPARSE_CONV_CLASSES: Dict[Tuple[str, str], str] = {
 }
 
 
+# class (and the size of SPARSE_CONV_CLASSES, which may grow) -> layout, found once
+_LAYOUT_OF_CLASS: Dict[Tuple[type, int], Optional[str]] = {}
+
+
 def module_layout(module: nn.Module) -> Optional[str]:
     """The kernel layout of a sparse-conv module, from its class; None otherwise."""
-    for cls in type(module).__mro__:
-        for (prefix, name), layout in SPARSE_CONV_CLASSES.items():
-            if cls.__name__ == name and cls.__module__.startswith(prefix):
-                return layout
-    return None
+    key = (type(module), len(SPARSE_CONV_CLASSES))
+    if key not in _LAYOUT_OF_CLASS:
+        _LAYOUT_OF_CLASS[key] = next(
+            (layout for cls in key[0].__mro__
+             for (prefix, name), layout in SPARSE_CONV_CLASSES.items()
+             if cls.__name__ == name and cls.__module__.startswith(prefix)), None)
+    return _LAYOUT_OF_CLASS[key]
 
 
 def module_geometry(module: nn.Module) -> Geometry:
