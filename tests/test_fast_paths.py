@@ -375,7 +375,7 @@ def test_sources_naming_one_file_read_and_map_it_once(tmp_path, monkeypatch, ext
 
 def test_one_read_each_source_unwraps_its_own(tmp_path):
     """A file read once for two sources through a registered loader scheme (the loader
-    counts its opens); the sources unwrap it differently (``prefer_ema``), and a file
+    counts its opens); the sources unwrap it differently (``weights``), and a file
     that cannot be read fails both sources with the model unchanged."""
     from mmengine.runner.checkpoint import CheckpointLoader
     sd = _trained()
@@ -396,7 +396,7 @@ def test_one_read_each_source_unwraps_its_own(tmp_path):
         before = _state(model)
         uri = 'counted://' + path
         report = load_sources(model, [
-            dict(modality='lidar', checkpoint=uri),
+            dict(modality='lidar', checkpoint=uri, weights='raw'),
             dict(modality='camera', checkpoint=uri, prefer_ema=True)], logger=None)
         assert opens == [path]
         assert [s.container for s in report.sources] == ['state_dict', 'state_dict_ema']
