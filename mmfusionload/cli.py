@@ -204,7 +204,7 @@ def _convert(args: argparse.Namespace) -> int:
                 args.src, args.dst, preset=args.preset, spconv_layout=args.spconv_layout,
                 to_layout=args.to_layout, strip_prefix=args.strip_prefix,
                 add_prefix=args.add_prefix, model=model, source_options=options,
-                trust_checkpoint=args.trust_checkpoint, progress=p.bar,
+                trust_checkpoint=args.trust_checkpoint, weights=args.weights, progress=p.bar,
                 extra_meta=dict(config=osp.abspath(args.config)) if args.config else None)
         except FusionLoadError as e:
             report = getattr(e, 'report', None)
@@ -351,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
                       'of the loaded modules to be missing from the input')
     conv.add_argument('--strip-prefix', metavar='P', help='remove P from the keys')
     conv.add_argument('--add-prefix', metavar='P', help='prepend P to the keys')
+    conv.add_argument('--weights', default='auto', choices=('auto', 'ema', 'raw'),
+                      help="which copy of the weights: 'auto' what the file's trainer deploys, "
+                           "'ema' the averaged copy, 'raw' the trained one")
     conv.add_argument('--trust-checkpoint', action='store_true',
                       help='unpickle arbitrary objects (only for files you trust)')
     common(conv)

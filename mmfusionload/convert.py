@@ -483,6 +483,7 @@ def convert_checkpoint(src: str,
                        model: Optional[nn.Module] = None,
                        source_options: Optional[Dict[str, Any]] = None,
                        trust_checkpoint: bool = False,
+                       weights: str = 'auto',
                        progress: Progress = None,
                        extra_meta: Optional[Dict[str, Any]] = None) -> Converted:
     """Convert ``src`` and write it to ``dst`` (atomically; never over ``src``).
@@ -492,7 +493,9 @@ def convert_checkpoint(src: str,
     source's explicit ``prefix`` rewrite and ``source_options`` (``modality``,
     ``modules``, ``strict``, ``exclude``...) are passed through. Without it see
     :func:`convert_state`. The checkpoint's ``meta`` is kept, with a
-    ``mmfusionload`` entry recording the conversion.
+    ``mmfusionload`` entry recording the conversion. ``weights`` picks the copy of
+    the weights (``'auto'``, ``'ema'``, ``'raw'``; see
+    :func:`~mmfusionload.trainers.choose_copy`).
 
     Returns:
         Converted: What was written.
@@ -503,22 +506,25 @@ def convert_checkpoint(src: str,
     check_destination(dst, [src])
     if model is not None:
         source = dict(source_options or {}, checkpoint=src, spconv_layout=spconv_layout,
-                      trust_checkpoint=trust_checkpoint)
+                      trust_checkpoint=trust_checkpoint, weights=weights)
         if preset:
             source['preset'] = preset
         if strip_prefix or add_prefix:
             source['prefix'] = {strip_prefix or '': add_prefix or ''}
         result = convert_with_model(model, source, to_layout, progress)
+        copy = result.report.weights if result.report is not None else ''
     else:
-        ckpt = unwrap(read_checkpoint(src, trust_checkpoint=trust_checkpoint), src)
+        ckpt = unwrap(read_checkpoint(src, trust_checkpoint=trust_checkpoint), src,
+                      weights=weights)
         result = convert_state(ckpt, preset, strip_prefix, add_prefix, spconv_layout,
                                to_layout, src)
         result.meta = dict(ckpt.meta)
+        copy = ckpt.copy
     result.meta = plain_metadata(result.meta, result.notes)
     layouts = sorted({d for _, d in result.sparse.values()})
     result.meta['mmfusionload'] = dict(
         converted_from=osp.abspath(src), preset=preset,
         spconv_layout=layouts[0] if len(layouts) == 1 else (layouts or None),
-        verified_against_model=model is not None, **(extra_meta or {}))
+        verified_against_model=model is not None, weights=copy or None, **(extra_meta or {}))
     save_checkpoint(dst, result.state, result.meta)
     return result

@@ -671,3 +671,28 @@ def test_inspect_structure_only_when_compiled_ops_are_not_built(tmp_path):
                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1, bad.stdout + bad.stderr
     assert line in bad.stdout and 'size mismatch for pts_neck.deblocks.0.1.weight' in bad.stdout
+
+
+def test_convert_weights_picks_the_copy(tmp_path):
+    """``convert --weights``: a timm file's ``state_dict`` (raw) and ``state_dict_ema``
+    (averaged) each written out exactly; ``auto`` takes what timm deploys, the EMA copy."""
+    raw = OrderedDict(fc_weight=torch.randn(4, 3), fc_bias=torch.randn(4))
+    raw = OrderedDict((k.replace('_', '.'), v) for k, v in raw.items())
+    ema = OrderedDict((k, v * 0.5 + 1) for k, v in raw.items())
+    src = str(tmp_path / 'timm.pth')
+    torch.save({'state_dict': raw, 'state_dict_ema': ema, 'epoch': 3, 'arch': 'x'}, src)
+    for weights, expected in (('raw', raw), ('ema', ema), ('auto', ema)):
+        dst = str(tmp_path / f'{weights}.pth')
+        argv = ['convert', src, dst, '-q'] + ([] if weights == 'auto' else ['--weights', weights])
+        assert main(argv) == 0
+        out = read_checkpoint(dst)
+        got = out['state_dict']
+        assert list(got) == list(expected)
+        for k, v in expected.items():
+            assert torch.equal(got[k], v), (weights, k)
+        taken = 'state_dict:' if weights == 'raw' else 'state_dict_ema:'
+        assert out['meta']['mmfusionload']['weights'].startswith(taken)
+    plain = str(tmp_path / 'plain.pth')
+    torch.save({'state_dict': raw}, plain)
+    assert main(['convert', plain, str(tmp_path / 'no.pth'), '-q', '--weights', 'ema']) == 1
+    assert not osp.exists(tmp_path / 'no.pth')
