@@ -463,7 +463,6 @@ class _Finisher:
         self.height[key] = 1 + max((self.height.get(id(k), 0) for k in kids), default=0)
 
     def _rebuild_children(self, obj: Any, key: int, path: Tuple[str, ...], depth: int) -> None:
-        out = self.memo[key]
         if isinstance(obj, dict):
             if type(obj) is OrderedDict:
                 extra = set(vars(obj)) - {'_metadata'}
