@@ -17,14 +17,28 @@ import os
 import os.path as osp
 import sys
 import weakref
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 import torch
 
 _MADV_DONTNEED = 4  # Linux <sys/mman.h>
 _MADVISE: Dict[str, Any] = {}
-# id(tensor) -> (weakref, data_ptr, nbytes, version)
-_TRACKED: Dict[int, Tuple[Any, int, int, int]] = {}
+
+
+class _Entry(NamedTuple):
+    """A tracked tensor as the reader built it, and the whole pages it may give back."""
+    ref: Any
+    ptr: int
+    shape: Tuple[int, ...]
+    stride: Tuple[int, ...]
+    dtype: torch.dtype
+    version: int
+    pages: Tuple[int, int]  # (address, length); length 0: no whole page inside
+    finite: bool  # every value proven finite when it was read
+
+
+# id(tensor) -> its entry
+_TRACKED: Dict[int, _Entry] = {}
 
 
 def madvise() -> Optional[Callable]:
@@ -74,12 +88,15 @@ def _forget(ref: Any, key: int) -> None:
         del _TRACKED[key]
 
 
-def track(t: torch.Tensor, ranges: Iterable[Tuple[int, int]]) -> bool:
+def track(t: torch.Tensor, ranges: Iterable[Tuple[int, int]], finite: bool = False) -> bool:
     """Record ``t`` as releasable if its bytes lie inside one of ``ranges``.
 
     Args:
         t (Tensor): A tensor the reader built on a private mapping of a file.
         ranges: The mapping's ``(start, end)`` address ranges.
+        finite (bool): The reader proved every value finite
+            (:mod:`~mmfusionload.value_scan`); :func:`known_finite` says so while
+            the tensor is unchanged.
 
     Returns:
         bool: Whether it was recorded.
@@ -92,15 +109,34 @@ def track(t: torch.Tensor, ranges: Iterable[Tuple[int, int]]) -> bool:
         return False
     key = id(t)
     ref = weakref.ref(t, lambda r, k=key: _forget(r, k))
-    _TRACKED[key] = (ref, start, nbytes, t._version)
+    page = _MADVISE['page']
+    lo = -(-start // page) * page
+    hi = (start + nbytes) // page * page
+    _TRACKED[key] = _Entry(ref, start, tuple(t.shape), t.stride(), t.dtype, t._version,
+                           (lo, max(0, hi - lo)), bool(finite))
     return True
+
+
+def _current(t: Any) -> Optional[_Entry]:
+    """``t``'s entry while ``t`` is what the reader built: the same memory, shape,
+    strides and dtype (so the same bytes), never written in place."""
+    entry = _TRACKED.get(id(t))
+    if entry is None or entry.ref() is not t or t._version != entry.version or \
+            t.data_ptr() != entry.ptr or t.stride() != entry.stride or \
+            tuple(t.shape) != entry.shape or t.dtype != entry.dtype:
+        return None
+    return entry
 
 
 def is_tracked(t: Any) -> bool:
     """Whether :func:`release_pages` may release ``t`` now."""
-    entry = _TRACKED.get(id(t))
-    return (entry is not None and entry[0]() is t and t.data_ptr() == entry[1]
-            and extent(t) == entry[2] and t._version == entry[3])
+    return _current(t) is not None
+
+
+def known_finite(t: Any) -> bool:
+    """Whether the reader proved ``t``'s values finite and ``t`` is unchanged since."""
+    entry = _current(t)
+    return entry is not None and entry.finite
 
 
 def release_pages(t: Any) -> bool:
@@ -113,15 +149,10 @@ def release_pages(t: Any) -> bool:
     Returns:
         bool: Whether pages were released.
     """
-    if not is_tracked(t):
+    entry = _current(t)
+    if entry is None or not entry.pages[1]:
         return False
-    page = _MADVISE['page']
-    _, ptr, nbytes, _ = _TRACKED[id(t)]
-    lo = -(-ptr // page) * page
-    hi = (ptr + nbytes) // page * page
-    if hi <= lo:
-        return False
-    return madvise()(lo, hi - lo, _MADV_DONTNEED) == 0
+    return _MADVISE['fn'](entry.pages[0], entry.pages[1], _MADV_DONTNEED) == 0
 
 
 def mark_mapped(tensors: Iterable[torch.Tensor], path: str,
