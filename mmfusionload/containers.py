@@ -43,6 +43,14 @@ class Unwrapped:
     skipped: List[str] = field(default_factory=list)
     family: str = ''
     copy: str = ''
+    #: What sources sharing this object compute once (shapes, identity).
+    cache: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def shapes(self) -> Dict[str, Tuple[int, ...]]:
+        """Key -> shape of every tensor (no lazy tensor is created), computed once."""
+        if 'shapes' not in self.cache:
+            self.cache['shapes'] = {k: shape_of(self.state, k) for k in self.state}
+        return self.cache['shapes']
 
 
 class RenamedState(Mapping):

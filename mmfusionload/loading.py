@@ -162,13 +162,23 @@ def plan_source(model: nn.Module,
                           stripped=list(ckpt.stripped), family=ckpt.family,
                           weights=ckpt.copy)
     report.skipped = list(ckpt.skipped)
-    report.identity = identify_state(
-        fname, {k: shape_of(ckpt.state, k) for k in ckpt.state}, ckpt.metadata).one_line()
+    all_shapes = ckpt.shapes()
+    if 'identity' not in ckpt.cache:  # the same for every source sharing ckpt
+        ckpt.cache['identity'] = identify_state(fname, all_shapes, ckpt.metadata).one_line()
+    report.identity = ckpt.cache['identity']
     plan = SourcePlan(spec, report)
     try:
         targets = resolve_targets(model, spec.modality, spec.modules)
         if spec.preset == 'auto':
-            spec = replace(spec, preset=auto_preset(list(ckpt.state), fname))
+            if 'auto_preset' not in ckpt.cache:
+                try:
+                    ckpt.cache['auto_preset'] = auto_preset(list(ckpt.state), fname)
+                except FusionLoadError as e:
+                    ckpt.cache['auto_preset'] = e
+            found = ckpt.cache['auto_preset']
+            if isinstance(found, FusionLoadError):
+                raise FusionLoadError(list(found.problems), found.title)
+            spec = replace(spec, preset=found)
             report.identity += f'; preset=auto -> {spec.preset or "none"}'
         preset: Optional[KeyPreset] = get_preset(spec.preset) if spec.preset else None
     except FusionLoadError as e:
@@ -186,8 +196,12 @@ def plan_source(model: nn.Module,
 
     try:
         renamed = rename_keys(list(state), spec.rename, preset, fname)
-        shapes = ({new: shape_of(state, old) for new, old in renamed.items()} if is_lazy(state)
-                  else {new: tuple(state[old].shape) for new, old in renamed.items()})
+        if state is ckpt.state:
+            shapes = {new: all_shapes[old] for new, old in renamed.items()}
+        else:
+            shapes = ({new: shape_of(state, old) for new, old in renamed.items()}
+                      if is_lazy(state) else
+                      {new: tuple(state[old].shape) for new, old in renamed.items()})
         tshapes = {k: tuple(v.shape) for k, v in targeted.items()}
         if spec.prefix == 'auto':
             align: Alignment = auto_alignment(shapes, tshapes, targets, fname)
@@ -207,7 +221,7 @@ def plan_source(model: nn.Module,
     modules: Dict[str, nn.Module] = {}
     context = SourceContext(fname, spec, model, meta=dict(ckpt.meta or {}))
     if preset is not None and preset.orders is not None:
-        context.orders = preset.orders({k: shape_of(ckpt.state, k) for k in ckpt.state})
+        context.orders = preset.orders(dict(all_shapes))
     for key, new in align.mapping.items():
         file_key = renamed[new]
         if key not in targeted:  # every targeted key is under a target
