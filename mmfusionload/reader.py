@@ -33,8 +33,8 @@ from .errors import FusionLoadError
 from .pages import (file_mappings, is_tracked, known_finite, madvise, mark_mapped,
                     release_pages, track)
 from .safe_unpickle import (CheckpointValueError, CorruptFileError, HistoryBufferState, Invalid,
-                            NumpyArray, NumpyDtype, Storages, UnsafeGlobalError, opcode_limit,
-                            unpickle)
+                            NumpyArray, NumpyDtype, OpcodeBudget, Storages, UnsafeGlobalError,
+                            opcode_limit, unpickle)
 from .value_scan import ValueScan
 
 __all__ = ['read_checkpoint', 'release_pages', 'mark_mapped', 'is_tracked', 'all_finite',
@@ -314,15 +314,8 @@ class _Bounded(io.RawIOBase):
 
     def __init__(self, f: Any, end: int):
         self.f, self.end = f, end
-        self.limit = opcode_limit(end)
-        # an opcode takes at least a byte: a file no longer than the limit is within it
-        self.ops = self.limit if end > self.limit else None
 
     def read(self, n: int = -1) -> bytes:
-        if n == 1 and self.ops is not None:
-            self.ops -= 1
-            if self.ops < 0:
-                raise CheckpointValueError(f'the pickles run more than {self.limit} opcodes')
         left = self.end - self.f.tell()
         if n is None or n < 0:
             n = left
@@ -587,16 +580,17 @@ def _read_legacy(path: str, size: int, map_location: Any, bookkeeping: bool) -> 
     storages = _LegacyStorages(_restore_fn(map_location))
     with open(path, 'rb') as raw:
         f = _Bounded(raw, size)
-        if unpickle(f, storages) != MAGIC_NUMBER:
+        budget = OpcodeBudget(opcode_limit(size))  # shared by the file's five pickles
+        if unpickle(f, storages, budget) != MAGIC_NUMBER:
             raise CheckpointValueError('not a torch checkpoint (no magic number)')
-        if unpickle(f, storages) != PROTOCOL_VERSION:
+        if unpickle(f, storages, budget) != PROTOCOL_VERSION:
             raise CheckpointValueError('unknown torch serialization protocol')
-        info = unpickle(f, storages)
+        info = unpickle(f, storages, budget)
         if not isinstance(info, dict) or info.get('little_endian', True) is not True or \
                 sys.byteorder != 'little':
             raise CheckpointValueError('an old-format file of another byte order')
-        obj = unpickle(f, storages)
-        keys = unpickle(f, storages)
+        obj = unpickle(f, storages, budget)
+        keys = unpickle(f, storages, budget)
         storages.read_data(raw, size, keys)
     return _Finisher(storages, bookkeeping)(obj)
 

@@ -1,15 +1,14 @@
 """Unpickle a checkpoint's object tree without running code the file chooses.
 
-The opcode loop is torch's own weights-only unpickler
-(``torch._weights_only_unpickler.Unpickler.load``, read from torch 2.13.0): it
-knows only the protocol-2 opcodes ``torch.save`` writes, builds (``BUILD``)
-only tensors, ``OrderedDict`` and instances of admitted classes, appends only
-to lists and sets items only on dicts. What it may look up by name is decided
-here, not by torch's default table nor by ``torch.serialization.add_safe_globals``:
-the loop runs with this module's table (:func:`admitted_globals`) in place of
-both. Every entry is either a value with no behaviour (dtypes, markers) or a
-function written here that checks its arguments and does work bounded by them
-(and so by the file's size):
+The opcode loop is this project's own (:mod:`mmfusionload.pickle_ops`): it
+knows exactly the opcodes torch 2.13.0's weights-only unpickler knows (the
+protocol-2 ones ``torch.save`` writes), builds (``BUILD``) only ``OrderedDict``
+and instances of admitted classes, appends only to lists and sets items only
+on dicts. What it may look up by name is decided here, not by torch's default
+table nor by ``torch.serialization.add_safe_globals``: the loop sees only this
+module's table (:func:`admitted_globals`). Every entry is either a value with
+no behaviour (dtypes, markers) or a function written here that checks its
+arguments and does work bounded by them (and so by the file's size):
 
 * tensors: ``torch._utils._rebuild_tensor{,_v2,_v3}``, ``_rebuild_parameter``,
   ``_rebuild_parameter_with_state`` (its attributes dropped) and
@@ -35,20 +34,14 @@ name)``, quantized, sparse, nested and meta tensors, and torch's own
 A pickle runs at most :func:`opcode_limit` opcodes (each makes at most one small
 object), so what it builds is bounded by the file's size.
 """
-import _compat_pickle
-import io
 import re
-import types
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple, Union
 
 import torch
-from torch import _weights_only_unpickler as _wou
 
-#: Names the opcode loop looks its policy up by (torch 2.13.0); checked at import.
-_POLICY_NAMES = ('_get_allowed_globals', '_get_user_allowed_globals', '_blocklisted_modules')
-_LOAD = _wou.Unpickler.load
-CORE_AVAILABLE = all(n in _LOAD.__code__.co_names for n in _POLICY_NAMES)
+from .pickle_ops import (CheckpointValueError, CorruptFileError, OpcodeBudget,
+                         UnsafeGlobalError, load, load_file)
 
 #: Most dimensions of a tensor or array.
 MAX_DIMS = 64
@@ -57,22 +50,6 @@ MAX_HISTORY = 10_000_000
 #: HistoryBuffer's built-in statistics (mmengine 0.10.7 ``_set_default_statistics``).
 HISTORY_STATISTICS = ('min', 'max', 'current', 'mean')
 _NUMPY_DTYPE = re.compile(r'^(b1|[iu][1248]|f[248]|c(8|16))$')
-
-
-class UnsafeGlobalError(Exception):
-    """A pickle asked for a global outside the table."""
-
-    def __init__(self, name: str):
-        self.name = name
-        super().__init__(f'unsupported global {name!r}')
-
-
-class CheckpointValueError(Exception):
-    """A value in the file breaks a rule (bounds, types); the message says which."""
-
-
-class CorruptFileError(CheckpointValueError):
-    """The file's structure is broken (truncated, a directory pointing nowhere)."""
 
 
 # ----------------------------------------------------------------- inert objects
@@ -474,47 +451,6 @@ def _no_extras(backward_hooks: Any, metadata: Any) -> None:
         raise CheckpointValueError('tensor with metadata (conjugate/negative bits)')
 
 
-class _Table(dict):
-    """The admitted globals; ``values()`` is a set (the loop tests membership)."""
-
-    def __init__(self, entries: Dict[str, Any]):
-        super().__init__(entries)
-        self._values = frozenset(id(v) for v in entries.values())
-        self._objects = list(entries.values())
-
-    def values(self):  # type: ignore[override]
-        return _IdSet(self._values)
-
-
-class _IdSet:
-    """Membership by identity: no ``==`` of file objects is ever called."""
-    __slots__ = ('ids', )
-
-    def __init__(self, ids):
-        self.ids = ids
-
-    def __contains__(self, obj) -> bool:
-        return id(obj) in self.ids
-
-
-class _Refuse(dict):
-    """Stands for torch's user allowlist: asking it means the name was not admitted."""
-
-    def __contains__(self, name) -> bool:
-        # named as Python 3 knows it (protocol 2 writes Python 2 names: commands.call)
-        module, _, attr = str(name).rpartition('.')
-        module, attr = _compat_pickle.NAME_MAPPING.get((module, attr), (module, attr))
-        raise UnsafeGlobalError(f'{_compat_pickle.IMPORT_MAPPING.get(module, module)}.{attr}')
-
-
-class _Quiet:
-    """``warnings`` for the loop: a protocol other than 2 fails on its opcodes anyway."""
-
-    @staticmethod
-    def warn(*args, **kwargs) -> None:
-        pass
-
-
 def admitted_globals(storages: Storages) -> Dict[str, Any]:
     """Global name -> what the pickle gets for it, for one file."""
     table: Dict[str, Any] = {
@@ -547,22 +483,6 @@ def admitted_globals(storages: Storages) -> Dict[str, Any]:
     return table
 
 
-class OpcodeBudget(io.BytesIO):
-    """A pickle in memory that may run at most ``limit`` opcodes (each opcode creates
-    at most one object of about 100 bytes, so this bounds the memory a pickle builds)."""
-
-    def __init__(self, data: bytes, limit: int):
-        super().__init__(data)
-        self.limit = self.left = limit
-
-    def read(self, n: int = -1) -> bytes:  # the loop reads each opcode with read(1)
-        if n == 1:
-            self.left -= 1
-            if self.left < 0:
-                raise CheckpointValueError(f'the pickle runs more than {self.limit} opcodes')
-        return super().read(n)
-
-
 def opcode_limit(file_bytes: int) -> int:
     """Opcodes a pickle in a file of ``file_bytes`` may run: :data:`BASE_OPCODES` plus
     one per 64 bytes of the file."""
@@ -573,43 +493,33 @@ def opcode_limit(file_bytes: int) -> int:
 BASE_OPCODES = 500_000
 
 
-def unpickle(data: Any, storages: Storages, limit: Optional[int] = None) -> Any:
+def unpickle(data: Any, storages: Storages,
+             limit: Union[int, OpcodeBudget, None] = None) -> Any:
     """Unpickle ``data`` (bytes or a binary file) with the admitted globals only.
 
     Args:
-        data (bytes | file): The pickle (a file counts its opcodes itself).
+        data (bytes | file): The pickle; a file is read up to and including
+            the pickle's ``STOP`` and left there (the next pickle or raw data
+            follows).
         storages (Storages): Resolves persistent ids and builds tensors.
-        limit (int, optional): Most opcodes for bytes (:func:`opcode_limit`).
+        limit (int | OpcodeBudget, optional): Most opcodes this pickle may
+            run, or (for a file) a budget its pickles share. Defaults to
+            :func:`opcode_limit` of the bytes' length (:data:`BASE_OPCODES` for
+            a file).
 
     Returns:
         Any: The object tree (tensors, containers, numbers, strings, placeholders).
 
     Raises:
         UnsafeGlobalError: A global outside the table.
-        CheckpointValueError: A value that breaks a rule.
-        Exception: Anything else a malformed pickle raises.
+        CheckpointValueError: A value that breaks a rule, or too many opcodes.
+        Exception: Anything else a malformed pickle raises
+            (``pickle.UnpicklingError`` naming the opcode, mostly).
     """
-    if not CORE_AVAILABLE:  # pragma: no cover - torch moved its unpickler
-        raise RuntimeError('torch._weights_only_unpickler changed; this torch is not supported')
-    table = _Table(admitted_globals(storages))
-    ns = dict(vars(_wou))
-    ns.update(_get_allowed_globals=lambda: table, _get_user_allowed_globals=_refuse,
-              _blocklisted_modules=(), warnings=_Quiet)
-    load = types.FunctionType(_LOAD.__code__, ns, 'load', _LOAD.__defaults__,
-                              _LOAD.__closure__)
+    table = admitted_globals(storages)
     if isinstance(data, (bytes, bytearray, memoryview)):
-        limit = limit or opcode_limit(len(data))
-        # an opcode takes at least a byte: a pickle no longer than the limit is within it
-        fileobj = io.BytesIO(data) if len(data) <= limit else OpcodeBudget(bytes(data), limit)
-    else:
-        fileobj = data
-    unpickler = _wou.Unpickler(fileobj, encoding='utf-8')
-    unpickler.persistent_load = storages.storage  # type: ignore[method-assign]
-    return load(unpickler)
-
-
-_REFUSE = _Refuse()
-
-
-def _refuse() -> _Refuse:
-    return _REFUSE
+        data = bytes(data)
+        return load(data, table, storages.storage, limit or opcode_limit(len(data)))[0]
+    if not isinstance(limit, OpcodeBudget):
+        limit = OpcodeBudget(limit or BASE_OPCODES)
+    return load_file(data, table, storages.storage, limit)
