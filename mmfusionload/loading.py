@@ -122,7 +122,7 @@ def read_source(spec: SourceSpec) -> Unwrapped:
     if raw is _UNREAD:
         try:
             raw = read_checkpoint(spec.checkpoint, map_location='cpu',
-                                  trust_checkpoint=spec.trust_checkpoint, scan_values=True)
+                                  trust_checkpoint=spec.trust_checkpoint)
         except FusionLoadError as e:
             if files is not None:
                 files[key] = e

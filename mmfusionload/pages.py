@@ -34,7 +34,6 @@ class _Entry(NamedTuple):
     dtype: torch.dtype
     version: int
     pages: Tuple[int, int]  # (address, length); length 0: no whole page inside
-    finite: bool  # every value proven finite when it was read
 
 
 # id(tensor) -> its entry
@@ -88,15 +87,12 @@ def _forget(ref: Any, key: int) -> None:
         del _TRACKED[key]
 
 
-def track(t: torch.Tensor, ranges: Iterable[Tuple[int, int]], finite: bool = False) -> bool:
+def track(t: torch.Tensor, ranges: Iterable[Tuple[int, int]]) -> bool:
     """Record ``t`` as releasable if its bytes lie inside one of ``ranges``.
 
     Args:
         t (Tensor): A tensor the reader built on a private mapping of a file.
         ranges: The mapping's ``(start, end)`` address ranges.
-        finite (bool): The reader proved every value finite
-            (:mod:`~mmfusionload.value_scan`); :func:`known_finite` says so while
-            the tensor is unchanged.
 
     Returns:
         bool: Whether it was recorded.
@@ -113,7 +109,7 @@ def track(t: torch.Tensor, ranges: Iterable[Tuple[int, int]], finite: bool = Fal
     lo = -(-start // page) * page
     hi = (start + nbytes) // page * page
     _TRACKED[key] = _Entry(ref, start, tuple(t.shape), t.stride(), t.dtype, t._version,
-                           (lo, max(0, hi - lo)), bool(finite))
+                           (lo, max(0, hi - lo)))
     return True
 
 
@@ -131,12 +127,6 @@ def _current(t: Any) -> Optional[_Entry]:
 def is_tracked(t: Any) -> bool:
     """Whether :func:`release_pages` may release ``t`` now."""
     return _current(t) is not None
-
-
-def known_finite(t: Any) -> bool:
-    """Whether the reader proved ``t``'s values finite and ``t`` is unchanged since."""
-    entry = _current(t)
-    return entry is not None and entry.finite
 
 
 def release_pages(t: Any) -> bool:

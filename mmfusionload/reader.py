@@ -30,12 +30,10 @@ import torch
 from mmengine.runner.checkpoint import CheckpointLoader
 
 from .errors import FusionLoadError
-from .pages import (file_mappings, is_tracked, known_finite, madvise, mark_mapped,
-                    release_pages, track)
+from .pages import file_mappings, is_tracked, madvise, mark_mapped, release_pages, track
 from .safe_unpickle import (CheckpointValueError, CorruptFileError, HistoryBufferState, Invalid,
                             NumpyArray, NumpyDtype, OpcodeBudget, Storages, UnsafeGlobalError,
                             opcode_limit, unpickle)
-from .value_scan import ValueScan
 
 __all__ = ['read_checkpoint', 'release_pages', 'mark_mapped', 'is_tracked', 'all_finite',
            'SafetensorsState', 'install_checkpoint_loader', 'load_local', 'is_safetensors']
@@ -65,7 +63,7 @@ def all_finite(t: torch.Tensor) -> bool:
     finite only if every element is (NaN and Inf propagate through addition),
     so the mask is built only when the sum overflows.
     """
-    if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0 or known_finite(t):
+    if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
         return True
     low = t.dtype.itemsize < 4 and not t.is_complex()  # float16/bfloat16/float8
     total = (t.sum(dtype=torch.float32) if low else t.sum()).item()
@@ -207,7 +205,6 @@ class _FileStorages(Storages):
         self.storages: Dict[str, _Storage] = {}
         self.views: List[Tuple[torch.Tensor, _Storage]] = []
         self.by_ptr: Dict[Tuple[int, int], _Storage] = {}
-        self.scan: Optional[ValueScan] = None
 
     def record(self, storage: Any) -> _Storage:
         if not isinstance(storage, _Storage):
@@ -248,8 +245,6 @@ class _FileStorages(Storages):
             rec.untyped, offset, size, stride)
         if rec.mapped:
             self.views.append((t, rec))
-            if self.scan is not None:
-                self.scan.add(t)
         return t
 
 
@@ -519,18 +514,15 @@ def _where(path: Tuple[str, ...]) -> str:
     return text if len(text) < 200 else text[:100] + '...' + text[-80:]
 
 
-def _track_views(storages: _FileStorages, ranges: List[Tuple[int, int]],
-                 finite: Optional[Dict[int, torch.Tensor]] = None) -> None:
+def _track_views(storages: _FileStorages, ranges: List[Tuple[int, int]]) -> None:
     """Record the mapped tensors for :func:`release_pages`: one tensor per storage
-    (releasing one of two views of a storage could drop the other's written pages).
-    ``finite``: the tensors a :class:`~mmfusionload.value_scan.ValueScan` proved finite."""
+    (releasing one of two views of a storage could drop the other's written pages)."""
     count: Dict[int, int] = {}
     for t, rec in storages.views:
         count[id(rec)] = count.get(id(rec), 0) + 1
-    finite = finite or {}
     for t, rec in storages.views:
         if count[id(rec)] == 1:
-            track(t, ranges, finite.get(id(t)) is t)
+            track(t, ranges)
 
 
 def _restore_fn(map_location: Any) -> Optional[Callable]:
@@ -542,7 +534,7 @@ def _restore_fn(map_location: Any) -> Optional[Callable]:
 
 
 def _read_zip(path: str, size: int, map_location: Any, mapped: Optional[bool],
-              bookkeeping: bool, scan: bool = False) -> Any:
+              bookkeeping: bool) -> Any:
     with open(path, 'rb') as f:
         members = zip_members(f, size)
         pkl = [n for n in members if n.endswith('/data.pkl') and n.count('/') == 1]
@@ -562,16 +554,11 @@ def _read_zip(path: str, size: int, map_location: Any, mapped: Optional[bool],
         whole = torch.UntypedStorage.from_file(path, False, size) if use_map else None
         storages = _ZipStorages(f, members, prefix, whole, swap, _restore_fn(map_location))
         data = _read_member(f, members[pkl[0]])
-        if scan and whole is not None and not swap:
-            storages.scan = ValueScan.start(whole.data_ptr(), whole.data_ptr() + size)
-        try:
-            obj = unpickle(data, storages, opcode_limit(size))
-        finally:  # no tensor leaves the reader while the scan runs
-            finite = storages.scan.stop() if storages.scan is not None else None
+        obj = unpickle(data, storages, opcode_limit(size))
         obj = _Finisher(storages, bookkeeping)(obj)
     if whole is not None and storages.views and madvise() is not None:
         lo = whole.data_ptr()
-        _track_views(storages, [(lo, lo + whole.nbytes())], finite)
+        _track_views(storages, [(lo, lo + whole.nbytes())])
     return obj
 
 
@@ -595,13 +582,12 @@ def _read_legacy(path: str, size: int, map_location: Any, bookkeeping: bool) -> 
     return _Finisher(storages, bookkeeping)(obj)
 
 
-def _read_pth(path: str, map_location: Any, mapped: Optional[bool], bookkeeping: bool,
-              scan: bool = False) -> Any:
+def _read_pth(path: str, map_location: Any, mapped: Optional[bool], bookkeeping: bool) -> Any:
     size = os.path.getsize(path)
     with open(path, 'rb') as f:
         head = f.read(4)
     if head == _ZIP_MAGIC:
-        return _read_zip(path, size, map_location, mapped, bookkeeping, scan)
+        return _read_zip(path, size, map_location, mapped, bookkeeping)
     if head[:1] == b'\x80':
         return _read_legacy(path, size, map_location, bookkeeping)
     raise CheckpointValueError('neither a zip nor an old-format torch checkpoint '
@@ -715,8 +701,7 @@ def read_checkpoint(path: str,
                     map_location: Any = 'cpu',
                     trust_checkpoint: bool = False,
                     mmap: Optional[bool] = None,
-                    bookkeeping: bool = False,
-                    scan_values: bool = False) -> Any:
+                    bookkeeping: bool = False) -> Any:
     """Read a checkpoint file or URI.
 
     Args:
@@ -730,10 +715,6 @@ def read_checkpoint(path: str,
         bookkeeping (bool): Rebuild MMEngine's ``HistoryBuffer`` objects (what
             resuming a run needs) instead of leaving inert placeholders.
             Defaults to False.
-        scan_values (bool): While parsing a mapped zip checkpoint, check its
-            float32/float64 tensors for NaN/Inf on a second core
-            (:mod:`~mmfusionload.value_scan`), so that :func:`all_finite` is
-            already answered for them. Defaults to False.
 
     Returns:
         Any: What the file holds (usually a dict).
@@ -772,7 +753,7 @@ def read_checkpoint(path: str,
             if mapped:
                 mark_mapped(_tensors_in(ckpt), path)
             return ckpt
-        return _read_pth(path, map_location, mmap, bookkeeping, scan_values)
+        return _read_pth(path, map_location, mmap, bookkeeping)
     except UnsafeGlobalError as e:
         e.__traceback__ = None  # its frames hold what the pickle had built
         raise FusionLoadError([
