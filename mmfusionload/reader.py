@@ -402,6 +402,9 @@ class _LegacyStorages(_FileStorages):
 
 
 # ----------------------------------------------------------------- the object tree
+_NO_KEY = object()
+
+
 class _Finisher:
     """Turn what the unpickler built into what a caller gets, checking as it goes.
 
@@ -464,8 +467,13 @@ class _Finisher:
                 if '_metadata' in vars(obj):
                     obj._metadata = self(obj._metadata, path + ('_metadata', ), depth + 1)
             for k, v in list(obj.items()):
-                new = self(v, path + (str(k) if isinstance(k, (str, int)) else
-                                      f'<{type(k).__name__}>', ), depth + 1)
+                if type(v) is torch.Tensor and id(v) not in self.memo and depth < MAX_DEPTH:
+                    # a state dict's tensor: checked here, its path built only for an error
+                    self.tensor(v, path, k)
+                    self.memo[id(v)] = v
+                    self.height[id(v)] = 1
+                    continue
+                new = self(v, path + (_step(k), ), depth + 1)
                 if new is not v:
                     obj[k] = new
         elif isinstance(obj, list):
@@ -482,21 +490,22 @@ class _Finisher:
             if any(a is not b for a, b in zip(items, obj)):
                 self.memo[key] = tuple(items)
 
-    def tensor(self, t: torch.Tensor, path: Tuple[str, ...]) -> torch.Tensor:
-        """Check a tensor once more after unpickling (a ``BUILD`` may have re-set it).
+    def tensor(self, t: torch.Tensor, path: Tuple[str, ...], key: Any = _NO_KEY) -> torch.Tensor:
+        """Check a tensor once more after unpickling.
 
         Its storage must still be one of this file's, whole (``set_`` refuses negative
         strides and views past a storage that cannot grow; one that grew has another
         size and is refused here), and it must not view more elements than the
-        storage holds.
+        storage holds. ``key``: its key in the dict at ``path``, if any.
         """
         st = t.untyped_storage()
         nbytes = st.nbytes()
         if type(t) is not torch.Tensor or t.layout != torch.strided or (
                 nbytes and (st.data_ptr(), nbytes) not in self.storages.by_ptr) or \
                 t.numel() * t.element_size() > nbytes or t._backward_hooks:
+            where = path + (_step(key), ) if key is not _NO_KEY else path
             raise CheckpointValueError(
-                f'{_where(path)}: a {type(t).__name__} of size {list(t.shape)}, stride '
+                f'{_where(where)}: a {type(t).__name__} of size {list(t.shape)}, stride '
                 f'{list(t.stride())} that is not a plain view of a storage of this file')
         if t.requires_grad:
             t.requires_grad_(False)
@@ -507,6 +516,11 @@ def _extent(t: torch.Tensor) -> int:
     if t.numel() == 0:
         return 0
     return (sum((s - 1) * st for s, st in zip(t.shape, t.stride())) + 1) * t.element_size()
+
+
+def _step(key: Any) -> str:
+    """A dict key as one step of a path in a message."""
+    return str(key) if isinstance(key, (str, int)) else f'<{type(key).__name__}>'
 
 
 def _where(path: Tuple[str, ...]) -> str:
