@@ -360,7 +360,9 @@ def apply(plans: Sequence[SourcePlan], extra_models: Sequence[nn.Module] = ()) -
     for plan in plans:
         for e in plan.to_load:
             try:
-                t = e.materialize()
+                # an unrepaired tensor on the target's device goes in as it is
+                t = e.source if not e.steps and e.source.device == e.target.device \
+                    else e.materialize()
                 e.target.copy_(t)
                 for state in extras:
                     if e.key in state:

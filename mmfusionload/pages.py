@@ -139,8 +139,8 @@ def release_pages(t: Any) -> bool:
     Returns:
         bool: Whether pages were released.
     """
-    entry = _current(t)
-    if entry is None or not entry.pages[1]:
+    entry = _TRACKED.get(id(t))
+    if entry is None or not entry.pages[1] or _current(t) is not entry:
         return False
     return _MADVISE['fn'](entry.pages[0], entry.pages[1], _MADV_DONTNEED) == 0
 

@@ -32,6 +32,10 @@ CAST_STEPS = frozenset({'cast'})
 def target_problem(e: Any) -> Optional[str]:
     """Why ``e.source`` cannot be copied into ``e.target``, or None."""
     src, dst = e.source, e.target
+    if type(src) is torch.Tensor and src.layout == torch.strided and dst.layout == \
+            torch.strided and src.device.type == 'cpu' and dst.device.type != 'meta' and \
+            not (src.is_quantized or src.is_nested or src.is_complex()):
+        return None  # a dense CPU tensor, as the readers build them
     where = f'{e.filename}: {e.file_key}'
     if not torch.is_tensor(src):
         return f'{where} is a {type(src).__name__}, not a tensor'
