@@ -447,3 +447,20 @@ def test_nonfinite_in_one_shared_file_leaves_the_model_bit_identical(tmp_path):
 
     for k, v in before.items():
         assert v.dtype == after[k].dtype and torch.equal(bits(v), bits(after[k])), k
+
+
+def test_all_finite_agrees_with_isfinite():
+    """Against ``torch.isfinite(t).all()``: every dtype and layout the check takes a
+    different path for (dot product, sum, float32 sum of a low-precision tensor)."""
+    g = torch.Generator().manual_seed(5)
+    specials = (float('nan'), float('inf'), float('-inf'), 3e38, -3e38, 1e-45)
+    for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        for trial in range(40):
+            x = torch.randn(37, 53, generator=g).to(dt)
+            n = int(torch.randint(0, 3, (1, ), generator=g))
+            for _ in range(n):
+                i = int(torch.randint(0, x.numel(), (1, ), generator=g))
+                v = specials[int(torch.randint(0, len(specials), (1, ), generator=g))]
+                x.view(-1)[i] = v
+            for t in (x, x.t(), x[:, ::2]):
+                assert all_finite(t) == bool(torch.isfinite(t).all()), (dt, trial)
