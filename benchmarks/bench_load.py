@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/bench_load.py            # full run (~4 min on 2 cores)
+    .venv/bin/python benchmarks/bench_load.py            # full run (~8 min on 2 cores)
     .venv/bin/python benchmarks/bench_load.py --quick    # smoke run (~1 min)
 
 What it measures. The model is :class:`ManifestModel`: MMDetection3D's BEVFusion lidar-cam
