@@ -113,6 +113,47 @@ def track(t: torch.Tensor, ranges: Iterable[Tuple[int, int]]) -> bool:
     return True
 
 
+def track_views(tensors: Iterable[torch.Tensor], lo: int, hi: int) -> int:
+    """Record tensors the reader built on its own mapping ``[lo, hi)`` of a file.
+
+    The same facts as :func:`track` (address, shape, strides, dtype, version and
+    whole-page range, each tensor checked to lie inside the mapping), for many
+    tensors at once: the reader's views are strided CPU tensors, so only their
+    device, size and extent are looked at before recording.
+
+    Returns:
+        int: How many were recorded.
+    """
+    if _MADVISE.get('fn') is None and madvise() is None:
+        return 0
+    page = _MADVISE['page']
+    tracked, strided, n = _TRACKED, torch.strided, 0
+    new, entry = tuple.__new__, _Entry
+    for t in tensors:
+        if not t.is_cpu or t.layout is not strided or not t.numel():
+            continue
+        start = t.data_ptr()
+        stride = t.stride()
+        if t.is_contiguous():
+            nbytes = t.nbytes
+        else:
+            last = 0
+            for s, st in zip(t.shape, stride):
+                last += (s - 1) * st
+            nbytes = (last + 1) * t.itemsize
+        end = start + nbytes
+        if start < lo or end > hi:
+            continue
+        key = id(t)
+        first = -(-start // page) * page
+        span = end // page * page - first
+        tracked[key] = new(entry, (weakref.ref(t, lambda r, k=key: _forget(r, k)), start,
+                                   tuple(t.shape), stride, t.dtype, t._version,
+                                   (first, span if span > 0 else 0)))
+        n += 1
+    return n
+
+
 def _current(t: Any) -> Optional[_Entry]:
     """``t``'s entry while ``t`` is what the reader built: the same memory, shape,
     strides and dtype (so the same bytes), never written in place."""

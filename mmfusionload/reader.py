@@ -30,7 +30,8 @@ import torch
 from mmengine.runner.checkpoint import CheckpointLoader
 
 from .errors import FusionLoadError
-from .pages import file_mappings, is_tracked, madvise, mark_mapped, release_pages, track
+from .pages import (file_mappings, is_tracked, madvise, mark_mapped, release_pages, track,
+                    track_views)
 from .safe_unpickle import (CheckpointValueError, CorruptFileError, HistoryBufferState, Invalid,
                             NumpyArray, NumpyDtype, OpcodeBudget, Storages, UnsafeGlobalError,
                             opcode_limit, unpickle)
@@ -538,15 +539,13 @@ def _where(path: Tuple[str, ...]) -> str:
     return text if len(text) < 200 else text[:100] + '...' + text[-80:]
 
 
-def _track_views(storages: _FileStorages, ranges: List[Tuple[int, int]]) -> None:
+def _track_views(storages: _FileStorages, lo: int, hi: int) -> None:
     """Record the mapped tensors for :func:`release_pages`: one tensor per storage
     (releasing one of two views of a storage could drop the other's written pages)."""
     count: Dict[int, int] = {}
     for t, rec in storages.views:
         count[id(rec)] = count.get(id(rec), 0) + 1
-    for t, rec in storages.views:
-        if count[id(rec)] == 1:
-            track(t, ranges)
+    track_views([t for t, rec in storages.views if count[id(rec)] == 1], lo, hi)
 
 
 def _restore_fn(map_location: Any) -> Optional[Callable]:
@@ -582,7 +581,7 @@ def _read_zip(path: str, size: int, map_location: Any, mapped: Optional[bool],
         obj = _Finisher(storages, bookkeeping)(obj)
     if whole is not None and storages.views and madvise() is not None:
         lo = whole.data_ptr()
-        _track_views(storages, [(lo, lo + whole.nbytes())])
+        _track_views(storages, lo, lo + whole.nbytes())
     return obj
 
 

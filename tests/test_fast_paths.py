@@ -464,3 +464,42 @@ def test_all_finite_agrees_with_isfinite():
                 x.view(-1)[i] = v
             for t in (x, x.t(), x[:, ::2]):
                 assert all_finite(t) == bool(torch.isfinite(t).all()), (dt, trial)
+
+
+def test_track_views_records_what_track_records():
+    """The reader's batch recorder keeps the same facts as :func:`track` for
+    contiguous, strided, expanded, empty and outside tensors."""
+    from mmfusionload import pages
+    if pages.madvise() is None:  # pragma: no cover - not Linux
+        pytest.skip('no madvise')
+    page = pages._MADVISE['page']
+    base = torch.zeros(4 * page, dtype=torch.uint8)
+    lo = base.data_ptr()
+    hi = lo + base.numel()
+    flat = base.view(torch.float32)
+    views = [
+        base[: 3 * page + 5],  # contiguous, several pages
+        base[7:20],  # no whole page inside
+        flat[: 2 * page // 4].view(-1, 8).t(),  # transposed
+        flat[:3].as_strided((4, 3), (0, 1)),  # expanded (stride 0)
+        flat[:0],  # empty: never recorded
+        base[page:].view(torch.int64)[:-1],  # ends inside the mapping
+    ]
+    outside = torch.zeros(page, dtype=torch.uint8)
+    expected = {}
+    for t in views + [outside]:
+        expected[id(t)] = pages.track(t, [(lo, hi)]) and pages._TRACKED.pop(id(t))
+    assert pages.track_views(views + [outside], lo, hi) == sum(map(bool, expected.values()))
+    for t in views + [outside]:
+        got = pages._TRACKED.get(id(t))
+        if not expected[id(t)]:
+            assert got is None and not pages.is_tracked(t)
+            continue
+        assert got[1:] == expected[id(t)][1:] and got.ref() is t and pages.is_tracked(t)
+    assert pages._TRACKED[id(views[0])].pages == (-(-lo // page) * page,
+                                                  (lo + 3 * page + 5) // page * page
+                                                  - -(-lo // page) * page)
+    # a tensor's entry goes when the tensor goes
+    key = id(views[1])
+    del views[1]
+    assert key not in pages._TRACKED
