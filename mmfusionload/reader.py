@@ -30,6 +30,8 @@ import torch
 from mmengine.runner.checkpoint import CheckpointLoader
 
 from .errors import FusionLoadError
+from .zipdir import Entry as ZipEntry
+from .zipdir import ZipDirectoryError, read_directory
 from .pages import (file_mappings, is_tracked, madvise, mark_mapped, release_pages, track,
                     track_views)
 from .safe_unpickle import (CheckpointValueError, CorruptFileError, HistoryBufferState, Invalid,
@@ -98,32 +100,27 @@ def zip_members(f: Any, size: int) -> Dict[str, Member]:
     Every member must be stored uncompressed and unencrypted, named once, with
     a relative name without ``..``, its local header agreeing with the central
     directory, and its bytes inside the file and apart from every other member.
+    The directory is read by :func:`mmfusionload.zipdir.read_directory` (what
+    ``zipfile`` refuses is refused with its reason).
 
     Raises:
         CheckpointValueError: Naming the member and what is wrong.
     """
     try:
-        zf = zipfile.ZipFile(f)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError) as e:
+        directory = read_directory(f)
+    except (ZipDirectoryError, UnicodeDecodeError, OSError, EOFError) as e:
         raise CorruptFileError(f'corrupt zip directory ({e})') from e
     # the directory must sit where the end record says (zipfile would accept bytes
-    # before the archive and shift every offset; Python 3.11's end-record layout)
-    end_rec = zipfile._EndRecData(f)
-    if end_rec is None:
-        raise CorruptFileError('no zip end record')
-    shift = end_rec[zipfile._ECD_LOCATION] - end_rec[zipfile._ECD_SIZE] - \
-        end_rec[zipfile._ECD_OFFSET]
-    if end_rec[zipfile._ECD_SIGNATURE] == zipfile.stringEndArchive64:
-        shift -= zipfile.sizeEndCentDir64 + zipfile.sizeEndCentDir64Locator
-    if shift:
+    # before the archive and shift every offset)
+    if directory.shift:
         raise CorruptFileError(f'the zip directory is not where the end record puts it '
-                               f'({shift} bytes off)')
+                               f'({directory.shift} bytes off)')
     members: Dict[str, Member] = {}
     spans: List[Tuple[int, int, str]] = []
-    end = min(size, getattr(zf, 'start_dir', size))
+    end = min(size, directory.start)
     view = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     try:
-        _check_members(zf, view, end, members, spans)
+        _check_members(directory.entries, view, end, members, spans)
     finally:
         view.close()
     spans.sort()
@@ -133,39 +130,41 @@ def zip_members(f: Any, size: int) -> Dict[str, Member]:
     return members
 
 
-def _check_members(zf: zipfile.ZipFile, view: Any, end: int, members: Dict[str, Member],
+_LOCAL = struct.Struct('<4s4xH16xHH')  # a local header: signature, method, name and extra lengths
+
+
+def _check_members(entries: List[ZipEntry], view: Any, end: int, members: Dict[str, Member],
                    spans: List[Tuple[int, int, str]]) -> None:
-    """Check every member of ``zf`` (``view``: the file mapped) into ``members``/``spans``."""
-    for info in zf.infolist():
-        name = info.orig_filename
-        parts = name.split('/')
-        if (not name or name in members or '\\' in name or '\x00' in name or name.startswith('/')
-                or any(p in ('..', '.') for p in parts)):
+    """Check every directory entry (``view``: the file mapped) into ``members``/``spans``."""
+    local = _LOCAL.unpack
+    for raw_name, name, flags, method, csize, fsize, offset in entries:
+        if not name or name in members or '\\' in name or '\x00' in name or name[0] == '/' or (
+                ('/.' in name or name[0] == '.')  # a '.' or '..' part is one of these
+                and any(p in ('..', '.') for p in name.split('/'))):
             raise CheckpointValueError(f'zip member {name!r}: a name that is repeated or '
                                        'leaves the archive')
-        if info.compress_type != zipfile.ZIP_STORED:
+        if method != zipfile.ZIP_STORED:
             raise CheckpointValueError(f'zip member {name!r} is compressed (method '
-                                       f'{info.compress_type}); checkpoints store members '
+                                       f'{method}); checkpoints store members '
                                        'uncompressed')
-        if info.flag_bits & 0x1 or info.file_size != info.compress_size:
+        if flags & 0x1 or fsize != csize:
             raise CheckpointValueError(f'zip member {name!r}: encrypted or sizes disagree')
-        head = view[info.header_offset:info.header_offset + 30]
-        if len(head) != 30 or head[:4] != _ZIP_MAGIC:
-            raise CorruptFileError(f'zip member {name!r}: no local header at '
-                                   f'{info.header_offset}')
-        method, = struct.unpack('<H', head[8:10])
-        n, m = struct.unpack('<HH', head[26:30])
-        raw_name = name.encode('utf-8' if info.flag_bits & 0x800 else 'cp437', 'replace')
-        at = info.header_offset + 30
-        if method != zipfile.ZIP_STORED or view[at:at + n] != raw_name:
+        n = len(raw_name)
+        head = view[offset:offset + 30 + n]
+        if len(head) < 30 or head[:4] != _ZIP_MAGIC:
+            raise CorruptFileError(f'zip member {name!r}: no local header at {offset}')
+        _, local_method, ln, lm = local(head[:30])
+        at = offset + 30
+        same = head[30:] == raw_name if ln == n else view[at:at + ln] == raw_name
+        if local_method != zipfile.ZIP_STORED or not same:
             raise CheckpointValueError(f'zip member {name!r}: local header disagrees with the '
                                        'directory')
-        start = info.header_offset + 30 + n + m
-        if start + info.file_size > end:
-            raise CorruptFileError(f'zip member {name!r}: {info.file_size} bytes at '
+        start = at + ln + lm
+        if start + fsize > end:
+            raise CorruptFileError(f'zip member {name!r}: {fsize} bytes at '
                                    f'{start} run past the data ({end} bytes)')
-        members[name] = Member(name, start, info.file_size)
-        spans.append((info.header_offset, start + info.file_size, name))
+        members[name] = Member(name, start, fsize)
+        spans.append((offset, start + fsize, name))
 
 
 def _read_member(f: Any, m: Member) -> bytes:
