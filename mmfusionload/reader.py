@@ -15,7 +15,6 @@ unpickling.
 """
 import cmath
 import io
-import mmap
 import os
 import os.path as osp
 import re
@@ -117,12 +116,7 @@ def zip_members(f: Any, size: int) -> Dict[str, Member]:
                                f'({directory.shift} bytes off)')
     members: Dict[str, Member] = {}
     spans: List[Tuple[int, int, str]] = []
-    end = min(size, directory.start)
-    view = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    try:
-        _check_members(directory.entries, view, end, members, spans)
-    finally:
-        view.close()
+    _check_members(directory.entries, f.fileno(), min(size, directory.start), members, spans)
     spans.sort()
     for (_, a_end, a), (b_start, _, b) in zip(spans, spans[1:]):
         if b_start < a_end:
@@ -133,9 +127,18 @@ def zip_members(f: Any, size: int) -> Dict[str, Member]:
 _LOCAL = struct.Struct('<4s4xH16xHH')  # a local header: signature, method, name and extra lengths
 
 
-def _check_members(entries: List[ZipEntry], view: Any, end: int, members: Dict[str, Member],
+def _read_at(fd: int, offset: int, n: int) -> bytes:
+    """Up to ``n`` bytes of the file ``fd`` at ``offset`` (none past its end)."""
+    return os.pread(fd, n, offset) if offset < _MAX_OFFSET else b''
+
+
+_MAX_OFFSET = 1 << 62  # os.pread takes a signed 64-bit offset
+
+
+def _check_members(entries: List[ZipEntry], fd: int, end: int, members: Dict[str, Member],
                    spans: List[Tuple[int, int, str]]) -> None:
-    """Check every directory entry (``view``: the file mapped) into ``members``/``spans``."""
+    """Check every directory entry (``fd``: the file) into ``members``/``spans``; a local
+    header is read with one ``pread`` (no mapping whose pages would fault in)."""
     local = _LOCAL.unpack
     for raw_name, name, flags, method, csize, fsize, offset in entries:
         if not name or name in members or '\\' in name or '\x00' in name or name[0] == '/' or (
@@ -150,12 +153,12 @@ def _check_members(entries: List[ZipEntry], view: Any, end: int, members: Dict[s
         if flags & 0x1 or fsize != csize:
             raise CheckpointValueError(f'zip member {name!r}: encrypted or sizes disagree')
         n = len(raw_name)
-        head = view[offset:offset + 30 + n]
+        head = _read_at(fd, offset, 30 + n)
         if len(head) < 30 or head[:4] != _ZIP_MAGIC:
             raise CorruptFileError(f'zip member {name!r}: no local header at {offset}')
         _, local_method, ln, lm = local(head[:30])
         at = offset + 30
-        same = head[30:] == raw_name if ln == n else view[at:at + ln] == raw_name
+        same = head[30:] == raw_name if ln == n else _read_at(fd, at, ln) == raw_name
         if local_method != zipfile.ZIP_STORED or not same:
             raise CheckpointValueError(f'zip member {name!r}: local header disagrees with the '
                                        'directory')
@@ -215,6 +218,7 @@ class _FileStorages(Storages):
         self.storages: Dict[str, _Storage] = {}
         self.views: List[Tuple[torch.Tensor, _Storage]] = []
         self.by_ptr: Dict[Tuple[int, int], _Storage] = {}
+        self.empty: Dict[torch.dtype, torch.Tensor] = {}  # dtype -> an empty CPU tensor
 
     def record(self, storage: Any) -> _Storage:
         if not isinstance(storage, _Storage):
@@ -222,6 +226,14 @@ class _FileStorages(Storages):
         return storage
 
     def _kind(self, saved_id: Any, n: int) -> Tuple[Any, ...]:
+        if n == 5 and type(saved_id) is tuple and len(saved_id) == 5:
+            # what torch.save writes: plain short strings, checked without _text
+            tag, kind, key, location, numel = saved_id
+            if type(tag) is str and tag == 'storage' and type(key) is str and \
+                    len(key) <= 64 and type(location) is str and len(location) <= 64 and \
+                    type(kind).__name__ == '_StorageKind' and _KEY.match(key) and \
+                    type(numel) is int and numel >= 0:
+                return kind, key, location, numel
         if not (isinstance(saved_id, tuple) and len(saved_id) == n):
             raise CheckpointValueError(f'persistent id {type(saved_id).__name__} of '
                                        f'{len(saved_id) if isinstance(saved_id, tuple) else 0} '
@@ -251,11 +263,22 @@ class _FileStorages(Storages):
         self.by_ptr[rec.untyped.data_ptr(), rec.untyped.nbytes()] = rec
 
     def view(self, rec: _Storage, offset, size, stride, dtype) -> torch.Tensor:
-        t = torch.empty((0, ), dtype=dtype, device=rec.untyped.device).set_(
-            rec.untyped, offset, size, stride)
+        if self.restore is None:  # on the CPU: a new empty tensor of a kept one's dtype
+            empty = self.empty.get(dtype)
+            if empty is None:
+                empty = self.empty[dtype] = torch.empty((0, ), dtype=dtype)
+            t = empty.new().set_(rec.untyped, offset, size, stride)
+        else:
+            t = torch.empty((0, ), dtype=dtype, device=rec.untyped.device).set_(
+                rec.untyped, offset, size, stride)
         if rec.mapped:
             self.views.append((t, rec))
         return t
+
+
+#: ``UntypedStorage`` slicing without ``torch/storage.py``'s wrapper, which only
+#: refuses meta storages (torch 2.13.0); the file's mapping is a CPU storage.
+_slice_storage = torch._C.StorageBase.__getitem__
 
 
 class _ZipStorages(_FileStorages):
@@ -296,8 +319,8 @@ class _ZipStorages(_FileStorages):
             raise CheckpointValueError(f'{name}: stored at offset {member.offset}, not aligned '
                                        f'to its {itemsize}-byte elements')
         mapped = self.whole is not None and not self.swap
-        if self.whole is not None:
-            untyped = self.whole[member.offset:member.offset + nbytes]
+        if self.whole is not None:  # a CPU mapping: UntypedStorage.__getitem__'s C part
+            untyped = _slice_storage(self.whole, slice(member.offset, member.offset + nbytes))
         else:
             self.f.seek(member.offset)
             untyped = torch.UntypedStorage(nbytes)

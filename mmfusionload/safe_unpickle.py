@@ -209,6 +209,12 @@ class HistoryBufferState(Placeholder):
 
 
 def _int_tuple(value: Any, what: str) -> Tuple[int, ...]:
+    if type(value) is tuple and len(value) <= MAX_DIMS:  # the common case, in one loop
+        for v in value:
+            if type(v) is not int or v < 0:
+                break
+        else:
+            return value
     if isinstance(value, list):
         value = tuple(value)
     if not isinstance(value, tuple) or len(value) > MAX_DIMS or not all(
