@@ -113,6 +113,15 @@ def track(t: torch.Tensor, ranges: Iterable[Tuple[int, int]]) -> bool:
     return True
 
 
+class _Ref(weakref.ref):
+    """A weak reference that knows its tensor's key in the table."""
+    __slots__ = ('key', )
+
+
+def _dead(ref: _Ref) -> None:
+    _forget(ref, ref.key)
+
+
 def track_views(tensors: Iterable[torch.Tensor], lo: int, hi: int) -> int:
     """Record tensors the reader built on its own mapping ``[lo, hi)`` of a file.
 
@@ -128,7 +137,7 @@ def track_views(tensors: Iterable[torch.Tensor], lo: int, hi: int) -> int:
         return 0
     page = _MADVISE['page']
     tracked, strided, n = _TRACKED, torch.strided, 0
-    new, entry = tuple.__new__, _Entry
+    new, entry, dead = tuple.__new__, _Entry, _dead
     for t in tensors:
         if not t.is_cpu or t.layout is not strided or not t.numel():
             continue
@@ -144,11 +153,11 @@ def track_views(tensors: Iterable[torch.Tensor], lo: int, hi: int) -> int:
         end = start + nbytes
         if start < lo or end > hi:
             continue
-        key = id(t)
+        ref = _Ref(t, dead)
+        ref.key = key = id(t)
         first = -(-start // page) * page
         span = end // page * page - first
-        tracked[key] = new(entry, (weakref.ref(t, lambda r, k=key: _forget(r, k)), start,
-                                   tuple(t.shape), stride, t.dtype, t._version,
+        tracked[key] = new(entry, (ref, start, tuple(t.shape), stride, t.dtype, t._version,
                                    (first, span if span > 0 else 0)))
         n += 1
     return n

@@ -216,7 +216,8 @@ class _FileStorages(Storages):
         super().__init__()
         self.restore = restore
         self.storages: Dict[str, _Storage] = {}
-        self.views: List[Tuple[torch.Tensor, _Storage]] = []
+        self.views: List[torch.Tensor] = []  # views of the file's mapping
+        self.view_storages: List[_Storage] = []  # the storage of each
         self.by_ptr: Dict[Tuple[int, int], _Storage] = {}
         self.empty: Dict[torch.dtype, torch.Tensor] = {}  # dtype -> an empty CPU tensor
 
@@ -272,7 +273,8 @@ class _FileStorages(Storages):
             t = torch.empty((0, ), dtype=dtype, device=rec.untyped.device).set_(
                 rec.untyped, offset, size, stride)
         if rec.mapped:
-            self.views.append((t, rec))
+            self.views.append(t)
+            self.view_storages.append(rec)
         return t
 
 
@@ -436,6 +438,8 @@ class _LegacyStorages(_FileStorages):
 
 # ----------------------------------------------------------------- the object tree
 _NO_KEY = object()
+#: Values the finisher returns as they are, with nothing below them.
+_PLAIN = frozenset((str, int, float, bool, bytes, complex, type(None)))
 
 
 class _Finisher:
@@ -463,6 +467,14 @@ class _Finisher:
             return self.memo[key]
         if depth > MAX_DEPTH:
             raise CheckpointValueError(f'{_where(path)}: nested more than {MAX_DEPTH} levels')
+        if type(obj) is dict:  # a dict of plain values (``_metadata``'s): nothing to rebuild
+            for v in obj.values():
+                if type(v) not in _PLAIN:
+                    break
+            else:
+                self.memo[key] = obj
+                self.height[key] = 1
+                return obj
         out = obj
         if isinstance(obj, Invalid):
             raise CheckpointValueError(f'{_where(path)}: {obj.reason}')
@@ -564,10 +576,14 @@ def _where(path: Tuple[str, ...]) -> str:
 def _track_views(storages: _FileStorages, lo: int, hi: int) -> None:
     """Record the mapped tensors for :func:`release_pages`: one tensor per storage
     (releasing one of two views of a storage could drop the other's written pages)."""
+    recs = storages.view_storages
+    if len(set(map(id, recs))) == len(recs):  # the usual case: a storage per tensor
+        track_views(storages.views, lo, hi)
+        return
     count: Dict[int, int] = {}
-    for t, rec in storages.views:
+    for rec in recs:
         count[id(rec)] = count.get(id(rec), 0) + 1
-    track_views([t for t, rec in storages.views if count[id(rec)] == 1], lo, hi)
+    track_views([t for t, rec in zip(storages.views, recs) if count[id(rec)] == 1], lo, hi)
 
 
 def _restore_fn(map_location: Any) -> Optional[Callable]:
