@@ -400,7 +400,10 @@ class Storages:
         if isinstance(storage, Invalid):
             return storage
         try:
-            _no_extras(*extras)
+            hooks, metadata = extras
+            if metadata is not None or not (hooks is None or type(hooks) is OrderedDict
+                                            and not hooks):
+                _no_extras(hooks, metadata)
             return self._checked(storage, offset, size, stride, dtype)
         except CorruptFileError:
             raise
@@ -410,19 +413,33 @@ class Storages:
     def _checked(self, storage, offset, size, stride, dtype):
         if type(offset) is not int or offset < 0:
             raise CheckpointValueError(f'storage offset {_short(offset)}')
-        size = _int_tuple(tuple(size) if isinstance(size, torch.Size) else size, 'tensor size')
-        stride = _int_tuple(stride, 'tensor stride')
-        if len(size) != len(stride):
-            raise CheckpointValueError(f'size {list(size)} and stride {list(stride)} differ '
-                                       'in length')
+        numel = last = 0
+        if type(size) is tuple and type(stride) is tuple and len(size) == len(stride) and \
+                len(size) <= MAX_DIMS:  # what torch.save writes, checked in one loop
+            numel = 1
+            for s, st in zip(size, stride):
+                if type(s) is not int or type(st) is not int or s < 0 or st < 0:
+                    numel = -1
+                    break
+                numel *= s
+                last += (s - 1) * st
+        else:
+            numel = -1
+        if numel < 0:
+            size = _int_tuple(tuple(size) if isinstance(size, torch.Size) else size,
+                              'tensor size')
+            stride = _int_tuple(stride, 'tensor stride')
+            if len(size) != len(stride):
+                raise CheckpointValueError(f'size {list(size)} and stride {list(stride)} differ '
+                                           'in length')
+            numel, last = 1, 0
+            for s, st in zip(size, stride):
+                numel *= s
+                last += (s - 1) * st
         rec = self.record(storage)
         dtype = dtype or rec.dtype
         itemsize = dtype.itemsize
         capacity = rec.nbytes // itemsize
-        numel, last = 1, 0
-        for s, st in zip(size, stride):
-            numel *= s
-            last += (s - 1) * st
         if numel and (offset + last + 1) > capacity:
             raise CheckpointValueError(
                 f'{rec.name}: a tensor of size {list(size)}, stride {list(stride)} at offset '
