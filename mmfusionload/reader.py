@@ -511,13 +511,25 @@ class _Finisher:
                     delattr(obj, name)
                 if '_metadata' in vars(obj):
                     obj._metadata = self(obj._metadata, path + ('_metadata', ), depth + 1)
+            memo, height = self.memo, self.height
             for k, v in list(obj.items()):
-                if type(v) is torch.Tensor and id(v) not in self.memo and depth < MAX_DEPTH:
+                kind = type(v)
+                if kind in _PLAIN:  # returned as it is
+                    continue
+                if kind is torch.Tensor and id(v) not in memo and depth < MAX_DEPTH:
                     # a state dict's tensor: checked here, its path built only for an error
                     self.tensor(v, path, k)
-                    self.memo[id(v)] = v
-                    self.height[id(v)] = 1
+                    memo[id(v)] = v
+                    height[id(v)] = 1
                     continue
+                if kind is dict and id(v) not in memo and depth < MAX_DEPTH:
+                    for x in v.values():  # a dict of plain values, as __call__ finishes it
+                        if type(x) not in _PLAIN:
+                            break
+                    else:
+                        memo[id(v)] = v
+                        height[id(v)] = 1
+                        continue
                 new = self(v, path + (_step(k), ), depth + 1)
                 if new is not v:
                     obj[k] = new
