@@ -139,27 +139,27 @@ def _check_members(entries: List[ZipEntry], fd: int, end: int, members: Dict[str
                    spans: List[Tuple[int, int, str]]) -> None:
     """Check every directory entry (``fd``: the file) into ``members``/``spans``; a local
     header is read with one ``pread`` (no mapping whose pages would fault in)."""
-    local = _LOCAL.unpack
+    local, pread, stored = _LOCAL.unpack_from, os.pread, zipfile.ZIP_STORED
     for raw_name, name, flags, method, csize, fsize, offset in entries:
         if not name or name in members or '\\' in name or '\x00' in name or name[0] == '/' or (
                 ('/.' in name or name[0] == '.')  # a '.' or '..' part is one of these
                 and any(p in ('..', '.') for p in name.split('/'))):
             raise CheckpointValueError(f'zip member {name!r}: a name that is repeated or '
                                        'leaves the archive')
-        if method != zipfile.ZIP_STORED:
+        if method != stored:
             raise CheckpointValueError(f'zip member {name!r} is compressed (method '
                                        f'{method}); checkpoints store members '
                                        'uncompressed')
         if flags & 0x1 or fsize != csize:
             raise CheckpointValueError(f'zip member {name!r}: encrypted or sizes disagree')
         n = len(raw_name)
-        head = _read_at(fd, offset, 30 + n)
+        head = pread(fd, 30 + n, offset) if offset < _MAX_OFFSET else b''
         if len(head) < 30 or head[:4] != _ZIP_MAGIC:
             raise CorruptFileError(f'zip member {name!r}: no local header at {offset}')
-        _, local_method, ln, lm = local(head[:30])
+        _, local_method, ln, lm = local(head)
         at = offset + 30
         same = head[30:] == raw_name if ln == n else _read_at(fd, at, ln) == raw_name
-        if local_method != zipfile.ZIP_STORED or not same:
+        if local_method != stored or not same:
             raise CheckpointValueError(f'zip member {name!r}: local header disagrees with the '
                                        'directory')
         start = at + ln + lm
