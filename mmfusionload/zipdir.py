@@ -5,7 +5,7 @@ central directory entry with the rules, limits and error texts of CPython 3.11.7
 ``zipfile._EndRecData``, ``_EndRecData64``, ``ZipFile._RealGetContents`` and
 ``ZipInfo._decodeExtra`` (read from that version), so a file ``zipfile`` refuses
 is refused here with the same reason; it builds no ``ZipInfo`` objects and reads
-the directory with one ``read``. Checking what the entries say (names, methods,
+the file's tail and the directory once each. Checking what the entries say (names, methods,
 local headers, bounds) is the caller's job.
 """
 import struct
