@@ -49,6 +49,30 @@ def _search_any(patterns: List[str], key: str) -> bool:
     return any(re.search(p, key) for p in spec)
 
 
+# (always patterns, if-different patterns) -> model key -> which list matched first
+# (1 always, 2 if different, 0 neither): a key is searched once per pattern lists
+_KIND: Dict[Tuple[Tuple[str, ...], Tuple[str, ...]], Dict[str, int]] = {}
+_KIND_LIMIT = 1 << 16  # keys remembered per pattern lists
+
+
+def derived_kind(key: str) -> int:
+    """1 when the model key matches ``DERIVED_ALWAYS``, else 2 when it matches
+    ``DERIVED_IF_DIFFERENT``, else 0 (the lists as they are now, registrations included)."""
+    spec = (tuple(DERIVED_ALWAYS), tuple(DERIVED_IF_DIFFERENT))
+    memo = _KIND.get(spec)
+    if memo is None:
+        if len(_KIND) >= 64:
+            _KIND.clear()
+        memo = _KIND[spec] = {}
+    kind = memo.get(key)
+    if kind is None:
+        kind = 1 if _search_any(spec[0], key) else 2 if _search_any(spec[1], key) else 0
+        if len(memo) >= _KIND_LIMIT:
+            memo.clear()
+        memo[key] = kind
+    return kind
+
+
 def is_derived(key: str) -> bool:
     """Whether the model key names a derived tensor (never reported missing)."""
     return any(re.search(p, key) for p in DERIVED_ALWAYS + DERIVED_IF_DIFFERENT)
@@ -66,9 +90,10 @@ class SkipDerived(Repair):
     priority = 0
 
     def __call__(self, entry: Entry) -> None:
-        if _search_any(DERIVED_ALWAYS, entry.key):
+        kind = derived_kind(entry.key)
+        if kind == 1:
             entry.skip = 'derived index table, rebuilt by the model'
-        elif _search_any(DERIVED_IF_DIFFERENT, entry.key):
+        elif kind == 2:
             same = (tuple(entry.source.shape) == tuple(entry.target.shape)
                     and bool((entry.source.to(entry.target.device)
                               == entry.target).all()))
