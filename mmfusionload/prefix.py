@@ -1,4 +1,5 @@
 """Align checkpoint key prefixes with the model's: ``backbone.`` vs ``img_backbone.`` vs none."""
+from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -91,15 +92,43 @@ def explicit_alignment(keys: Sequence[str], pairs: Mapping[str, str],
                      sum(1 for m in mapping if m in model_shapes))
 
 
-def _one_rewrite(rests: Sequence[Tuple[str, str]], strip: str, add: str, ckpt_shapes,
-                 model_shapes) -> Tuple[Alignment, frozenset]:
-    """``explicit_alignment(keys, {strip: add})`` from the keys' rests after ``strip``
-    (one rewrite maps keys one to one), and the ``(model key, checkpoint key)`` pairs
-    landing on the model."""
-    mapping = {add + rest: key for rest, key in rests}
-    landing = [(m, c) for m, c in mapping.items() if m in model_shapes]
-    score = sum(1 for m, c in landing if compatible(ckpt_shapes[c], model_shapes[m]))
-    return Alignment({strip: add}, mapping, score, len(landing)), frozenset(landing)
+class _Sorted:
+    """Keys in sorted order, to find those under a prefix (a run of the sorted keys)
+    without a pass over all of them."""
+
+    def __init__(self, keys: Sequence[str]):
+        self.keys = keys
+        self.sorted: Optional[List[str]] = None
+
+    def under(self, prefix: str) -> Dict[str, str]:
+        """Rest after ``prefix`` -> key, for the keys starting with ``prefix``."""
+        if not prefix:
+            return dict(zip(self.keys, self.keys))
+        if self.sorted is None:
+            self.sorted = sorted(self.keys)
+        keys, n = self.sorted, len(prefix)
+        out = {}
+        for i in range(bisect_left(keys, prefix), len(keys)):
+            key = keys[i]
+            if not key.startswith(prefix):
+                break
+            out[key[n:]] = key
+        return out
+
+
+def _landing(rests: Mapping[str, str], add: str, under_add: Mapping[str, str], ckpt_shapes,
+             model_shapes) -> Tuple[frozenset, int, int]:
+    """What the rewrite ``strip -> add`` of the keys with rests ``rests`` (rest ->
+    checkpoint key) lands: the ``(model key, checkpoint key)`` pairs, the score and
+    the count (``under_add``: rest -> model key for the model keys starting with ``add``)."""
+    common = rests.keys() & under_add.keys()
+    landing = frozenset((under_add[r], rests[r]) for r in common)
+    score = 0
+    for m, c in landing:
+        src, dst = ckpt_shapes[c], model_shapes[m]
+        if src == dst or compatible(src, dst):
+            score += 1
+    return landing, score, len(landing)
 
 
 def auto_alignment(ckpt_shapes: Mapping[str, Sequence[int]],
@@ -131,19 +160,28 @@ def auto_alignment(ckpt_shapes: Mapping[str, Sequence[int]],
     tnames = [t + '.' for t in targets if t]
     strips = list(dict.fromkeys(COMMON_PREFIXES + tuple(tnames)))
     adds = list(dict.fromkeys(('', ) + tuple(tnames)))
+    ckpt_keys, model_keys = _Sorted(keys), _Sorted(list(model_shapes))
+    under: Dict[str, Dict[str, str]] = {}  # add -> rest -> model key
     seen: Dict[frozenset, Alignment] = {}
     for strip in strips:
-        rests = [(k[len(strip):], k) for k in keys if k.startswith(strip)]
+        rests = ckpt_keys.under(strip)
         if strip and not rests:
             continue
         for add in adds:
             if strip == add and strip:
                 continue
-            cand, sig = _one_rewrite(rests, strip, add, ckpt_shapes, model_shapes)
-            if sig not in seen or len(cand.pairs) < len(seen[sig].pairs):
-                seen[sig] = cand
+            if add not in under:
+                under[add] = model_keys.under(add)
+            sig, score, names = _landing(rests, add, under[add], ckpt_shapes, model_shapes)
+            if sig not in seen:  # the first of equal candidates stays
+                seen[sig] = Alignment({strip: add}, {}, score, names)
     ranked = sorted(seen.values(), key=lambda a: a.rank, reverse=True)
     best = ranked[0]
+    (strip, add), = best.pairs.items()
+    if not strip:
+        best.mapping = dict(zip(keys, keys)) if not add else {add + key: key for key in keys}
+    else:
+        best.mapping = {add + key[len(strip):]: key for key in keys if key.startswith(strip)}
     need = min(len(keys), len(model_shapes))
     if best.names == 0:
         raise FusionLoadError(
