@@ -182,8 +182,9 @@ def decide_sparse(ctx: SourceContext) -> SparseDecision:
     if d.layout is None:
         return d
     groups: Dict[str, List[Mapped]] = {}
+    ancestors: Dict[str, Optional[bool]] = {}
     for m in kernels:
-        enc = encoder_of(ctx.model, m.module_name)
+        enc = encoder_of(ctx.model, m.module_name, ancestors)
         d.encoder[m.key] = enc
         groups.setdefault(enc, []).append(m)
     option = source_order_option(ctx.options)
