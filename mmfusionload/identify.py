@@ -47,7 +47,7 @@ def _having(*patterns: str, least: int = 1, all_of: bool = False):
     regs = [re.compile(p) for p in patterns]
 
     def test(keys: Sequence[str]) -> str:
-        hits = [(r.pattern, next((k for k in keys if r.search(k)), None)) for r in regs]
+        hits = [(r.pattern, next(filter(r.search, keys), None)) for r in regs]
         found = [(p, k) for p, k in hits if k is not None]
         if (all_of and len(found) < len(regs)) or len(found) < least:
             return ''
