@@ -7,10 +7,11 @@ several sources name is read once; each source unwraps and plans on its own.
 """
 import os.path as osp
 import re
+from collections import OrderedDict
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, Hashable, Iterable, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Hashable, Iterable, Iterator, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -89,6 +90,14 @@ def reading_once() -> Iterator[Dict[Hashable, Any]]:
         yield _FILES.get()  # type: ignore[misc]
     finally:
         _FILES.reset(token)
+
+
+def _under_any(targets: Sequence[str]) -> Callable[[str], bool]:
+    """``lambda key: _under(key, targets) is not None``, one C call a key."""
+    if '' in targets:
+        return lambda key: True
+    names, prefixes = frozenset(targets), tuple(t + '.' for t in targets)
+    return lambda key: key in names or key.startswith(prefixes)
 
 
 def _targeted(model_state: Dict[str, torch.Tensor], targets: Sequence[str]
@@ -219,34 +228,43 @@ def plan_source(model: nn.Module,
 
     excludes = [re.compile(p) for p in spec.exclude]
     modules: Dict[str, nn.Module] = {}
+    versions: Dict[str, Optional[int]] = {}
     context = SourceContext(fname, spec, model, meta=dict(ckpt.meta or {}))
     if preset is not None and preset.orders is not None:
         context.orders = preset.orders(dict(all_shapes))
+    under_any = _under_any(targets)
+    mapped, entries = context.mapped, plan.entries
+    known_shapes = type(state) in (dict, OrderedDict)  # shapes[new] is tuple(state[key].shape)
     for key, new in align.mapping.items():
         file_key = renamed[new]
-        if key not in targeted:  # every targeted key is under a target
-            if _under(key, targets) is None:
-                report.ignored += 1
-            else:
+        target = targeted.get(key)
+        if target is None:  # every targeted key is under a target
+            if under_any(key):
                 report.unexpected.append(key)
+            else:
+                report.ignored += 1
             continue
-        mod_name = key.rsplit('.', 1)[0] if '.' in key else ''
-        if mod_name not in modules:
-            modules[mod_name] = _submodule(model, mod_name)
-        file_mod = file_key.rsplit('.', 1)[0] if '.' in file_key else ''
-        version = (ckpt.metadata.get(file_mod) or {}).get('version')
-        context.mapped.append(Mapped(key, file_key, shapes[new], modules[mod_name], mod_name,
-                                     version))
-        if any(p.search(key) for p in excludes):
+        mod_name = key.rpartition('.')[0]
+        module = modules.get(mod_name)
+        if module is None:
+            module = modules[mod_name] = _submodule(model, mod_name)
+        file_mod = file_key.rpartition('.')[0]
+        if file_mod in versions:
+            version = versions[file_mod]
+        else:
+            version = versions[file_mod] = (ckpt.metadata.get(file_mod) or {}).get('version')
+        mapped.append(Mapped(key, file_key, shapes[new], module, mod_name, version))
+        if excludes and any(p.search(key) for p in excludes):
             report.excluded.append(key)
             continue
-        plan.entries.append(Entry(key, file_key, state[file_key], targeted[key],
-                                  modules[mod_name], mod_name, version, spec, fname,
-                                  context=context))
+        entries.append(Entry.planned(key, file_key, state[file_key], target, module, mod_name,
+                                     version, spec, fname, context,
+                                     shapes[new] if known_shapes else None))
 
     repairs = repairs_in_order()
     sizes: List[tuple] = []
-    for e in plan.entries:
+    loaded, regenerated, adapted = report.loaded, report.regenerated, report.adapted
+    for e in entries:
         try:
             run_repairs(e, repairs)
         except RepairProblem as err:
@@ -257,16 +275,16 @@ def plan_source(model: nn.Module,
             e.skip = 'error'
             continue
         if e.skip:
-            report.regenerated.append(e.key)
+            regenerated.append(e.key)
         elif e.shape != tuple(e.target.shape):
             sizes.append((e.key, e.file_key, list(e.source.shape), list(e.target.shape)))
             report.mismatched.append(f'{e.key}: {list(e.source.shape)} vs '
                                      f'{list(e.target.shape)}')
             e.skip = 'error'
         else:
-            report.loaded.append(e.key)
+            loaded.append(e.key)
             for name, _ in e.steps:
-                report.adapted.setdefault(name, []).append(e.key)
+                adapted.setdefault(name, []).append(e.key)
 
     plan.problems += size_mismatch_problems(
         fname, sizes, lambda k: _under(k, targets) or k.split('.', 1)[0])
@@ -274,13 +292,39 @@ def plan_source(model: nn.Module,
     return plan
 
 
+def _provided(entries: Sequence[Entry], targets: Sequence[str]) -> set:
+    """``{_under(e.key, targets) for e in entries}``, found once per module.
+
+    A key that is no target name is under the target its module name (all
+    before its last dot) is under: the answer of one key holds for its module.
+    """
+    names, found = set(targets), set()
+    of_module: Dict[str, Optional[str]] = {}
+    for e in entries:
+        key = e.key
+        if key in names:
+            found.add(_under(key, targets))
+            continue
+        mod = key.rpartition('.')[0]
+        if mod not in of_module:
+            of_module[mod] = _under(key, targets)
+    return found.union(of_module.values())
+
+
+def _holds(targeted: Dict[str, torch.Tensor], target: str) -> bool:
+    """``bool(_targeted(targeted, [target]))``, stopping at the first key."""
+    if target == '':
+        return bool(targeted)
+    prefix = target + '.'
+    return any(k == target or k.startswith(prefix) for k in targeted)
+
+
 def _account(plan: SourcePlan, targets: List[str], targeted: Dict[str, torch.Tensor],
              preset: Optional[KeyPreset], excludes) -> None:
     """Fill kept / missing / new and the strictness problems of a plan."""
     report, spec = plan.report, plan.spec
-    provided = {_under(e.key, targets) for e in plan.entries}
-    report.kept = [t for t in targets if t not in provided
-                   and _targeted(targeted, [t])]
+    provided = _provided(plan.entries, targets)
+    report.kept = [t for t in targets if t not in provided and _holds(targeted, t)]
     if not provided - {None}:
         plan.problems.append(f'{spec.checkpoint}: provides nothing for the targeted '
                              f'modules ({", ".join(t or "<model>" for t in targets)})')
