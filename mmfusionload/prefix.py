@@ -116,19 +116,33 @@ class _Sorted:
         return out
 
 
-def _landing(rests: Mapping[str, str], add: str, under_add: Mapping[str, str], ckpt_shapes,
-             model_shapes) -> Tuple[frozenset, int, int]:
-    """What the rewrite ``strip -> add`` of the keys with rests ``rests`` (rest ->
-    checkpoint key) lands: the ``(model key, checkpoint key)`` pairs, the score and
-    the count (``under_add``: rest -> model key for the model keys starting with ``add``)."""
-    common = rests.keys() & under_add.keys()
-    landing = frozenset((under_add[r], rests[r]) for r in common)
-    score = 0
-    for m, c in landing:
-        src, dst = ckpt_shapes[c], model_shapes[m]
-        if src == dst or compatible(src, dst):
-            score += 1
-    return landing, score, len(landing)
+class _Candidate:
+    """One rewrite ``strip -> add`` of the keys with rests ``rests`` (rest -> checkpoint
+    key): the rests landing on the model (``under_add``: rest -> model key for the model
+    keys starting with ``add``), its score and count, and (when asked) the
+    ``(model key, checkpoint key)`` pairs landing."""
+
+    def __init__(self, strip: str, add: str, rests: Mapping[str, str],
+                 under_add: Mapping[str, str], ckpt_shapes, model_shapes):
+        self.rests, self.under_add = rests, under_add
+        self.common = rests.keys() & under_add.keys()
+        score = 0
+        for r in self.common:
+            src, dst = ckpt_shapes[rests[r]], model_shapes[under_add[r]]
+            if src == dst or compatible(src, dst):
+                score += 1
+        self.alignment = Alignment({strip: add}, {}, score, len(self.common))
+        self._pairs: Optional[frozenset] = None
+
+    @property
+    def pairs(self) -> frozenset:
+        if self._pairs is None:
+            self._pairs = frozenset((self.under_add[r], self.rests[r]) for r in self.common)
+        return self._pairs
+
+    def same_landing(self, other: '_Candidate') -> bool:
+        """Whether both land the same pairs, for two of the same score and count."""
+        return self.alignment.names == 0 or self.pairs == other.pairs
 
 
 def auto_alignment(ckpt_shapes: Mapping[str, Sequence[int]],
@@ -162,7 +176,8 @@ def auto_alignment(ckpt_shapes: Mapping[str, Sequence[int]],
     adds = list(dict.fromkeys(('', ) + tuple(tnames)))
     ckpt_keys, model_keys = _Sorted(keys), _Sorted(list(model_shapes))
     under: Dict[str, Dict[str, str]] = {}  # add -> rest -> model key
-    seen: Dict[frozenset, Alignment] = {}
+    seen: List[_Candidate] = []  # no two landing the same pairs: the first one stays
+    by_rank: Dict[Tuple[int, int], List[_Candidate]] = {}
     for strip in strips:
         rests = ckpt_keys.under(strip)
         if strip and not rests:
@@ -172,10 +187,12 @@ def auto_alignment(ckpt_shapes: Mapping[str, Sequence[int]],
                 continue
             if add not in under:
                 under[add] = model_keys.under(add)
-            sig, score, names = _landing(rests, add, under[add], ckpt_shapes, model_shapes)
-            if sig not in seen:  # the first of equal candidates stays
-                seen[sig] = Alignment({strip: add}, {}, score, names)
-    ranked = sorted(seen.values(), key=lambda a: a.rank, reverse=True)
+            cand = _Candidate(strip, add, rests, under[add], ckpt_shapes, model_shapes)
+            rivals = by_rank.setdefault(cand.alignment.rank, [])
+            if not any(cand.same_landing(other) for other in rivals):
+                seen.append(cand)
+                rivals.append(cand)
+    ranked = sorted((c.alignment for c in seen), key=lambda a: a.rank, reverse=True)
     best = ranked[0]
     (strip, add), = best.pairs.items()
     if not strip:
