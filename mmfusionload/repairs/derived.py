@@ -109,7 +109,9 @@ class SkipDerived(Repair):
             found = ctx.cache.get('derived')
             if found is None:
                 found = ctx.cache['derived'] = _kinds()
-            kind = _kind(found[0], found[1], entry.key)
+            kind = found[1].get(entry.key)
+            if kind is None:
+                kind = _kind(found[0], found[1], entry.key)
         if kind == 1:
             entry.skip = 'derived index table, rebuilt by the model'
         elif kind == 2:

@@ -85,8 +85,8 @@ def convert_kernel(t: torch.Tensor, src: str, dst: str,
 
 
 def _is_kernel(m: Mapped) -> bool:
-    return (module_layout(m.module) is not None and m.key.rsplit('.', 1)[-1] == 'weight'
-            and len(m.shape) >= 3)
+    return (len(m.shape) >= 3 and module_layout(m.module) is not None
+            and m.key.rsplit('.', 1)[-1] == 'weight')
 
 
 class SparseDecision:
@@ -242,8 +242,10 @@ class SpconvLayout(Repair):
     priority = 10
 
     def __call__(self, entry: Entry) -> None:
+        if len(entry.shape) < 3:  # the cheapest of the three tests first
+            return
         dst = module_layout(entry.module)
-        if dst is None or entry.param_name != 'weight' or len(entry.shape) < 3:
+        if dst is None or entry.param_name != 'weight':
             return
         where = f'{entry.filename}: {entry.file_key} -> {entry.key}'
         if tuple(entry.target.shape) != kernel_shape(entry.module, dst):
