@@ -10,6 +10,7 @@ import re
 from collections import OrderedDict
 from contextlib import contextmanager
 from contextvars import ContextVar
+from itertools import repeat
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, Hashable, Iterable, Iterator, List, Optional, Sequence, Union
 
@@ -248,7 +249,7 @@ def plan_source(model: nn.Module,
         module = modules.get(mod_name)
         if module is None:
             module = modules[mod_name] = _submodule(model, mod_name)
-        file_mod = file_key.rpartition('.')[0]
+        file_mod = mod_name if file_key == key else file_key.rpartition('.')[0]
         if file_mod in versions:
             version = versions[file_mod]
         else:
@@ -315,8 +316,7 @@ def _holds(targeted: Dict[str, torch.Tensor], target: str) -> bool:
     """``bool(_targeted(targeted, [target]))``, stopping at the first key."""
     if target == '':
         return bool(targeted)
-    prefix = target + '.'
-    return any(k == target or k.startswith(prefix) for k in targeted)
+    return target in targeted or any(map(str.startswith, targeted, repeat(target + '.')))
 
 
 def _account(plan: SourcePlan, targets: List[str], targeted: Dict[str, torch.Tensor],
@@ -352,17 +352,16 @@ def _account(plan: SourcePlan, targets: List[str], targeted: Dict[str, torch.Ten
 def validate(plans: Sequence[SourcePlan], allow_overlap: bool = False) -> List[str]:
     """Check values and overlaps across all plans; return the problems."""
     problems: List[str] = []
-    for plan in plans:
-        problems += plan.problems
-        for e in plan.to_load:  # the values as written: after every step and the cast
-            problem = entry_problem(e, plan.spec.allow_nonfinite)
-            if problem:
-                problems.append(problem)
-            release_pages(e.source)  # read once: hand its mapped pages back
     writers: Dict[str, str] = {}
     pairs: Dict[tuple, List[str]] = {}
     for plan in plans:
-        for e in plan.to_load:
+        problems += plan.problems
+        allow_nonfinite = plan.spec.allow_nonfinite
+        for e in plan.to_load:  # the values as written: after every step and the cast
+            problem = entry_problem(e, allow_nonfinite)
+            if problem:
+                problems.append(problem)
+            release_pages(e.source)  # read once: hand its mapped pages back
             if e.key in writers and not allow_overlap:
                 pairs.setdefault((writers[e.key], e.filename), []).append(e.key)
             writers[e.key] = e.filename
@@ -405,8 +404,9 @@ def apply(plans: Sequence[SourcePlan], extra_models: Sequence[nn.Module] = ()) -
         for e in plan.to_load:
             try:
                 # an unrepaired tensor on the target's device goes in as it is
-                t = e.source if not e.steps and e.source.device == e.target.device \
-                    else e.materialize()
+                src, dst = e.source, e.target
+                t = src if not e.steps and (src.is_cpu and dst.is_cpu
+                                            or src.device == dst.device) else e.materialize()
                 e.target.copy_(t)
                 for state in extras:
                     if e.key in state:
