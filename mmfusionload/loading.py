@@ -10,9 +10,10 @@ import re
 from collections import OrderedDict
 from contextlib import contextmanager
 from contextvars import ContextVar
-from itertools import repeat
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Dict, Hashable, Iterable, Iterator, List, Optional, Sequence, Union
+from itertools import repeat
+from typing import (Any, Callable, Dict, Hashable, Iterable, Iterator, List, Optional, Sequence,
+                    Union)
 
 import torch
 import torch.nn as nn
