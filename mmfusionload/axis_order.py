@@ -103,18 +103,34 @@ def live_order(encoder: nn.Module) -> Tuple[Optional[str], List[str]]:
     return None, [f'{o}: {", ".join(r[:2])}' for o, r in votes.items()]
 
 
-def encoder_of(model: Optional[nn.Module], module_name: str) -> str:
+def encoder_of(model: Optional[nn.Module], module_name: str,
+               memo: Optional[Dict[str, Optional[bool]]] = None) -> str:
     """The encoder a sparse conv belongs to: its nearest ancestor with a
-    ``sparse_shape``, else the model's top-level child holding it."""
+    ``sparse_shape``, else the model's top-level child holding it.
+
+    Args:
+        model (nn.Module, optional): The live model.
+        module_name (str): The sparse conv's name in ``model``.
+        memo (dict, optional): Module name -> whether it has a ``sparse_shape``
+            (None: no such module), filled and read by the calls sharing it.
+    """
     parts = module_name.split('.') if module_name else []
     if model is not None:
         for i in range(len(parts) - 1, -1, -1):
             name = '.'.join(parts[:i])
-            try:
-                if hasattr(model.get_submodule(name), 'sparse_shape'):
-                    return name
-            except AttributeError:
+            if memo is not None and name in memo:
+                has = memo[name]
+            else:
+                try:
+                    has = hasattr(model.get_submodule(name), 'sparse_shape')
+                except AttributeError:
+                    has = None
+                if memo is not None:
+                    memo[name] = has
+            if has is None:
                 break
+            if has:
+                return name
     return parts[0] if len(parts) > 1 else ''
 
 

@@ -49,7 +49,9 @@ class Unwrapped:
     def shapes(self) -> Dict[str, Tuple[int, ...]]:
         """Key -> shape of every tensor (no lazy tensor is created), computed once."""
         if 'shapes' not in self.cache:
-            self.cache['shapes'] = {k: shape_of(self.state, k) for k in self.state}
+            state = self.state
+            self.cache['shapes'] = ({k: tuple(state.shape(k)) for k in state} if is_lazy(state)
+                                    else {k: tuple(v.shape) for k, v in state.items()})
         return self.cache['shapes']
 
 

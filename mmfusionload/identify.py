@@ -43,11 +43,67 @@ class Fingerprint:
     generic: bool = False
 
 
+_WORD = frozenset('abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_')
+
+
+def literal_head(pattern: str) -> str:
+    """The text every match of ``pattern`` (searched, no flags) starts the key with:
+    the literal characters after a leading ``^``, up to the first one that is not
+    plainly literal; '' when there is none or the pattern has a top-level ``|``."""
+    if not pattern.startswith('^') or '[' in pattern:
+        return ''
+    depth, i = 0, 0
+    while i < len(pattern):  # a top-level alternative would not be anchored
+        c = pattern[i]
+        if c == '\\':
+            i += 2
+            continue
+        depth += (c == '(') - (c == ')')
+        if c == '|' and depth == 0:
+            return ''
+        i += 1
+    out, i = [], 1
+    while i < len(pattern):
+        c = pattern[i]
+        if c == '\\' and pattern[i + 1:i + 2] == '.':
+            lit, step = '.', 2
+        elif c in _WORD:
+            lit, step = c, 1
+        else:
+            break
+        if pattern[i + step:i + step + 1] in ('?', '*', '+', '{'):
+            break  # the character may be absent or repeated
+        out.append(lit)
+        i += step
+    return ''.join(out)
+
+
+class KeyList(list):
+    """Keys with their first dotted components, found once for all fingerprint tests."""
+
+    @property
+    def heads(self) -> frozenset:
+        if '_heads' not in self.__dict__:
+            self.__dict__['_heads'] = frozenset(k.split('.', 1)[0] for k in self)
+        return self.__dict__['_heads']
+
+
+def _may_start(keys: Sequence[str], head: str) -> bool:
+    """False only when no key can start with ``head`` (judged from ``KeyList.heads``)."""
+    if not head or not isinstance(keys, KeyList):
+        return True
+    first, dot, _ = head.partition('.')
+    if dot:
+        return first in keys.heads
+    return any(h.startswith(first) for h in keys.heads)
+
+
 def _having(*patterns: str, least: int = 1, all_of: bool = False):
-    regs = [re.compile(p) for p in patterns]
+    regs = [(re.compile(p), literal_head(p)) for p in patterns]
 
     def test(keys: Sequence[str]) -> str:
-        hits = [(r.pattern, next((k for k in keys if r.search(k)), None)) for r in regs]
+        hits = [(r.pattern, next(filter(r.search, keys), None) if _may_start(keys, head)
+                 else None) for r, head in regs]
         found = [(p, k) for p, k in hits if k is not None]
         if (all_of and len(found) < len(regs)) or len(found) < least:
             return ''
@@ -58,7 +114,8 @@ def _having(*patterns: str, least: int = 1, all_of: bool = False):
 def _unprefixed(test, prefix: str = 'backbone.'):
     """``test`` on the keys with ``prefix`` removed (a detector holding the backbone)."""
     def inner(keys: Sequence[str]) -> str:
-        own = [k[len(prefix):] for k in keys if k.startswith(prefix)]
+        own = [k[len(prefix):] for k in keys if k.startswith(prefix)] \
+            if _may_start(keys, prefix) else []
         return test(keys) or (test(own) if own else '')
     return inner
 
@@ -103,6 +160,7 @@ def key_groups(keys: Sequence[str], limit: int = 12) -> List[str]:
 
 def match_formats(keys: Sequence[str]) -> List[Tuple[Fingerprint, str]]:
     """The fingerprints the keys match, with evidence; generic ones only as a fallback."""
+    keys = KeyList(keys)
     specific = [(f, ev) for f in FINGERPRINTS if not f.generic for ev in [f.test(keys)] if ev]
     if specific:
         return specific
@@ -289,10 +347,9 @@ def identify_state(path: str, shapes: Mapping[str, Tuple[int, ...]],
     named = {f.name: f for f in FINGERPRINTS}
     if len(ident.formats) == 1:
         ident.preset = named[ident.formats[0][0]].preset
-    ident.layout, ident.layout_evidence = sparse_layout(dict(zip(keys, shapes.values())),
-                                                        metadata)
-    ident.axes, ident.axes_evidence = axis_order(dict(zip(keys, shapes.values())),
-                                                 ident.layout)
+    by_key = dict(zip(keys, shapes.values()))
+    ident.layout, ident.layout_evidence = sparse_layout(by_key, metadata)
+    ident.axes, ident.axes_evidence = axis_order(by_key, ident.layout)
     return ident
 
 

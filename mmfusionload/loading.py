@@ -7,10 +7,13 @@ several sources name is read once; each source unwraps and plans on its own.
 """
 import os.path as osp
 import re
+from collections import OrderedDict
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, Hashable, Iterable, Iterator, List, Optional, Sequence, Union
+from itertools import repeat
+from typing import (Any, Callable, Dict, Hashable, Iterable, Iterator, List, Optional, Sequence,
+                    Union)
 
 import torch
 import torch.nn as nn
@@ -89,6 +92,14 @@ def reading_once() -> Iterator[Dict[Hashable, Any]]:
         yield _FILES.get()  # type: ignore[misc]
     finally:
         _FILES.reset(token)
+
+
+def _under_any(targets: Sequence[str]) -> Callable[[str], bool]:
+    """``lambda key: _under(key, targets) is not None``, one C call a key."""
+    if '' in targets:
+        return lambda key: True
+    names, prefixes = frozenset(targets), tuple(t + '.' for t in targets)
+    return lambda key: key in names or key.startswith(prefixes)
 
 
 def _targeted(model_state: Dict[str, torch.Tensor], targets: Sequence[str]
@@ -219,34 +230,43 @@ def plan_source(model: nn.Module,
 
     excludes = [re.compile(p) for p in spec.exclude]
     modules: Dict[str, nn.Module] = {}
+    versions: Dict[str, Optional[int]] = {}
     context = SourceContext(fname, spec, model, meta=dict(ckpt.meta or {}))
     if preset is not None and preset.orders is not None:
         context.orders = preset.orders(dict(all_shapes))
+    under_any = _under_any(targets)
+    mapped, entries = context.mapped, plan.entries
+    known_shapes = type(state) in (dict, OrderedDict)  # shapes[new] is tuple(state[key].shape)
     for key, new in align.mapping.items():
         file_key = renamed[new]
-        if key not in targeted:  # every targeted key is under a target
-            if _under(key, targets) is None:
-                report.ignored += 1
-            else:
+        target = targeted.get(key)
+        if target is None:  # every targeted key is under a target
+            if under_any(key):
                 report.unexpected.append(key)
+            else:
+                report.ignored += 1
             continue
-        mod_name = key.rsplit('.', 1)[0] if '.' in key else ''
-        if mod_name not in modules:
-            modules[mod_name] = _submodule(model, mod_name)
-        file_mod = file_key.rsplit('.', 1)[0] if '.' in file_key else ''
-        version = (ckpt.metadata.get(file_mod) or {}).get('version')
-        context.mapped.append(Mapped(key, file_key, shapes[new], modules[mod_name], mod_name,
-                                     version))
-        if any(p.search(key) for p in excludes):
+        mod_name = key.rpartition('.')[0]
+        module = modules.get(mod_name)
+        if module is None:
+            module = modules[mod_name] = _submodule(model, mod_name)
+        file_mod = mod_name if file_key == key else file_key.rpartition('.')[0]
+        if file_mod in versions:
+            version = versions[file_mod]
+        else:
+            version = versions[file_mod] = (ckpt.metadata.get(file_mod) or {}).get('version')
+        mapped.append(Mapped(key, file_key, shapes[new], module, mod_name, version))
+        if excludes and any(p.search(key) for p in excludes):
             report.excluded.append(key)
             continue
-        plan.entries.append(Entry(key, file_key, state[file_key], targeted[key],
-                                  modules[mod_name], mod_name, version, spec, fname,
-                                  context=context))
+        entries.append(Entry.planned(key, file_key, state[file_key], target, module, mod_name,
+                                     version, spec, fname, context,
+                                     shapes[new] if known_shapes else None))
 
     repairs = repairs_in_order()
     sizes: List[tuple] = []
-    for e in plan.entries:
+    loaded, regenerated, adapted = report.loaded, report.regenerated, report.adapted
+    for e in entries:
         try:
             run_repairs(e, repairs)
         except RepairProblem as err:
@@ -257,16 +277,16 @@ def plan_source(model: nn.Module,
             e.skip = 'error'
             continue
         if e.skip:
-            report.regenerated.append(e.key)
+            regenerated.append(e.key)
         elif e.shape != tuple(e.target.shape):
             sizes.append((e.key, e.file_key, list(e.source.shape), list(e.target.shape)))
             report.mismatched.append(f'{e.key}: {list(e.source.shape)} vs '
                                      f'{list(e.target.shape)}')
             e.skip = 'error'
         else:
-            report.loaded.append(e.key)
+            loaded.append(e.key)
             for name, _ in e.steps:
-                report.adapted.setdefault(name, []).append(e.key)
+                adapted.setdefault(name, []).append(e.key)
 
     plan.problems += size_mismatch_problems(
         fname, sizes, lambda k: _under(k, targets) or k.split('.', 1)[0])
@@ -274,13 +294,38 @@ def plan_source(model: nn.Module,
     return plan
 
 
+def _provided(entries: Sequence[Entry], targets: Sequence[str]) -> set:
+    """``{_under(e.key, targets) for e in entries}``, found once per module.
+
+    A key that is no target name is under the target its module name (all
+    before its last dot) is under: the answer of one key holds for its module.
+    """
+    names, found = set(targets), set()
+    of_module: Dict[str, Optional[str]] = {}
+    for e in entries:
+        key = e.key
+        if key in names:
+            found.add(_under(key, targets))
+            continue
+        mod = key.rpartition('.')[0]
+        if mod not in of_module:
+            of_module[mod] = _under(key, targets)
+    return found.union(of_module.values())
+
+
+def _holds(targeted: Dict[str, torch.Tensor], target: str) -> bool:
+    """``bool(_targeted(targeted, [target]))``, stopping at the first key."""
+    if target == '':
+        return bool(targeted)
+    return target in targeted or any(map(str.startswith, targeted, repeat(target + '.')))
+
+
 def _account(plan: SourcePlan, targets: List[str], targeted: Dict[str, torch.Tensor],
              preset: Optional[KeyPreset], excludes) -> None:
     """Fill kept / missing / new and the strictness problems of a plan."""
     report, spec = plan.report, plan.spec
-    provided = {_under(e.key, targets) for e in plan.entries}
-    report.kept = [t for t in targets if t not in provided
-                   and _targeted(targeted, [t])]
+    provided = _provided(plan.entries, targets)
+    report.kept = [t for t in targets if t not in provided and _holds(targeted, t)]
     if not provided - {None}:
         plan.problems.append(f'{spec.checkpoint}: provides nothing for the targeted '
                              f'modules ({", ".join(t or "<model>" for t in targets)})')
@@ -308,17 +353,16 @@ def _account(plan: SourcePlan, targets: List[str], targeted: Dict[str, torch.Ten
 def validate(plans: Sequence[SourcePlan], allow_overlap: bool = False) -> List[str]:
     """Check values and overlaps across all plans; return the problems."""
     problems: List[str] = []
-    for plan in plans:
-        problems += plan.problems
-        for e in plan.to_load:  # the values as written: after every step and the cast
-            problem = entry_problem(e, plan.spec.allow_nonfinite)
-            if problem:
-                problems.append(problem)
-            release_pages(e.source)  # read once: hand its mapped pages back
     writers: Dict[str, str] = {}
     pairs: Dict[tuple, List[str]] = {}
     for plan in plans:
-        for e in plan.to_load:
+        problems += plan.problems
+        allow_nonfinite = plan.spec.allow_nonfinite
+        for e in plan.to_load:  # the values as written: after every step and the cast
+            problem = entry_problem(e, allow_nonfinite)
+            if problem:
+                problems.append(problem)
+            release_pages(e.source)  # read once: hand its mapped pages back
             if e.key in writers and not allow_overlap:
                 pairs.setdefault((writers[e.key], e.filename), []).append(e.key)
             writers[e.key] = e.filename
@@ -361,8 +405,9 @@ def apply(plans: Sequence[SourcePlan], extra_models: Sequence[nn.Module] = ()) -
         for e in plan.to_load:
             try:
                 # an unrepaired tensor on the target's device goes in as it is
-                t = e.source if not e.steps and e.source.device == e.target.device \
-                    else e.materialize()
+                src, dst = e.source, e.target
+                t = src if not e.steps and (src.is_cpu and dst.is_cpu
+                                            or src.device == dst.device) else e.materialize()
                 e.target.copy_(t)
                 for state in extras:
                     if e.key in state:

@@ -34,7 +34,13 @@ register_modality('head', ('bbox_head', 'pts_bbox_head'))
 
 def modality_modules(name: str) -> tuple:
     """Submodule names of a registered modality preset."""
-    preset = MODALITIES.get(name)
+    # MMEngine 0.10.7 ``Registry.get``: a key without a scope that the registry itself
+    # holds is that entry (its lazy import is a no-op here: no import locations, and the
+    # scope names no OpenMMLab package); ``get`` itself costs a debug log record.
+    preset = MODALITIES.module_dict.get(name) if isinstance(name, str) and '.' not in name \
+        else None
+    if preset is None:
+        preset = MODALITIES.get(name)
     if preset is None:
         raise FusionLoadError(
             [f'unknown modality {name!r}; registered: '

@@ -1,4 +1,5 @@
 """Align checkpoint key prefixes with the model's: ``backbone.`` vs ``img_backbone.`` vs none."""
+from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -91,15 +92,57 @@ def explicit_alignment(keys: Sequence[str], pairs: Mapping[str, str],
                      sum(1 for m in mapping if m in model_shapes))
 
 
-def _one_rewrite(rests: Sequence[Tuple[str, str]], strip: str, add: str, ckpt_shapes,
-                 model_shapes) -> Tuple[Alignment, frozenset]:
-    """``explicit_alignment(keys, {strip: add})`` from the keys' rests after ``strip``
-    (one rewrite maps keys one to one), and the ``(model key, checkpoint key)`` pairs
-    landing on the model."""
-    mapping = {add + rest: key for rest, key in rests}
-    landing = [(m, c) for m, c in mapping.items() if m in model_shapes]
-    score = sum(1 for m, c in landing if compatible(ckpt_shapes[c], model_shapes[m]))
-    return Alignment({strip: add}, mapping, score, len(landing)), frozenset(landing)
+class _Sorted:
+    """Keys in sorted order, to find those under a prefix (a run of the sorted keys)
+    without a pass over all of them."""
+
+    def __init__(self, keys: Sequence[str]):
+        self.keys = keys
+        self.sorted: Optional[List[str]] = None
+
+    def under(self, prefix: str) -> Dict[str, str]:
+        """Rest after ``prefix`` -> key, for the keys starting with ``prefix``."""
+        if not prefix:
+            return dict(zip(self.keys, self.keys))
+        if self.sorted is None:
+            self.sorted = sorted(self.keys)
+        keys, n = self.sorted, len(prefix)
+        out = {}
+        for i in range(bisect_left(keys, prefix), len(keys)):
+            key = keys[i]
+            if not key.startswith(prefix):
+                break
+            out[key[n:]] = key
+        return out
+
+
+class _Candidate:
+    """One rewrite ``strip -> add`` of the keys with rests ``rests`` (rest -> checkpoint
+    key): the rests landing on the model (``under_add``: rest -> model key for the model
+    keys starting with ``add``), its score and count, and (when asked) the
+    ``(model key, checkpoint key)`` pairs landing."""
+
+    def __init__(self, strip: str, add: str, rests: Mapping[str, str],
+                 under_add: Mapping[str, str], ckpt_shapes, model_shapes):
+        self.rests, self.under_add = rests, under_add
+        self.common = rests.keys() & under_add.keys()
+        score = 0
+        for r in self.common:
+            src, dst = ckpt_shapes[rests[r]], model_shapes[under_add[r]]
+            if src == dst or compatible(src, dst):
+                score += 1
+        self.alignment = Alignment({strip: add}, {}, score, len(self.common))
+        self._pairs: Optional[frozenset] = None
+
+    @property
+    def pairs(self) -> frozenset:
+        if self._pairs is None:
+            self._pairs = frozenset((self.under_add[r], self.rests[r]) for r in self.common)
+        return self._pairs
+
+    def same_landing(self, other: '_Candidate') -> bool:
+        """Whether both land the same pairs, for two of the same score and count."""
+        return self.alignment.names == 0 or self.pairs == other.pairs
 
 
 def auto_alignment(ckpt_shapes: Mapping[str, Sequence[int]],
@@ -131,19 +174,31 @@ def auto_alignment(ckpt_shapes: Mapping[str, Sequence[int]],
     tnames = [t + '.' for t in targets if t]
     strips = list(dict.fromkeys(COMMON_PREFIXES + tuple(tnames)))
     adds = list(dict.fromkeys(('', ) + tuple(tnames)))
-    seen: Dict[frozenset, Alignment] = {}
+    ckpt_keys, model_keys = _Sorted(keys), _Sorted(list(model_shapes))
+    under: Dict[str, Dict[str, str]] = {}  # add -> rest -> model key
+    seen: List[_Candidate] = []  # no two landing the same pairs: the first one stays
+    by_rank: Dict[Tuple[int, int], List[_Candidate]] = {}
     for strip in strips:
-        rests = [(k[len(strip):], k) for k in keys if k.startswith(strip)]
+        rests = ckpt_keys.under(strip)
         if strip and not rests:
             continue
         for add in adds:
             if strip == add and strip:
                 continue
-            cand, sig = _one_rewrite(rests, strip, add, ckpt_shapes, model_shapes)
-            if sig not in seen or len(cand.pairs) < len(seen[sig].pairs):
-                seen[sig] = cand
-    ranked = sorted(seen.values(), key=lambda a: a.rank, reverse=True)
+            if add not in under:
+                under[add] = model_keys.under(add)
+            cand = _Candidate(strip, add, rests, under[add], ckpt_shapes, model_shapes)
+            rivals = by_rank.setdefault(cand.alignment.rank, [])
+            if not any(cand.same_landing(other) for other in rivals):
+                seen.append(cand)
+                rivals.append(cand)
+    ranked = sorted((c.alignment for c in seen), key=lambda a: a.rank, reverse=True)
     best = ranked[0]
+    (strip, add), = best.pairs.items()
+    if not strip:
+        best.mapping = dict(zip(keys, keys)) if not add else {add + key: key for key in keys}
+    else:
+        best.mapping = {add + key[len(strip):]: key for key in keys if key.startswith(strip)}
     need = min(len(keys), len(model_shapes))
     if best.names == 0:
         raise FusionLoadError(

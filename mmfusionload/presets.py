@@ -106,6 +106,8 @@ def rename_keys(keys: Sequence[str],
         dict[str, str]: New key -> checkpoint key (dropped keys left out).
     """
     compiled = [(re.compile(p), r) for p, r in rules]
+    if preset is None and not compiled and len(set(keys)) == len(keys):
+        return {key: key for key in keys}  # each key keeps its (unique) name
     out: Dict[str, str] = {}
     problems = []
     for key in keys:

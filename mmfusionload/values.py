@@ -33,7 +33,7 @@ def target_problem(e: Any) -> Optional[str]:
     """Why ``e.source`` cannot be copied into ``e.target``, or None."""
     src, dst = e.source, e.target
     if type(src) is torch.Tensor and src.layout == torch.strided and dst.layout == \
-            torch.strided and src.device.type == 'cpu' and dst.device.type != 'meta' and \
+            torch.strided and src.is_cpu and not dst.is_meta and \
             not (src.is_quantized or src.is_nested or src.is_complex()):
         return None  # a dense CPU tensor, as the readers build them
     where = f'{e.filename}: {e.file_key}'

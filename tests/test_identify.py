@@ -158,3 +158,29 @@ def test_cli_identify_with_config_and_report_header(tmp_path, capsys):
     report = load_sources(build_model(load_config(cfg)), [dict(checkpoint=path)], logger=None)
     assert report.sources[0].identity.startswith('MMDetection3D detector; sparse kernels spconv2')
     assert 'format: MMDetection3D detector' in report.format()
+
+
+def test_literal_head_is_a_prefix_of_every_match():
+    """The fingerprint prefilter skips a pattern only when no key can start its match."""
+    import random
+    import re
+
+    from mmfusionload.identify import literal_head
+    cases = {r'^pts_middle_encoder\.': 'pts_middle_encoder.', r'^blocks\d\.\d+\.': 'blocks',
+             r'^ab?c': 'a', r'^a\.*b': 'a', r'^abc|^x': '', r'^(ab|cd)\.': '', r'a\.b': '',
+             r'^ab{2}': 'a', r'^[ab]c': '', r'^a(?:b|c)': 'a', r'^a\d': 'a', r'^a\\.b': 'a'}
+    for pattern, head in cases.items():
+        assert literal_head(pattern) == head, pattern
+    rng = random.Random(0)
+    alphabet = 'ab.c\\d|()?*+{}2^$'
+    for _ in range(3000):
+        pattern = '^' + ''.join(rng.choice(alphabet) for _ in range(rng.randint(1, 8)))
+        try:
+            r = re.compile(pattern)
+        except re.error:
+            continue
+        head = literal_head(pattern)
+        for _ in range(20):
+            key = ''.join(rng.choice('ab.c2') for _ in range(rng.randint(0, 8)))
+            if r.search(key):
+                assert key.startswith(head), (pattern, head, key)

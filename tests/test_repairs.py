@@ -85,3 +85,53 @@ def test_user_registered_repair_and_modality(tmp_path):
     finally:
         REPAIRS.module_dict.pop('Transpose2D', None)
         MODALITIES.module_dict.pop('radar', None)
+
+
+def test_register_derived_takes_effect_between_loads(tmp_path):
+    """Derived-key decisions follow the pattern lists as they are at each load."""
+    from mmfusionload.repairs.derived import DERIVED_ALWAYS, DERIVED_IF_DIFFERENT
+    from mmfusionload import register_derived
+
+    model = nn.Module()
+    model.enc = nn.Linear(2, 2)
+    model.enc.register_buffer('grid', torch.zeros(4))
+    grid = torch.arange(4.)
+    path = tmp_path / 'g.pth'
+    torch.save({'enc.weight': torch.ones(2, 2), 'enc.bias': torch.ones(2), 'enc.grid': grid},
+               path)
+
+    def load():
+        return load_sources(model, [dict(checkpoint=str(path))], logger=None).sources[0]
+
+    saved = list(DERIVED_ALWAYS), list(DERIVED_IF_DIFFERENT)
+    try:
+        assert 'enc.grid' in load().loaded and torch.equal(model.enc.grid, grid)
+        model.enc.grid.zero_()
+        register_derived(r'(^|\.)grid$', always=True)
+        rep = load()
+        assert rep.regenerated == ['enc.grid'] and not model.enc.grid.any()
+        DERIVED_ALWAYS[:] = saved[0]
+        register_derived(r'(^|\.)grid$', always=False)
+        assert load().regenerated == ['enc.grid']  # differs from the live value
+        DERIVED_IF_DIFFERENT[:] = saved[1]
+        assert 'enc.grid' in load().loaded and torch.equal(model.enc.grid, grid)
+    finally:
+        DERIVED_ALWAYS[:], DERIVED_IF_DIFFERENT[:] = saved
+
+
+def test_planned_entry_equals_a_constructed_one():
+    """``Entry.planned`` (the loader's constructor) gives what the dataclass gives."""
+    from dataclasses import fields
+
+    from mmfusionload.repairs import Entry, SourceContext
+    src, dst, mod = torch.randn(2, 3).half(), torch.zeros(2, 3), nn.Linear(3, 2)
+    ctx = SourceContext('f.pth')
+    made = Entry('a.weight', 'b.weight', src, dst, mod, 'a', 2, 'opts', 'f.pth', context=ctx)
+    for shape in (None, (2, 3)):
+        got = Entry.planned('a.weight', 'b.weight', src, dst, mod, 'a', 2, 'opts', 'f.pth', ctx,
+                            shape)
+        assert [f.name for f in fields(Entry)] == list(vars(got))
+        assert all(getattr(got, f.name) is getattr(made, f.name) for f in fields(Entry)
+                   if f.name not in ('shape', 'steps', 'facts'))
+        assert got.shape == made.shape == (2, 3) and got.dtype == torch.float16
+        assert got.steps == [] and got.facts == {} and got.steps is not made.steps

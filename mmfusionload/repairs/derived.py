@@ -49,6 +49,42 @@ def _search_any(patterns: List[str], key: str) -> bool:
     return any(re.search(p, key) for p in spec)
 
 
+# (always patterns, if-different patterns) -> model key -> which list matched first
+# (1 always, 2 if different, 0 neither): a key is searched once per pattern lists
+_KIND: Dict[Tuple[Tuple[str, ...], Tuple[str, ...]], Dict[str, int]] = {}
+_KIND_LIMIT = 1 << 16  # keys remembered per pattern lists
+
+
+def _kinds() -> Tuple[Tuple[Tuple[str, ...], Tuple[str, ...]], Dict[str, int]]:
+    """The pattern lists as they are now, and the kinds found for them so far."""
+    spec = (tuple(DERIVED_ALWAYS), tuple(DERIVED_IF_DIFFERENT))
+    memo = _KIND.get(spec)
+    if memo is None:
+        if len(_KIND) >= 64:
+            _KIND.clear()
+        memo = _KIND[spec] = {}
+    return spec, memo
+
+
+def _kind(spec: Tuple[Tuple[str, ...], Tuple[str, ...]], memo: Dict[str, int],
+          key: str) -> int:
+    kind = memo.get(key)
+    if kind is None:
+        kind = 0
+        if _search_any(list(spec[0] + spec[1]), key):  # most keys: one search, no match
+            kind = 1 if _search_any(spec[0], key) else 2 if _search_any(spec[1], key) else 0
+        if len(memo) >= _KIND_LIMIT:
+            memo.clear()
+        memo[key] = kind
+    return kind
+
+
+def derived_kind(key: str) -> int:
+    """1 when the model key matches ``DERIVED_ALWAYS``, else 2 when it matches
+    ``DERIVED_IF_DIFFERENT``, else 0 (the lists as they are now, registrations included)."""
+    return _kind(*_kinds(), key)
+
+
 def is_derived(key: str) -> bool:
     """Whether the model key names a derived tensor (never reported missing)."""
     return any(re.search(p, key) for p in DERIVED_ALWAYS + DERIVED_IF_DIFFERENT)
@@ -66,9 +102,19 @@ class SkipDerived(Repair):
     priority = 0
 
     def __call__(self, entry: Entry) -> None:
-        if _search_any(DERIVED_ALWAYS, entry.key):
+        ctx = entry.context
+        if ctx is None:
+            kind = derived_kind(entry.key)
+        else:  # the pattern lists as they are when the source's first entry is planned
+            found = ctx.cache.get('derived')
+            if found is None:
+                found = ctx.cache['derived'] = _kinds()
+            kind = found[1].get(entry.key)
+            if kind is None:
+                kind = _kind(found[0], found[1], entry.key)
+        if kind == 1:
             entry.skip = 'derived index table, rebuilt by the model'
-        elif _search_any(DERIVED_IF_DIFFERENT, entry.key):
+        elif kind == 2:
             same = (tuple(entry.source.shape) == tuple(entry.target.shape)
                     and bool((entry.source.to(entry.target.device)
                               == entry.target).all()))

@@ -46,8 +46,10 @@ class ResizePositionBias(Repair):
     TABLES = {r'(^|\.)attention_biases$': 0, r'(^|\.)relative_position_bias_table$': 1}
 
     def __call__(self, entry: Entry) -> None:
+        if len(entry.shape) != 2 or entry.target.dim() != 2:
+            return
         dst = tuple(entry.target.shape)
-        if entry.shape == dst or len(dst) != 2 or len(entry.shape) != 2:
+        if entry.shape == dst:
             return
         for pattern, head_dim in self.TABLES.items():
             if not re.search(pattern, entry.key):

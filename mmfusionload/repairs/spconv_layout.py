@@ -85,8 +85,8 @@ def convert_kernel(t: torch.Tensor, src: str, dst: str,
 
 
 def _is_kernel(m: Mapped) -> bool:
-    return (module_layout(m.module) is not None and m.key.rsplit('.', 1)[-1] == 'weight'
-            and len(m.shape) >= 3)
+    return (len(m.shape) >= 3 and module_layout(m.module) is not None
+            and m.key.rsplit('.', 1)[-1] == 'weight')
 
 
 class SparseDecision:
@@ -182,8 +182,9 @@ def decide_sparse(ctx: SourceContext) -> SparseDecision:
     if d.layout is None:
         return d
     groups: Dict[str, List[Mapped]] = {}
+    ancestors: Dict[str, Optional[bool]] = {}
     for m in kernels:
-        enc = encoder_of(ctx.model, m.module_name)
+        enc = encoder_of(ctx.model, m.module_name, ancestors)
         d.encoder[m.key] = enc
         groups.setdefault(enc, []).append(m)
     option = source_order_option(ctx.options)
@@ -222,6 +223,18 @@ def _context(entry: Entry) -> SourceContext:
     return entry.context
 
 
+def _mapped_keys(ctx: SourceContext) -> set:
+    """The keys of ``ctx.mapped``, kept in ``ctx.cache`` while the list only grows."""
+    known = ctx.cache.get('mapped_keys')
+    if known is None or known[0] is not ctx.mapped or known[1] > len(ctx.mapped):
+        known = [ctx.mapped, 0, set()]
+        ctx.cache['mapped_keys'] = known
+    if known[1] < len(ctx.mapped):
+        known[2].update(m.key for m in ctx.mapped[known[1]:])
+        known[1] = len(ctx.mapped)
+    return known[2]
+
+
 @REPAIRS.register_module()
 class SpconvLayout(Repair):
     """Convert sparse-conv kernels from the file's layout into the live module's."""
@@ -229,8 +242,10 @@ class SpconvLayout(Repair):
     priority = 10
 
     def __call__(self, entry: Entry) -> None:
+        if len(entry.shape) < 3:  # the cheapest of the three tests first
+            return
         dst = module_layout(entry.module)
-        if dst is None or entry.param_name != 'weight' or len(entry.shape) < 3:
+        if dst is None or entry.param_name != 'weight':
             return
         where = f'{entry.filename}: {entry.file_key} -> {entry.key}'
         if tuple(entry.target.shape) != kernel_shape(entry.module, dst):
@@ -238,7 +253,7 @@ class SpconvLayout(Repair):
                 f'{where}: the live {type(entry.module).__name__} holds '
                 f'{list(entry.target.shape)}, not its class layout {dst}')
         ctx = _context(entry)
-        if not any(m.key == entry.key for m in ctx.mapped):
+        if entry.key not in _mapped_keys(ctx):
             ctx.mapped.append(Mapped(entry.key, entry.file_key, tuple(entry.source.shape),
                                      entry.module, entry.module_name, entry.file_version))
             ctx.cache.pop('sparse', None)
