@@ -77,14 +77,17 @@ def extent(t: torch.Tensor) -> int:
     """Bytes from a tensor's first element to the end of its last one."""
     if t.numel() == 0:
         return 0
+    if t.is_contiguous():
+        return t.nbytes
     last = sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
     return (last + 1) * t.element_size()
 
 
-def _forget(ref: Any, key: int) -> None:
-    entry = _TRACKED.get(key)
-    if entry is not None and entry[0] is ref:
-        del _TRACKED[key]
+def _forget(ref: '_Ref') -> None:
+    """A tracked tensor died: drop its entry (unless the key was reused since)."""
+    entry = _TRACKED.get(ref.key)
+    if entry is not None and entry.ref is ref:
+        del _TRACKED[ref.key]
 
 
 def track(t: torch.Tensor, ranges: Iterable[Tuple[int, int]]) -> bool:
@@ -103,13 +106,7 @@ def track(t: torch.Tensor, ranges: Iterable[Tuple[int, int]]) -> bool:
     start, nbytes = t.data_ptr(), extent(t)
     if not any(lo <= start and start + nbytes <= hi for lo, hi in ranges):
         return False
-    key = id(t)
-    ref = weakref.ref(t, lambda r, k=key: _forget(r, k))
-    page = _MADVISE['page']
-    lo = -(-start // page) * page
-    hi = (start + nbytes) // page * page
-    _TRACKED[key] = _Entry(ref, start, tuple(t.shape), t.stride(), t.dtype, t._version,
-                           (lo, max(0, hi - lo)))
+    _record(t, start, nbytes, _MADVISE['page'])
     return True
 
 
@@ -118,8 +115,14 @@ class _Ref(weakref.ref):
     __slots__ = ('key', )
 
 
-def _dead(ref: _Ref) -> None:
-    _forget(ref, ref.key)
+def _record(t: torch.Tensor, start: int, nbytes: int, page: int) -> None:
+    """Enter ``t`` (its bytes ``[start, start + nbytes)``) in the table."""
+    ref = _Ref(t, _forget)
+    ref.key = key = id(t)
+    first = -(-start // page) * page
+    span = (start + nbytes) // page * page - first
+    _TRACKED[key] = _Entry(ref, start, tuple(t.shape), t.stride(), t.dtype, t._version,
+                           (first, max(0, span)))
 
 
 def track_views(tensors: Iterable[torch.Tensor], lo: int, hi: int) -> int:
@@ -135,30 +138,15 @@ def track_views(tensors: Iterable[torch.Tensor], lo: int, hi: int) -> int:
     """
     if _MADVISE.get('fn') is None and madvise() is None:
         return 0
-    page = _MADVISE['page']
-    tracked, strided, n = _TRACKED, torch.strided, 0
-    new, entry, dead = tuple.__new__, _Entry, _dead
+    page, strided, n = _MADVISE['page'], torch.strided, 0
     for t in tensors:
         if not t.is_cpu or t.layout is not strided or not t.numel():
             continue
         start = t.data_ptr()
-        stride = t.stride()
-        if t.is_contiguous():
-            nbytes = t.nbytes
-        else:
-            last = 0
-            for s, st in zip(t.shape, stride):
-                last += (s - 1) * st
-            nbytes = (last + 1) * t.itemsize
-        end = start + nbytes
-        if start < lo or end > hi:
+        nbytes = extent(t)
+        if start < lo or start + nbytes > hi:
             continue
-        ref = _Ref(t, dead)
-        ref.key = key = id(t)
-        first = -(-start // page) * page
-        span = end // page * page - first
-        tracked[key] = new(entry, (ref, start, tuple(t.shape), stride, t.dtype, t._version,
-                                   (first, span if span > 0 else 0)))
+        _record(t, start, nbytes, page)
         n += 1
     return n
 

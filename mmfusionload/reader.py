@@ -139,7 +139,7 @@ def _check_members(entries: List[ZipEntry], fd: int, end: int, members: Dict[str
                    spans: List[Tuple[int, int, str]]) -> None:
     """Check every directory entry (``fd``: the file) into ``members``/``spans``; a local
     header is read with one ``pread`` (no mapping whose pages would fault in)."""
-    local, pread, stored = _LOCAL.unpack_from, os.pread, zipfile.ZIP_STORED
+    local, stored = _LOCAL.unpack_from, zipfile.ZIP_STORED
     for raw_name, name, flags, method, csize, fsize, offset in entries:
         if not name or name in members or '\\' in name or '\x00' in name or name[0] == '/' or (
                 ('/.' in name or name[0] == '.')  # a '.' or '..' part is one of these
@@ -153,7 +153,7 @@ def _check_members(entries: List[ZipEntry], fd: int, end: int, members: Dict[str
         if flags & 0x1 or fsize != csize:
             raise CheckpointValueError(f'zip member {name!r}: encrypted or sizes disagree')
         n = len(raw_name)
-        head = pread(fd, 30 + n, offset) if offset < _MAX_OFFSET else b''
+        head = _read_at(fd, offset, 30 + n)
         if len(head) < 30 or head[:4] != _ZIP_MAGIC:
             raise CorruptFileError(f'zip member {name!r}: no local header at {offset}')
         _, local_method, ln, lm = local(head)
@@ -442,6 +442,14 @@ _NO_KEY = object()
 _PLAIN = frozenset((str, int, float, bool, bytes, complex, type(None)))
 
 
+def _plain_dict(d: dict) -> bool:
+    """Whether every value of ``d`` is a plain value (nothing below it to finish)."""
+    for v in d.values():
+        if type(v) not in _PLAIN:
+            return False
+    return True
+
+
 class _Finisher:
     """Turn what the unpickler built into what a caller gets, checking as it goes.
 
@@ -467,14 +475,10 @@ class _Finisher:
             return self.memo[key]
         if depth > MAX_DEPTH:
             raise CheckpointValueError(f'{_where(path)}: nested more than {MAX_DEPTH} levels')
-        if type(obj) is dict:  # a dict of plain values (``_metadata``'s): nothing to rebuild
-            for v in obj.values():
-                if type(v) not in _PLAIN:
-                    break
-            else:
-                self.memo[key] = obj
-                self.height[key] = 1
-                return obj
+        if type(obj) is dict and _plain_dict(obj):  # ``_metadata``'s: nothing to rebuild
+            self.memo[key] = obj
+            self.height[key] = 1
+            return obj
         out = obj
         if isinstance(obj, Invalid):
             raise CheckpointValueError(f'{_where(path)}: {obj.reason}')
@@ -522,14 +526,11 @@ class _Finisher:
                     memo[id(v)] = v
                     height[id(v)] = 1
                     continue
-                if kind is dict and id(v) not in memo and depth < MAX_DEPTH:
-                    for x in v.values():  # a dict of plain values, as __call__ finishes it
-                        if type(x) not in _PLAIN:
-                            break
-                    else:
-                        memo[id(v)] = v
-                        height[id(v)] = 1
-                        continue
+                if kind is dict and id(v) not in memo and depth < MAX_DEPTH and \
+                        _plain_dict(v):  # as __call__ finishes it
+                    memo[id(v)] = v
+                    height[id(v)] = 1
+                    continue
                 new = self(v, path + (_step(k), ), depth + 1)
                 if new is not v:
                     obj[k] = new
@@ -567,12 +568,6 @@ class _Finisher:
         if t.requires_grad:
             t.requires_grad_(False)
         return t
-
-
-def _extent(t: torch.Tensor) -> int:
-    if t.numel() == 0:
-        return 0
-    return (sum((s - 1) * st for s, st in zip(t.shape, t.stride())) + 1) * t.element_size()
 
 
 def _step(key: Any) -> str:
