@@ -7,11 +7,9 @@ several sources name is read once; each source unwraps and plans on its own.
 """
 import os.path as osp
 import re
-from collections import OrderedDict
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
-from itertools import repeat
 from typing import (Any, Callable, Dict, Hashable, Iterable, Iterator, List, Optional, Sequence,
                     Union)
 
@@ -107,8 +105,8 @@ def _targeted(model_state: Dict[str, torch.Tensor], targets: Sequence[str]
     """The model tensors under ``targets`` (what :func:`_under` finds, in one C call a key)."""
     if '' in targets:
         return dict(model_state)
-    names, prefixes = set(targets), tuple(t + '.' for t in targets)
-    return {k: v for k, v in model_state.items() if k.startswith(prefixes) or k in names}
+    under = _under_any(targets)
+    return {k: v for k, v in model_state.items() if under(k)}
 
 
 def _submodule(model: nn.Module, name: str) -> nn.Module:
@@ -236,7 +234,6 @@ def plan_source(model: nn.Module,
         context.orders = preset.orders(dict(all_shapes))
     under_any = _under_any(targets)
     mapped, entries = context.mapped, plan.entries
-    known_shapes = type(state) in (dict, OrderedDict)  # shapes[new] is tuple(state[key].shape)
     for key, new in align.mapping.items():
         file_key = renamed[new]
         target = targeted.get(key)
@@ -259,9 +256,8 @@ def plan_source(model: nn.Module,
         if excludes and any(p.search(key) for p in excludes):
             report.excluded.append(key)
             continue
-        entries.append(Entry.planned(key, file_key, state[file_key], target, module, mod_name,
-                                     version, spec, fname, context,
-                                     shapes[new] if known_shapes else None))
+        entries.append(Entry(key, file_key, state[file_key], target, module, mod_name,
+                             version, spec, fname, context=context))
 
     repairs = repairs_in_order()
     sizes: List[tuple] = []
@@ -315,9 +311,7 @@ def _provided(entries: Sequence[Entry], targets: Sequence[str]) -> set:
 
 def _holds(targeted: Dict[str, torch.Tensor], target: str) -> bool:
     """``bool(_targeted(targeted, [target]))``, stopping at the first key."""
-    if target == '':
-        return bool(targeted)
-    return target in targeted or any(map(str.startswith, targeted, repeat(target + '.')))
+    return any(map(_under_any([target]), targeted))
 
 
 def _account(plan: SourcePlan, targets: List[str], targeted: Dict[str, torch.Tensor],

@@ -117,21 +117,3 @@ def test_register_derived_takes_effect_between_loads(tmp_path):
         assert 'enc.grid' in load().loaded and torch.equal(model.enc.grid, grid)
     finally:
         DERIVED_ALWAYS[:], DERIVED_IF_DIFFERENT[:] = saved
-
-
-def test_planned_entry_equals_a_constructed_one():
-    """``Entry.planned`` (the loader's constructor) gives what the dataclass gives."""
-    from dataclasses import fields
-
-    from mmfusionload.repairs import Entry, SourceContext
-    src, dst, mod = torch.randn(2, 3).half(), torch.zeros(2, 3), nn.Linear(3, 2)
-    ctx = SourceContext('f.pth')
-    made = Entry('a.weight', 'b.weight', src, dst, mod, 'a', 2, 'opts', 'f.pth', context=ctx)
-    for shape in (None, (2, 3)):
-        got = Entry.planned('a.weight', 'b.weight', src, dst, mod, 'a', 2, 'opts', 'f.pth', ctx,
-                            shape)
-        assert [f.name for f in fields(Entry)] == list(vars(got))
-        assert all(getattr(got, f.name) is getattr(made, f.name) for f in fields(Entry)
-                   if f.name not in ('shape', 'steps', 'facts'))
-        assert got.shape == made.shape == (2, 3) and got.dtype == torch.float16
-        assert got.steps == [] and got.facts == {} and got.steps is not made.steps

@@ -99,22 +99,6 @@ class Entry:
         self.shape = tuple(self.source.shape)
         self.dtype = self.source.dtype
 
-    @classmethod
-    def planned(cls, key: str, file_key: str, source: torch.Tensor, target: torch.Tensor,
-                module: nn.Module, module_name: str, file_version: Optional[int],
-                options: Any, filename: str, context: Optional[SourceContext],
-                shape: Optional[Tuple[int, ...]] = None) -> 'Entry':
-        """``Entry(key, ..., filename, context=context)`` without the dataclass
-        ``__init__`` (the same fields, fresh ``steps`` and ``facts``); ``shape``:
-        ``tuple(source.shape)`` when the caller has it already."""
-        e = cls.__new__(cls)
-        e.__dict__.update(key=key, file_key=file_key, source=source, target=target,
-                          module=module, module_name=module_name, file_version=file_version,
-                          options=options, filename=filename,
-                          shape=tuple(source.shape) if shape is None else shape,
-                          dtype=source.dtype, steps=[], skip=None, context=context, facts={})
-        return e
-
     @property
     def param_name(self) -> str:
         """Name of the tensor inside its module (``weight``, ``bias``...)."""

@@ -55,19 +55,15 @@ _KIND: Dict[Tuple[Tuple[str, ...], Tuple[str, ...]], Dict[str, int]] = {}
 _KIND_LIMIT = 1 << 16  # keys remembered per pattern lists
 
 
-def _kinds() -> Tuple[Tuple[Tuple[str, ...], Tuple[str, ...]], Dict[str, int]]:
-    """The pattern lists as they are now, and the kinds found for them so far."""
+def derived_kind(key: str) -> int:
+    """1 when the model key matches ``DERIVED_ALWAYS``, else 2 when it matches
+    ``DERIVED_IF_DIFFERENT``, else 0 (the lists as they are now, registrations included)."""
     spec = (tuple(DERIVED_ALWAYS), tuple(DERIVED_IF_DIFFERENT))
     memo = _KIND.get(spec)
     if memo is None:
         if len(_KIND) >= 64:
             _KIND.clear()
         memo = _KIND[spec] = {}
-    return spec, memo
-
-
-def _kind(spec: Tuple[Tuple[str, ...], Tuple[str, ...]], memo: Dict[str, int],
-          key: str) -> int:
     kind = memo.get(key)
     if kind is None:
         kind = 0
@@ -79,15 +75,9 @@ def _kind(spec: Tuple[Tuple[str, ...], Tuple[str, ...]], memo: Dict[str, int],
     return kind
 
 
-def derived_kind(key: str) -> int:
-    """1 when the model key matches ``DERIVED_ALWAYS``, else 2 when it matches
-    ``DERIVED_IF_DIFFERENT``, else 0 (the lists as they are now, registrations included)."""
-    return _kind(*_kinds(), key)
-
-
 def is_derived(key: str) -> bool:
     """Whether the model key names a derived tensor (never reported missing)."""
-    return any(re.search(p, key) for p in DERIVED_ALWAYS + DERIVED_IF_DIFFERENT)
+    return derived_kind(key) != 0
 
 
 def may_be_absent(key: str) -> bool:
@@ -102,16 +92,7 @@ class SkipDerived(Repair):
     priority = 0
 
     def __call__(self, entry: Entry) -> None:
-        ctx = entry.context
-        if ctx is None:
-            kind = derived_kind(entry.key)
-        else:  # the pattern lists as they are when the source's first entry is planned
-            found = ctx.cache.get('derived')
-            if found is None:
-                found = ctx.cache['derived'] = _kinds()
-            kind = found[1].get(entry.key)
-            if kind is None:
-                kind = _kind(found[0], found[1], entry.key)
+        kind = derived_kind(entry.key)
         if kind == 1:
             entry.skip = 'derived index table, rebuilt by the model'
         elif kind == 2:

@@ -223,18 +223,6 @@ def _context(entry: Entry) -> SourceContext:
     return entry.context
 
 
-def _mapped_keys(ctx: SourceContext) -> set:
-    """The keys of ``ctx.mapped``, kept in ``ctx.cache`` while the list only grows."""
-    known = ctx.cache.get('mapped_keys')
-    if known is None or known[0] is not ctx.mapped or known[1] > len(ctx.mapped):
-        known = [ctx.mapped, 0, set()]
-        ctx.cache['mapped_keys'] = known
-    if known[1] < len(ctx.mapped):
-        known[2].update(m.key for m in ctx.mapped[known[1]:])
-        known[1] = len(ctx.mapped)
-    return known[2]
-
-
 @REPAIRS.register_module()
 class SpconvLayout(Repair):
     """Convert sparse-conv kernels from the file's layout into the live module's."""
@@ -253,7 +241,7 @@ class SpconvLayout(Repair):
                 f'{where}: the live {type(entry.module).__name__} holds '
                 f'{list(entry.target.shape)}, not its class layout {dst}')
         ctx = _context(entry)
-        if entry.key not in _mapped_keys(ctx):
+        if not any(m.key == entry.key for m in ctx.mapped):
             ctx.mapped.append(Mapped(entry.key, entry.file_key, tuple(entry.source.shape),
                                      entry.module, entry.module_name, entry.file_version))
             ctx.cache.pop('sparse', None)
