@@ -25,6 +25,7 @@ from .identify import auto_preset, identify_state
 from .modality import resolve_targets
 from .prefix import Alignment, auto_alignment, explicit_alignment
 from .presets import KeyPreset, get_preset, rename_keys
+from .pages import sweep
 from .reader import read_checkpoint, release_pages
 from .repairs import (Entry, Mapped, RepairProblem, SourceContext, may_be_absent,
                       repairs_in_order, run_repairs)
@@ -344,6 +345,11 @@ def _account(plan: SourcePlan, targets: List[str], targeted: Dict[str, torch.Ten
             " (exclude them, or strict=False to keep their current values)")
 
 
+def _source(e: Entry) -> torch.Tensor:
+    """The checkpoint tensor an entry reads."""
+    return e.source
+
+
 def validate(plans: Sequence[SourcePlan], allow_overlap: bool = False) -> List[str]:
     """Check values and overlaps across all plans; return the problems."""
     problems: List[str] = []
@@ -352,11 +358,14 @@ def validate(plans: Sequence[SourcePlan], allow_overlap: bool = False) -> List[s
     for plan in plans:
         problems += plan.problems
         allow_nonfinite = plan.spec.allow_nonfinite
-        for e in plan.to_load:  # the values as written: after every step and the cast
+        # the values as written, after every step and the cast: read a window at a time
+        # when every float tensor is checked, else only where a step or a cast needs them
+        for e in plan.to_load if allow_nonfinite else sweep(plan.to_load, _source):
             problem = entry_problem(e, allow_nonfinite)
             if problem:
                 problems.append(problem)
-            release_pages(e.source)  # read once: hand its mapped pages back
+            if allow_nonfinite:
+                release_pages(e.source)
             if e.key in writers and not allow_overlap:
                 pairs.setdefault((writers[e.key], e.filename), []).append(e.key)
             writers[e.key] = e.filename
@@ -396,7 +405,7 @@ def apply(plans: Sequence[SourcePlan], extra_models: Sequence[nn.Module] = ()) -
     extras = [dict(unwrap_model(m).state_dict(keep_vars=True)) for m in extra_models]
     written = 0
     for plan in plans:
-        for e in plan.to_load:
+        for e in sweep(plan.to_load, _source):
             try:
                 # an unrepaired tensor on the target's device goes in as it is
                 src, dst = e.source, e.target
@@ -412,7 +421,6 @@ def apply(plans: Sequence[SourcePlan], extra_models: Sequence[nn.Module] = ()) -
                     f'checkpoint load failed while writing, after {written} tensor(s); '
                     'the model is partly loaded') from err
             written += 1
-            release_pages(e.source)
 
 
 def load_sources(model: nn.Module,

@@ -12,16 +12,28 @@ file's mapping, and its version counter. Nothing a file can set (an attribute,
 a state) is consulted. A tensor is released only while its data pointer, size
 and version are still the recorded ones; a private page written to is no longer
 the file's and is never released.
+
+A load reads each tensor twice, once to check its values and once to copy them,
+and :func:`sweep` does both a window at a time: the window's pages are mapped
+with one ``madvise(MADV_POPULATE_READ)`` and handed back with one
+``MADV_DONTNEED``, which costs the kernel less than a page fault per 64 KiB and
+a call per tensor. A window holds tensors whose zip members follow each other
+in the file, so the pages between them hold only their own bytes and zip
+headers, never another tensor's.
 """
+import bisect
 import os
 import os.path as osp
 import sys
 import weakref
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 
 _MADV_DONTNEED = 4  # Linux <sys/mman.h>
+_MADV_POPULATE_READ = 22  # Linux 5.14+; EINVAL before, and then never asked again
+#: Most bytes :func:`sweep` maps at once: 0.1x a BEVFusion-size checkpoint.
+WINDOW_BYTES = 16 << 20
 _MADVISE: Dict[str, Any] = {}
 
 
@@ -34,6 +46,8 @@ class _Entry(NamedTuple):
     dtype: torch.dtype
     version: int
     pages: Tuple[int, int]  # (address, length); length 0: no whole page inside
+    members: Optional[Tuple[Tuple[int, int], ...]] = None  # the file's member spans, sorted
+    member: int = -1  # the index of the one holding the tensor
 
 
 # id(tensor) -> its entry
@@ -115,17 +129,19 @@ class _Ref(weakref.ref):
     __slots__ = ('key', )
 
 
-def _record(t: torch.Tensor, start: int, nbytes: int, page: int) -> None:
-    """Enter ``t`` (its bytes ``[start, start + nbytes)``) in the table."""
+def _record(t: torch.Tensor, start: int, nbytes: int, page: int,
+            members: Optional[Tuple[Tuple[int, int], ...]] = None, member: int = -1) -> None:
+    """Enter ``t`` (its bytes ``[start, start + nbytes)``, inside ``members[member]``)."""
     ref = _Ref(t, _forget)
     ref.key = key = id(t)
     first = -(-start // page) * page
     span = (start + nbytes) // page * page - first
     _TRACKED[key] = _Entry(ref, start, tuple(t.shape), t.stride(), t.dtype, t._version,
-                           (first, max(0, span)))
+                           (first, max(0, span)), members, member)
 
 
-def track_views(tensors: Iterable[torch.Tensor], lo: int, hi: int) -> int:
+def track_views(tensors: Iterable[torch.Tensor], lo: int, hi: int,
+                members: Optional[Iterable[Tuple[int, int]]] = None) -> int:
     """Record tensors the reader built on its own mapping ``[lo, hi)`` of a file.
 
     The same facts as :func:`track` (address, shape, strides, dtype, version and
@@ -133,11 +149,20 @@ def track_views(tensors: Iterable[torch.Tensor], lo: int, hi: int) -> int:
     tensors at once: the reader's views are strided CPU tensors, so only their
     device, size and extent are looked at before recording.
 
+    Args:
+        tensors: Views of the mapping, each the only view of its storage.
+        lo, hi (int): The mapping's address range.
+        members: The address spans ``(start, end)`` of every member of the file
+            (zip members, apart from each other), for :func:`sweep`; a tensor
+            inside one of them is recorded with it.
+
     Returns:
         int: How many were recorded.
     """
     if _MADVISE.get('fn') is None and madvise() is None:
         return 0
+    spans = tuple(sorted(members)) if members is not None else None
+    starts = [a for a, _ in spans] if spans else []
     page, strided, n = _MADVISE['page'], torch.strided, 0
     for t in tensors:
         if not t.is_cpu or t.layout is not strided or not t.numel():
@@ -146,7 +171,11 @@ def track_views(tensors: Iterable[torch.Tensor], lo: int, hi: int) -> int:
         nbytes = extent(t)
         if start < lo or start + nbytes > hi:
             continue
-        _record(t, start, nbytes, page)
+        i = bisect.bisect_right(starts, start) - 1
+        if i >= 0 and start + nbytes <= spans[i][1]:
+            _record(t, start, nbytes, page, spans, i)
+        else:
+            _record(t, start, nbytes, page)
         n += 1
     return n
 
@@ -212,3 +241,78 @@ def mark_mapped(tensors: Iterable[torch.Tensor], path: str,
             return 0
         n += track(t, ranges)
     return n
+
+
+def _windows(items: List[Any], tensor_of: Callable[[Any], Any], limit: int
+             ) -> List[Tuple[int, int, List[Any]]]:
+    """Split ``items`` (in their order) into runs ``(start, end, items)`` that
+    :func:`sweep` maps together; ``end == 0``: one item on its own."""
+    runs: List[Tuple[int, int, List[Any]]] = []
+    run: List[Any] = []
+    first = end = last = 0
+    members = None
+    for item in items:
+        t = tensor_of(item)
+        entry = _current(t)
+        if entry is None or entry.members is None:
+            if run:
+                runs.append((first, end, run))
+                run = []
+            runs.append((0, 0, [item]))
+            continue
+        stop = entry.ptr + extent(t)
+        if not (run and entry.members is members and entry.member == last + 1
+                and stop - first <= limit):
+            if run:
+                runs.append((first, end, run))
+            run, first, members = [], entry.ptr, entry.members
+        run.append(item)
+        end, last = stop, entry.member
+    if run:
+        runs.append((first, end, run))
+    return runs
+
+
+def sweep(items: Iterable[Any], tensor_of: Callable[[Any], Any] = lambda x: x,
+          limit: int = WINDOW_BYTES) -> Iterator[Any]:
+    """Yield ``items`` in order, mapping their tensors' pages a window at a time.
+
+    Before a window's first item, its pages are mapped in one call; after its
+    last, they are handed back in one call, if every tensor in it is still as
+    the reader built it (:func:`release_pages` of each, otherwise). A window is
+    a run of consecutive items whose tensors the reader recorded, lying in
+    consecutive members of one file, in ascending order, within ``limit`` bytes.
+    Every other item is yielded on its own and then released with
+    :func:`release_pages`. The values never change; at most ``limit`` bytes of
+    the file are mapped at a time.
+
+    Args:
+        items: What to go through (e.g. planned entries).
+        tensor_of (callable): An item's checkpoint tensor.
+        limit (int): Most bytes a window spans.
+
+    Yields:
+        Each item, in order.
+    """
+    fn = madvise()
+    if fn is None:
+        yield from items
+        return
+    page = _MADVISE['page']
+    for start, end, run in _windows(list(items), tensor_of, limit):
+        if not end:
+            yield run[0]
+            release_pages(tensor_of(run[0]))
+            continue
+        if _MADVISE.get('populate', True):
+            low = start // page * page
+            if fn(low, -(-end // page) * page - low, _MADV_POPULATE_READ) != 0:
+                _MADVISE['populate'] = False  # a kernel before 5.14: pages fault in instead
+        yield from run
+        if all(_current(tensor_of(item)) is not None for item in run):
+            low, high = -(-start // page) * page, end // page * page
+            if high > low:
+                fn(low, high - low, _MADV_DONTNEED)
+        else:
+            for item in run:
+                release_pages(tensor_of(item))

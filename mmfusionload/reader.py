@@ -580,17 +580,20 @@ def _where(path: Tuple[str, ...]) -> str:
     return text if len(text) < 200 else text[:100] + '...' + text[-80:]
 
 
-def _track_views(storages: _FileStorages, lo: int, hi: int) -> None:
+def _track_views(storages: _ZipStorages, lo: int, hi: int) -> None:
     """Record the mapped tensors for :func:`release_pages`: one tensor per storage
-    (releasing one of two views of a storage could drop the other's written pages)."""
+    (releasing one of two views of a storage could drop the other's written pages),
+    with the spans of all the file's members (for :func:`~mmfusionload.pages.sweep`)."""
     recs = storages.view_storages
+    members = [(lo + m.offset, lo + m.offset + m.size) for m in storages.members.values()]
     if len(set(map(id, recs))) == len(recs):  # the usual case: a storage per tensor
-        track_views(storages.views, lo, hi)
+        track_views(storages.views, lo, hi, members)
         return
     count: Dict[int, int] = {}
     for rec in recs:
         count[id(rec)] = count.get(id(rec), 0) + 1
-    track_views([t for t, rec in zip(storages.views, recs) if count[id(rec)] == 1], lo, hi)
+    track_views([t for t, rec in zip(storages.views, recs) if count[id(rec)] == 1], lo, hi,
+                members)
 
 
 def _restore_fn(map_location: Any) -> Optional[Callable]:
