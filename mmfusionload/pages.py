@@ -17,11 +17,16 @@ A load reads each tensor twice, once to check its values and once to copy them,
 and :func:`sweep` does both a window at a time: the window's pages are mapped
 with one ``madvise(MADV_POPULATE_READ)`` and handed back with one
 ``MADV_DONTNEED``, which costs the kernel less than a page fault per 64 KiB and
-a call per tensor. A window holds tensors whose zip members follow each other
-in the file, so the pages between them hold only their own bytes and zip
-headers, never another tensor's.
+a call per tensor. Those calls run on a helper thread (page-table work only: no
+torch call, no tensor touched), the next window mapped while the current one is
+read and the one before handed back, so the kernel's share runs beside the
+reading instead of before it. A window holds tensors whose zip members follow
+each other in the file, so the pages between them hold only their own bytes and
+zip headers, never another tensor's.
 """
 import bisect
+import queue
+import threading
 import os
 import os.path as osp
 import sys
@@ -31,9 +36,10 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Op
 import torch
 
 _MADV_DONTNEED = 4  # Linux <sys/mman.h>
-_MADV_POPULATE_READ = 22  # Linux 5.14+; EINVAL before, and then never asked again
-#: Most bytes :func:`sweep` maps at once: 0.1x a BEVFusion-size checkpoint.
-WINDOW_BYTES = 16 << 20
+_MADV_POPULATE_READ = 22  # Linux 5.14+; EINVAL before: the pages fault in as they are read
+#: Most bytes a :func:`sweep` window spans; two are mapped at a time (the one read
+#: and the next), 0.1x a BEVFusion-size checkpoint.
+WINDOW_BYTES = 8 << 20
 _MADVISE: Dict[str, Any] = {}
 
 
@@ -273,18 +279,29 @@ def _windows(items: List[Any], tensor_of: Callable[[Any], Any], limit: int
     return runs
 
 
+def _pager(jobs: 'queue.SimpleQueue', fn: Callable) -> None:
+    """Run ``madvise`` jobs ``(address, length, advice)`` until a None."""
+    while True:
+        job = jobs.get()
+        if job is None:
+            return
+        fn(*job)
+
+
 def sweep(items: Iterable[Any], tensor_of: Callable[[Any], Any] = lambda x: x,
           limit: int = WINDOW_BYTES) -> Iterator[Any]:
     """Yield ``items`` in order, mapping their tensors' pages a window at a time.
 
-    Before a window's first item, its pages are mapped in one call; after its
-    last, they are handed back in one call, if every tensor in it is still as
-    the reader built it (:func:`release_pages` of each, otherwise). A window is
-    a run of consecutive items whose tensors the reader recorded, lying in
-    consecutive members of one file, in ascending order, within ``limit`` bytes.
-    Every other item is yielded on its own and then released with
-    :func:`release_pages`. The values never change; at most ``limit`` bytes of
-    the file are mapped at a time.
+    A window is a run of consecutive items whose tensors the reader recorded,
+    lying in consecutive members of one file, in ascending order, within
+    ``limit`` bytes. Its pages are mapped in one call, ahead of its first item,
+    and handed back in one call after its last, if every tensor in it is still
+    as the reader built it (:func:`release_pages` of each, otherwise). The calls
+    run on a helper thread, in order: the first two windows are mapped at the
+    start, and after each window the thread hands it back, then maps the window
+    after the next, so at most two windows are mapped at a time. Every other item
+    is yielded on its own and released with :func:`release_pages`. The values
+    never change; the thread is joined before this returns (or is closed).
 
     Args:
         items: What to go through (e.g. planned entries).
@@ -299,20 +316,39 @@ def sweep(items: Iterable[Any], tensor_of: Callable[[Any], Any] = lambda x: x,
         yield from items
         return
     page = _MADVISE['page']
-    for start, end, run in _windows(list(items), tensor_of, limit):
-        if not end:
-            yield run[0]
-            release_pages(tensor_of(run[0]))
-            continue
-        if _MADVISE.get('populate', True):
-            low = start // page * page
-            if fn(low, -(-end // page) * page - low, _MADV_POPULATE_READ) != 0:
-                _MADVISE['populate'] = False  # a kernel before 5.14: pages fault in instead
-        yield from run
-        if all(_current(tensor_of(item)) is not None for item in run):
-            low, high = -(-start // page) * page, end // page * page
-            if high > low:
-                fn(low, high - low, _MADV_DONTNEED)
-        else:
-            for item in run:
-                release_pages(tensor_of(item))
+    runs = _windows(list(items), tensor_of, limit)
+    ahead = iter([(start // page * page, -(-end // page) * page) for start, end, _ in runs
+                  if end])
+    jobs: 'queue.SimpleQueue' = queue.SimpleQueue()
+    pager = None
+
+    def map_next() -> None:
+        low, high = next(ahead, (0, 0))
+        if high:
+            jobs.put((low, high - low, _MADV_POPULATE_READ))
+
+    try:
+        for start, end, run in runs:
+            if not end:
+                yield run[0]
+                release_pages(tensor_of(run[0]))
+                continue
+            if pager is None:  # the first window: start the thread, map two ahead
+                pager = threading.Thread(target=_pager, args=(jobs, fn), daemon=True,
+                                         name='mmfusionload-pages')
+                pager.start()
+                map_next()
+                map_next()
+            yield from run
+            if all(_current(tensor_of(item)) is not None for item in run):
+                low, high = -(-start // page) * page, end // page * page
+                if high > low:
+                    jobs.put((low, high - low, _MADV_DONTNEED))
+            else:
+                for item in run:
+                    release_pages(tensor_of(item))
+            map_next()
+    finally:
+        if pager is not None:
+            jobs.put(None)
+            pager.join()
