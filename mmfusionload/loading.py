@@ -7,7 +7,7 @@ several sources name is read once; each source unwraps and plans on its own.
 """
 import os.path as osp
 import re
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import (Any, Callable, Dict, Hashable, Iterable, Iterator, List, Optional, Sequence,
@@ -405,22 +405,23 @@ def apply(plans: Sequence[SourcePlan], extra_models: Sequence[nn.Module] = ()) -
     extras = [dict(unwrap_model(m).state_dict(keep_vars=True)) for m in extra_models]
     written = 0
     for plan in plans:
-        for e in sweep(plan.to_load, _source):
-            try:
-                # an unrepaired tensor on the target's device goes in as it is
-                src, dst = e.source, e.target
-                t = src if not e.steps and (src.is_cpu and dst.is_cpu
-                                            or src.device == dst.device) else e.materialize()
-                e.target.copy_(t)
-                for state in extras:
-                    if e.key in state:
-                        state[e.key].copy_(t)
-            except Exception as err:
-                raise FusionLoadError(
-                    [f'{e.filename}: writing {e.key} failed: {type(err).__name__}: {err}'],
-                    f'checkpoint load failed while writing, after {written} tensor(s); '
-                    'the model is partly loaded') from err
-            written += 1
+        with closing(sweep(plan.to_load, _source)) as entries:  # its thread joined on errors too
+            for e in entries:
+                try:
+                    # an unrepaired tensor on the target's device goes in as it is
+                    src, dst = e.source, e.target
+                    t = src if not e.steps and (src.is_cpu and dst.is_cpu
+                                                or src.device == dst.device) else e.materialize()
+                    e.target.copy_(t)
+                    for state in extras:
+                        if e.key in state:
+                            state[e.key].copy_(t)
+                except Exception as err:
+                    raise FusionLoadError(
+                        [f'{e.filename}: writing {e.key} failed: {type(err).__name__}: {err}'],
+                        f'checkpoint load failed while writing, after {written} tensor(s); '
+                        'the model is partly loaded') from err
+                written += 1
 
 
 def load_sources(model: nn.Module,
