@@ -25,11 +25,11 @@ each other in the file, so the pages between them hold only their own bytes and
 zip headers, never another tensor's.
 """
 import bisect
-import queue
-import threading
 import os
 import os.path as osp
+import queue
 import sys
+import threading
 import weakref
 from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 

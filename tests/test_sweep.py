@@ -1,5 +1,6 @@
 """``pages.sweep``: a file's pages mapped and handed back a window at a time, values unchanged."""
 import os.path as osp
+import threading
 from collections import OrderedDict
 
 import pytest
@@ -77,7 +78,7 @@ def test_sweep_maps_ahead_and_hands_back_in_order(tmp_path, monkeypatch):
               page) for a, b in spans]
     assert calls == [mapped[0], mapped[1], given[0], mapped[2], given[1], mapped[3], given[2],
                      given[3]]
-    assert not any(t.name == 'mmfusionload-pages' for t in __import__('threading').enumerate())
+    assert not any(t.name == 'mmfusionload-pages' for t in threading.enumerate())  # joined
 
 
 def test_windows_hold_consecutive_members_within_the_limit(tmp_path):
