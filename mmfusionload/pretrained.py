@@ -30,6 +30,7 @@ import torch.nn as nn
 from .errors import FusionLoadError
 from .loading import load_sources
 from .reader import read_checkpoint
+from .remote import is_local
 from .report import LoadReport, SourceReport, size_mismatch_problems
 
 MODULE_PREFIX = re.compile(r'^module\.')  # MMEngine's load_checkpoint revise_keys default
@@ -45,13 +46,6 @@ def pretrained_cfgs(model: nn.Module) -> Iterator[Tuple[str, nn.Module, dict]]:
         for entry in (cfg if isinstance(cfg, (list, tuple)) else [cfg]):
             if isinstance(entry, dict) and entry.get('type') == 'Pretrained':
                 yield name or '<model>', module, dict(entry)
-
-
-def is_remote(path: str) -> bool:
-    """Whether MMEngine reads ``path`` with a loader other than the local-file one."""
-    from mmengine.runner import CheckpointLoader
-    loader = CheckpointLoader._get_checkpoint_loader(str(path))
-    return getattr(loader, '__name__', '') not in ('load_from_local', 'load_local')
 
 
 def _mmengine_state(ckpt: Any, prefix: Optional[str]) -> Dict[str, Any]:
@@ -121,7 +115,7 @@ def dry_run_pretrained(model: nn.Module, trust_checkpoint: bool = False
         if not path:
             report.problems.append(f'{name}.init_cfg: Pretrained without a checkpoint')
             continue
-        if is_remote(str(path)):
+        if not is_local(str(path)):
             notes.append(f'{name}.init_cfg: {path} is read by MMEngine at init_weights '
                          '(remote: not downloaded by a dry run)')
             continue

@@ -29,6 +29,7 @@ import torch
 from mmengine.runner.checkpoint import CheckpointLoader
 
 from .errors import FusionLoadError
+from .remote import is_local, local_copy, mmengine_schemes, users_loader
 from .zipdir import Entry as ZipEntry
 from .zipdir import ZipDirectoryError, read_directory
 from .pages import (file_mappings, is_tracked, madvise, mark_mapped, release_pages, track,
@@ -777,7 +778,8 @@ def read_checkpoint(path: str,
 
     Args:
         path (str): Local path or any URI MMEngine's ``CheckpointLoader``
-            knows (``http://``, ``s3://``, ``open-mmlab://``...).
+            knows (``http://``, ``s3://``, ``open-mmlab://``...): a remote file is
+            fetched first (:mod:`~mmfusionload.remote`), then read like a local one.
         map_location: As in :func:`torch.load`. Defaults to ``'cpu'``.
         trust_checkpoint (bool): Unpickle arbitrary globals (runs code the file
             asks for). Only for files you trust. Defaults to False.
@@ -795,10 +797,12 @@ def read_checkpoint(path: str,
             rule, or asks for a global outside the admitted ones.
     """
     path = str(path)
-    loader = CheckpointLoader._get_checkpoint_loader(path)
-    if loader is not load_local and getattr(loader, '__name__', '') != 'load_from_local':
-        try:
-            return loader(path, map_location=map_location)
+    if not is_local(path):
+        users = users_loader(path)
+        if users is None:
+            return _read_remote(path, map_location, trust_checkpoint, mmap, bookkeeping)
+        try:  # a scheme the user registered: their code, called as MMEngine would
+            return users(path, map_location=map_location)
         except Exception as e:
             raise FusionLoadError([f'{path}: {type(e).__name__}: {e}'],
                                   'cannot read checkpoint') from e
@@ -850,6 +854,19 @@ def read_checkpoint(path: str,
              f'{type(e).__name__}: {msg}'], 'cannot read checkpoint') from e
 
 
+def _read_remote(uri: str, map_location: Any, trust_checkpoint: bool, mmap: Optional[bool],
+                 bookkeeping: bool) -> Any:
+    """Fetch ``uri`` to a local file (:mod:`~mmfusionload.remote`), then read that file."""
+    with local_copy(uri) as local:
+        try:
+            return read_checkpoint(local, map_location, trust_checkpoint, mmap, bookkeeping)
+        except FusionLoadError as e:
+            named = FusionLoadError([p.replace(local, f'{uri} ({local})', 1) for p in e.problems],
+                                    e.title)
+            named.report = e.report
+            raise named from None
+
+
 def load_local(filename: str, map_location: Any = None) -> Any:
     """MMEngine local-file scheme backed by :func:`read_checkpoint` (with bookkeeping,
     so ``resume`` gets its ``HistoryBuffer`` objects)."""
@@ -861,11 +878,13 @@ _TRUST = {'local': False}
 
 
 def install_checkpoint_loader(trust_checkpoint: bool = False) -> Callable:
-    """Make :func:`read_checkpoint` MMEngine's loader for local files.
+    """Make :func:`read_checkpoint` MMEngine's loader for local files and for every
+    remote scheme MMEngine registers.
 
     After this, ``load_from``, ``resume`` and ``init_cfg=dict(type='Pretrained')``
-    read local files through the restricted unpickler, so checkpoints saved by
-    a Runner load on torch >= 2.6 without trusting them.
+    read every file through the restricted unpickler (a remote one once fetched), so
+    checkpoints saved by a Runner load on torch >= 2.6 without trusting them and no
+    URI runs code.
 
     Args:
         trust_checkpoint (bool): Read local files with plain unpickling.
@@ -874,5 +893,18 @@ def install_checkpoint_loader(trust_checkpoint: bool = False) -> Callable:
         Callable: The registered loader.
     """
     _TRUST['local'] = bool(trust_checkpoint)
+    remote = mmengine_schemes()
     CheckpointLoader.register_scheme(prefixes='', loader=load_local, force=True)
+    if remote:
+        CheckpointLoader.register_scheme(prefixes=remote, loader=load_remote, force=True)
     return load_local
+
+
+def load_remote(filename: str, map_location: Any = None) -> Any:
+    """MMEngine's remote schemes (``http(s)://``, ``torchvision://``, ``open-mmlab://``,
+    ``s3://``...) backed by :func:`read_checkpoint`: fetched, then read like a local file."""
+    return read_checkpoint(filename, map_location=map_location or 'cpu',
+                           trust_checkpoint=_TRUST['local'], bookkeeping=True)
+
+
+load_remote._mmfusionload_remote = True  # type: ignore[attr-defined]
