@@ -7,7 +7,7 @@ Run from the repository root::
 
 What it measures. The model is :class:`ManifestModel`: MMDetection3D's BEVFusion lidar-cam
 state dict (``tests/data/manifests/mmdet3d_bevfusion_lidar-cam_spconv2.json``, 582 tensors,
-40.8M parameters) with real modules where :mod:`mmfusionload.demo` has them (Swin-T
+40.8M parameters) with real modules where :mod:`mmfusionload.cli.demo` has them (Swin-T
 ``img_backbone``, spconv ``pts_middle_encoder``, ``SECOND``, ``SECONDFPN``, ``fusion_layer``)
 and plain Parameters/buffers at the manifest's names and shapes for the rest (``img_neck``,
 ``view_transform``, ``bbox_head``). Its keys, shapes and dtypes are checked against the
@@ -114,7 +114,7 @@ class ManifestModel(nn.Module):
 
     def __init__(self):
         super().__init__()
-        from mmfusionload.demo import BEVFusionLike
+        from mmfusionload.cli.demo import BEVFusionLike
         real = BEVFusionLike()
         for name in REAL:
             self.add_module(name, getattr(real, name))
@@ -150,7 +150,7 @@ class ScaledModel(nn.Module):
 
     def __init__(self, scale: float):
         super().__init__()
-        from mmfusionload.demo import SPARSE_ENCODER, build
+        from mmfusionload.cli.demo import SPARSE_ENCODER, build
         self.pts_middle_encoder = build(SPARSE_ENCODER)
         f = scale_factor(scale)
         for t in _manifest()['tensors']:
@@ -192,7 +192,7 @@ def make_checkpoints(work_dir: str, scale: float = 1.0, safetensors: bool = True
     """Write the benchmark files for ``scale``; returns their sizes in bytes."""
     from safetensors.torch import save_file
 
-    from mmfusionload.demo import to_mmcv_layout
+    from mmfusionload.cli.demo import to_mmcv_layout
     p = paths(work_dir, scale)
     if all(osp.exists(v) for k, v in p.items() if safetensors or not k.endswith('_st')):
         return {k: os.path.getsize(v) for k, v in p.items() if osp.exists(v)}
@@ -282,7 +282,7 @@ def run_variant(variant: str, work_dir: str, scale: float, check: bool = True) -
 
     import mmfusionload
     from mmfusionload import FusionLoadHook, load_sources
-    from mmfusionload.compat import patch_spconv_cpu_stream
+    from mmfusionload.sparse.compat import patch_spconv_cpu_stream
     patch_spconv_cpu_stream()
     MMLogger.get_instance('mmengine', log_level='WARNING')
     p = paths(work_dir, scale)

@@ -8,15 +8,15 @@ from .errors import FusionLoadError
 from . import models  # noqa: F401  (registers EfficientViT)
 from . import formats  # noqa: F401
 from .hooks import FusionLoadHook
-from .load_from import repair_checkpoint
-from .loading import load_sources, plan_source, read_source
-from .modality import register_modality
-from .presets import KeyPreset, register_preset
-from .reader import install_checkpoint_loader, read_checkpoint
+from .load.load_from import repair_checkpoint
+from .load.pipeline import load_sources, plan_source, read_source
+from .load.modality import register_modality
+from .load.presets import KeyPreset, register_preset
+from .files.reader import install_checkpoint_loader, read_checkpoint
 from .registry import KEY_PRESETS, MODALITIES, REPAIRS
 from .report import LoadReport, SourceReport, compress_keys
-from .repairs import Repair, register_derived
-from .source import SourceSpec
+from .load.repairs import Repair, register_derived
+from .load.source import SourceSpec
 
 __version__ = '0.1.0'
 

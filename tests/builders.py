@@ -7,7 +7,7 @@ from typing import Dict
 import torch
 import torch.nn as nn
 
-from mmfusionload.demo import (SECOND_CFG, SECONDFPN_CFG, SPARSE_ENCODER, SWIN_T,  # noqa: F401
+from mmfusionload.cli.demo import (SECOND_CFG, SECONDFPN_CFG, SPARSE_ENCODER, SWIN_T,  # noqa: F401
                                BEVFusionLike, ViewTransform, build, randomize, to_mmcv_layout)
 
 DATA = osp.join(osp.dirname(__file__), 'data')
@@ -29,7 +29,7 @@ def assert_same(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor], keys=Non
 
 
 def sparse_conv_names(model: nn.Module):
-    from mmfusionload.repairs import module_layout
+    from mmfusionload.load.repairs import module_layout
     return [n for n, m in model.named_modules() if module_layout(m) is not None]
 
 

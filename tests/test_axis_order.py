@@ -33,7 +33,7 @@ def bevfusion_encoder():
         from projects.BEVFusion.bevfusion.sparse_encoder import BEVFusionSparseEncoder
         cfg.pop('type')
         return BEVFusionSparseEncoder(**cfg)
-    from mmfusionload.demo import _bevfusion_sparse_encoder
+    from mmfusionload.cli.demo import _bevfusion_sparse_encoder
     cfg.pop('type')
     enc = _bevfusion_sparse_encoder(**cfg)
 
@@ -139,7 +139,7 @@ def test_order_undecidable_is_an_axis_order_error(tmp_path):
 
 
 def test_live_order_of_both_conventions():
-    from mmfusionload.axis_order import live_order
+    from mmfusionload.sparse.axis_order import live_order
     assert live_order(build(CENTERPOINT))[0] == 'zyx'
     assert live_order(bevfusion_encoder())[0] == 'xyz'
 

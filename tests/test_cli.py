@@ -12,9 +12,9 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from mmfusionload.cli import main, parse_source_arg
-from mmfusionload.reader import read_checkpoint
-from mmfusionload.repairs import convert_kernel, module_layout
+from mmfusionload.cli.commands import main, parse_source_arg
+from mmfusionload.files.reader import read_checkpoint
+from mmfusionload.load.repairs import convert_kernel, module_layout
 
 pytest.importorskip('spconv')
 
@@ -27,7 +27,7 @@ import torch.nn as nn
 from mmengine.model import BaseModel
 from mmdet3d.registry import MODELS
 
-from mmfusionload.demo import ViewTransform
+from mmfusionload.cli.demo import ViewTransform
 
 
 @MODELS.register_module()
@@ -88,7 +88,7 @@ def write_cfg(folder, name='cfg.py', extra=''):
 def built(cfg_dir):
     """The config's model, built as the CLI builds it, and a trained-looking copy."""
     from builders import randomize
-    from mmfusionload.inspection import build_model, load_config
+    from mmfusionload.cli.config import build_model, load_config
     cfg = write_cfg(cfg_dir, 'base.py')
     trained = randomize(build_model(load_config(cfg)), seed=1)
     return cfg, trained
@@ -96,7 +96,7 @@ def built(cfg_dir):
 
 def fresh(cfg, seed=2):
     from builders import randomize
-    from mmfusionload.inspection import build_model, load_config
+    from mmfusionload.cli.config import build_model, load_config
     return randomize(build_model(load_config(cfg)), seed=seed)
 
 
@@ -205,7 +205,7 @@ def test_inspect_shipped_centerpoint_config(tmp_path, capsys):
     """The repository's tiny CenterPoint + FusionLoadHook config, with an MMCV-layout
     LiDAR checkpoint of that very model given through --cfg-options."""
     from builders import randomize
-    from mmfusionload.inspection import build_model, load_config
+    from mmfusionload.cli.config import build_model, load_config
     root = osp.dirname(osp.dirname(osp.abspath(__file__)))
     cfg = osp.join(root, 'configs', 'lidar', 'centerpoint_tiny_cpu_fusionload.py')
     if not osp.exists(cfg):
@@ -384,8 +384,8 @@ def test_merge_failure_writes_nothing(cfg_dir, built, ckpts, tmp_path, capsys):
 def test_merge_reads_each_file_once(cfg_dir, built, ckpts, tmp_path, monkeypatch):
     """One load: every source file is read (and checked) once, the destination is checked
     once; a failing merge still carries the full report and writes nothing."""
-    import mmfusionload.loading as loading
-    import mmfusionload.merge as merge
+    import mmfusionload.load.pipeline as loading
+    import mmfusionload.cli.merge as merge
     from mmfusionload import FusionLoadError
     cfg, _ = built
     reads, checks = [], []

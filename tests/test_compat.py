@@ -1,4 +1,4 @@
-"""Tests for :mod:`mmfusionload.compat` (spconv 2.x backward on CPU)."""
+"""Tests for :mod:`mmfusionload.sparse.compat` (spconv 2.x backward on CPU)."""
 import sys
 from typing import Callable
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmfusionload.compat import patch_spconv_cpu_stream, spconv_available
+from mmfusionload.sparse.compat import patch_spconv_cpu_stream, spconv_available
 
 spconv = pytest.importorskip('spconv.pytorch')
 cppcore = pytest.importorskip('spconv.pytorch.cppcore')

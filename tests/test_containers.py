@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mmfusionload import FusionLoadError
-from mmfusionload.containers import unwrap
+from mmfusionload.checkpoint.containers import unwrap
 from mmfusionload.report import SourceReport
 
 

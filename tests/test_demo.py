@@ -24,7 +24,7 @@ def test_demo_command_leaves_nothing_behind(tmp_path):
 
 
 def test_demo_keep_and_work_dir_say_where(tmp_path):
-    from mmfusionload.demo import run_demo
+    from mmfusionload.cli.demo import run_demo
     out, tmp = _demo(tmp_path, '--keep')
     (kept,) = tmp.iterdir()
     assert f'kept the demo checkpoints in {kept}' in out

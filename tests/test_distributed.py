@@ -18,7 +18,7 @@ import torch.nn as nn
 
 import mmfusionload  # noqa: F401
 from mmfusionload import FusionLoadError, load_sources
-from mmfusionload.distributed import bucket_layout, read_all, should_broadcast
+from mmfusionload.load.distributed import bucket_layout, read_all, should_broadcast
 
 dist = pytest.importorskip('torch.distributed')
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -78,7 +78,7 @@ def _worker(rank: int, world: int, port: int, d: str, paths: dict) -> None:
     torch.set_num_threads(1)
     dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank,
                             world_size=world, timeout=timedelta(seconds=PG_TIMEOUT_S))
-    import mmfusionload.loading as loading
+    import mmfusionload.load.pipeline as loading
     opened = []
     real_read = loading.read_checkpoint
 
@@ -122,8 +122,8 @@ def _worker(rank: int, world: int, port: int, d: str, paths: dict) -> None:
         dist.barrier()
 
         # 4. many small buckets give the same tensors
-        from mmfusionload.loading import read_source, reading_once
-        from mmfusionload.source import parse_source
+        from mmfusionload.load.pipeline import read_source, reading_once
+        from mmfusionload.load.source import parse_source
         specs = [parse_source(s) for s in _sources(paths, rank)]
         res = read_all(specs, read_source, bucket_bytes=300)
         torch.save([OrderedDict((k, v.clone()) for k, v in r.state.items()) for r in res],
@@ -316,8 +316,8 @@ def test_hook_passes_broadcast_through(monkeypatch):
 
 def test_rank0_keeps_what_it_sends():
     """A source the header cannot carry fails on rank 0 too; unpicklable meta is dropped."""
-    from mmfusionload.containers import Unwrapped
-    from mmfusionload.distributed import _as_sent, _make_header
+    from mmfusionload.checkpoint.containers import Unwrapped
+    from mmfusionload.load.distributed import _as_sent, _make_header
     q = torch.quantize_per_tensor(torch.ones(3), 0.1, 0, torch.qint8)
     results = [Unwrapped(OrderedDict(w=torch.ones(2), q=q), {}, 'state_dict'),
                Unwrapped(OrderedDict(w=torch.ones(2)), {}, '<bare>', meta={'f': lambda: 0})]
@@ -330,7 +330,7 @@ def test_rank0_keeps_what_it_sends():
 
 def test_header_carries_the_error_title():
     """The title of a rank-0 failure travels as the error's ``title``, whatever it holds."""
-    from mmfusionload.distributed import _make_header
+    from mmfusionload.load.distributed import _make_header
     for title in ('cannot read checkpoint', 'two\nlines (and brackets)', 'x (3 problems):'):
         err = FusionLoadError(['a', 'b (c)'], title)
         src = _make_header([err], 1000)['sources'][0]
@@ -341,8 +341,8 @@ def test_shared_tensors_travel_once_and_stay_shared():
     """Two sources holding the same tensor objects (one file read once): the header lists
     the second use as a reference, the buckets carry the bytes once, and the rebuilt
     sources share one tensor again."""
-    from mmfusionload.containers import Unwrapped
-    from mmfusionload.distributed import _as_bytes, _make_header, _rebuild
+    from mmfusionload.checkpoint.containers import Unwrapped
+    from mmfusionload.load.distributed import _as_bytes, _make_header, _rebuild
     w, b, n = torch.randn(5, 3), torch.arange(4), torch.ones(7, dtype=torch.float16)
     results = [Unwrapped(OrderedDict(w=w, b=b), {}, 'state_dict'),
                Unwrapped(OrderedDict(w=w, n=n, b=b), {}, 'model_ema')]

@@ -6,10 +6,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-import mmfusionload.loading as loading
+import mmfusionload.load.pipeline as loading
 from mmfusionload import load_sources
-from mmfusionload.reader import (SafetensorsState, all_finite, is_tracked, read_checkpoint,
-                                 release_pages)
+from mmfusionload.files.lazy import SafetensorsState
+from mmfusionload.files.reader import is_tracked, read_checkpoint, release_pages
+from mmfusionload.load.values import all_finite
 
 safetensors_torch = pytest.importorskip('safetensors.torch')
 
@@ -42,7 +43,7 @@ def _trained(big: int = 64, seed: int = 1) -> 'OrderedDict[str, torch.Tensor]':
 def _files(d, big: int = 64):
     """The same LiDAR (MMCV kernel layout) and camera (``backbone.``, float16) tensors as
     ``.pth`` and ``.safetensors``; also one combined file of both."""
-    from mmfusionload.demo import to_mmcv_layout
+    from mmfusionload.cli.demo import to_mmcv_layout
     sd = _trained(big)
     lidar = to_mmcv_layout(OrderedDict((k, v) for k, v in sd.items()
                                        if k.startswith('pts_')), FastModel(big))
@@ -99,9 +100,9 @@ def test_safetensors_state_is_lazy(tmp_path):
     assert state.materialized == []
     assert state[key].shape == (64, 64) and state.materialized == [key]
     # reading and unwrapping a source creates no tensor either, wrapper prefixes or not
-    from mmfusionload.containers import RenamedState, shape_of
-    from mmfusionload.loading import read_source
-    from mmfusionload.source import parse_source
+    from mmfusionload.checkpoint.containers import RenamedState, shape_of
+    from mmfusionload.load.pipeline import read_source
+    from mmfusionload.load.source import parse_source
     ckpt = read_source(parse_source(dict(modality='camera',
                                          checkpoint=paths['both.safetensors'])))
     assert isinstance(ckpt.state, SafetensorsState) and ckpt.state.materialized == []
@@ -229,7 +230,7 @@ def test_only_tensors_inside_the_file_mapping_are_released(tmp_path):
     assert not release_pages(t) and torch.equal(t, sd[big])
 
     # the zip reader: only a tensor whose bytes lie inside the file's mapping is tracked
-    from mmfusionload.pages import track
+    from mmfusionload.files.pages import track
     path = paths['lidar.pth']
     whole = torch.UntypedStorage.from_file(path, False, osp.getsize(path))
     bounds = [(whole.data_ptr(), whole.data_ptr() + whole.nbytes())]
@@ -469,7 +470,7 @@ def test_all_finite_agrees_with_isfinite():
 def test_track_views_records_what_track_records():
     """The reader's batch recorder keeps the same facts as :func:`track` for
     contiguous, strided, expanded, empty and outside tensors."""
-    from mmfusionload import pages
+    from mmfusionload.files import pages
     if pages.madvise() is None:  # pragma: no cover - not Linux
         pytest.skip('no madvise')
     page = pages._MADVISE['page']

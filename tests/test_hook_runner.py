@@ -18,7 +18,7 @@ pytest.importorskip('spconv')
 
 @pytest.fixture(autouse=True)
 def _spconv_cpu():
-    from mmfusionload.compat import patch_spconv_cpu_stream
+    from mmfusionload.sparse.compat import patch_spconv_cpu_stream
     patch_spconv_cpu_stream()
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from mmfusionload import FusionLoadError, load_sources
-from mmfusionload.cli import main
-from mmfusionload.identify import auto_preset, identify
+from mmfusionload.cli.commands import main
+from mmfusionload.checkpoint.identify import auto_preset, identify
 
 
 def _zeros(entries, prefix_filter=None, limit=None):
@@ -142,7 +142,7 @@ def test_auto_refuses_an_ambiguous_file_naming_the_candidates(tmp_path):
 
 def test_cli_identify_with_config_and_report_header(tmp_path, capsys):
     from builders import randomize
-    from mmfusionload.inspection import build_model, load_config
+    from mmfusionload.cli.config import build_model, load_config
     root = osp.dirname(osp.dirname(osp.abspath(__file__)))
     cfg = osp.join(root, 'configs', 'lidar', 'centerpoint_tiny_cpu_fusionload.py')
     if not osp.exists(cfg):
@@ -165,7 +165,7 @@ def test_literal_head_is_a_prefix_of_every_match():
     import random
     import re
 
-    from mmfusionload.identify import literal_head
+    from mmfusionload.checkpoint.identify import literal_head
     cases = {r'^pts_middle_encoder\.': 'pts_middle_encoder.', r'^blocks\d\.\d+\.': 'blocks',
              r'^ab?c': 'a', r'^a\.*b': 'a', r'^abc|^x': '', r'^(ab|cd)\.': '', r'a\.b': '',
              r'^ab{2}': 'a', r'^[ab]c': '', r'^a(?:b|c)': 'a', r'^a\d': 'a', r'^a\\.b': 'a'}

@@ -93,8 +93,8 @@ def lidar_checkpoint(path: Path):
     from mmengine.config import Config
     from mmengine.registry import DefaultScope
 
-    from mmfusionload.demo import randomize, to_mmcv_layout
-    from mmfusionload.repairs import module_layout
+    from mmfusionload.cli.demo import randomize, to_mmcv_layout
+    from mmfusionload.load.repairs import module_layout
     register_all_modules(init_default_scope=False)
     cfg = Config.fromfile(str(CONFIG), import_custom_modules=False)
     with DefaultScope.overwrite_default_scope('mmdet3d'):  # restored after: later tests

@@ -9,7 +9,7 @@ import torch
 from builders import (BEVFusionLike, assert_same, manifest, randomize, snapshot,
                       sparse_conv_names, to_mmcv_layout)
 from mmfusionload import FusionLoadError, load_sources
-from mmfusionload.repairs import convert_kernel
+from mmfusionload.load.repairs import convert_kernel
 
 pytest.importorskip('spconv')
 

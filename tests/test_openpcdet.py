@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from mmfusionload import FusionLoadError, load_sources
-from mmfusionload.identify import identify
+from mmfusionload.checkpoint.identify import identify
 
 pytest.importorskip('spconv')
 from openpcdet_modules import PcdetDetector, points, randomize_, save_like_openpcdet  # noqa
@@ -15,7 +15,7 @@ SHAPE = [41, 16, 16]  # z, y, x: the 41-high grid of OpenPCDet's KITTI/nuScenes 
 
 @pytest.fixture(autouse=True)
 def _one_thread(one_thread):
-    from mmfusionload.compat import patch_spconv_cpu_stream
+    from mmfusionload.sparse.compat import patch_spconv_cpu_stream
     patch_spconv_cpu_stream()
     yield
 
@@ -49,7 +49,7 @@ class Target(nn.Module):
         cfg = dict(in_channels=4, sparse_shape=SHAPE, output_channels=128,
                    order=('conv', 'norm', 'act'), norm_cfg=norm, **enc)
         if xyz:
-            from mmfusionload.demo import _bevfusion_sparse_encoder
+            from mmfusionload.cli.demo import _bevfusion_sparse_encoder
             cfg.update(sparse_shape=SHAPE[::-1], encoder_paddings=tuple(
                 _xyz(p) for p in enc['encoder_paddings']))
             self.pts_middle_encoder = _bevfusion_sparse_encoder(**cfg)

@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import _weights_only_unpickler as wou
 
-from mmfusionload import pickle_ops
-from mmfusionload.pickle_ops import OPCODES, OpcodeBudget, UnsafeGlobalError
-from mmfusionload.safe_unpickle import (CheckpointValueError, HistoryBufferState, Storages,
+from mmfusionload.files import pickle_ops
+from mmfusionload.files.pickle_ops import OPCODES, OpcodeBudget, UnsafeGlobalError
+from mmfusionload.files.safe_unpickle import (CheckpointValueError, HistoryBufferState, Storages,
                                         admitted_globals, unpickle)
 
 

@@ -5,7 +5,7 @@ from typing import Dict, List, Tuple
 import pytest
 
 from mmfusionload.errors import FusionLoadError
-from mmfusionload.prefix import COMMON_PREFIXES, Alignment, auto_alignment, compatible
+from mmfusionload.load.prefix import COMMON_PREFIXES, Alignment, auto_alignment, compatible
 
 
 def reference(ckpt_shapes, model_shapes, targets, filename=''):

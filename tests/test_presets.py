@@ -10,8 +10,8 @@ import torch.nn as nn
 from builders import (SECOND_CFG, SECONDFPN_CFG, SPARSE_ENCODER, SWIN_T, BEVFusionLike,
                       ViewTransform, build, manifest, randomize, snapshot, sparse_conv_names)
 from mmfusionload import FusionLoadError, load_sources
-from mmfusionload.presets import get_preset, rename_keys
-from mmfusionload.repairs import convert_kernel
+from mmfusionload.load.presets import get_preset, rename_keys
+from mmfusionload.load.repairs import convert_kernel
 
 pytest.importorskip('spconv')
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from builders import build, randomize
 from mmfusionload import (MODALITIES, REPAIRS, FusionLoadError, Repair, load_sources,
                           register_modality)
-from mmfusionload.repairs import resize_attention_biases, resize_relative_position_table
+from mmfusionload.load.repairs import resize_attention_biases, resize_relative_position_table
 
 
 def test_attention_biases_resize_is_bicubic_over_offset_grid():
@@ -89,7 +89,7 @@ def test_user_registered_repair_and_modality(tmp_path):
 
 def test_register_derived_takes_effect_between_loads(tmp_path):
     """Derived-key decisions follow the pattern lists as they are at each load."""
-    from mmfusionload.repairs.derived import DERIVED_ALWAYS, DERIVED_IF_DIFFERENT
+    from mmfusionload.load.repairs.derived import DERIVED_ALWAYS, DERIVED_IF_DIFFERENT
     from mmfusionload import register_derived
 
     model = nn.Module()

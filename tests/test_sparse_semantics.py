@@ -248,7 +248,7 @@ def test_plain_spconv2_state_dict_loads_back_unchanged(tmp_path):
     for k, v in src.state_dict().items():
         assert torch.equal(got[k], v), k
     assert 'spconv_layout' not in report.sources[0].adapted
-    from mmfusionload.load_from import repair_checkpoint
+    from mmfusionload.load.load_from import repair_checkpoint
     ckpt = {'state_dict': sd}
     rep = repair_checkpoint(ckpt, dst)
     assert not rep.mismatched
@@ -273,7 +273,7 @@ def test_one_layout_per_file_names_both_kernels(tmp_path):
 
 def test_verify_catches_a_wrong_registered_repair(tmp_path):
     from mmfusionload.registry import REPAIRS
-    from mmfusionload.repairs import Repair, module_layout
+    from mmfusionload.load.repairs import Repair, module_layout
 
     class FlipKernel(Repair):
         name = 'flip_kernel'
@@ -298,7 +298,7 @@ def test_verify_catches_a_wrong_registered_repair(tmp_path):
         after = dst.state_dict()
         assert all(torch.equal(after[k], v) for k, v in before.items())
         # the load_from repair leaves such a kernel out, and says why
-        from mmfusionload.load_from import repair_checkpoint
+        from mmfusionload.load.load_from import repair_checkpoint
         ckpt = {'state_dict': OrderedDict(src.state_dict())}
         rep = repair_checkpoint(ckpt, dst)
         assert 'c.weight' not in ckpt['state_dict'] and 'd.weight' in ckpt['state_dict']
@@ -315,7 +315,7 @@ def test_convert_without_model_converts_2d_3d_4d_kernels_by_function(tmp_path):
     """``convert --to-layout spconv2`` without a model: 2-D, 3-D and 4-D sparse kernels of
     an MMCV file (volume 1 included) compute, in spconv 2.x, what MMCV computed; a dense
     Conv2d weight elsewhere is left as it is."""
-    from mmfusionload.convert import convert_checkpoint
+    from mmfusionload.cli.convert import convert_checkpoint
     kinds = ['subm3', 'subm1', 'conv1', 'conv3_s2', 'subm2d3', 'subm2d1', 'subm4d3', 'subm4d1']
     g = torch.Generator().manual_seed(5)
     sd = OrderedDict()
@@ -355,6 +355,6 @@ def test_hook_verify_option_is_every_source_default():
         FusionLoadHook(sources=[dict(checkpoint='a.pth')], verify='yes')
     with pytest.raises(FusionLoadError, match='spatial_order'):
         FusionLoadHook(sources=[dict(checkpoint='a.pth', spatial_order='yxz')])
-    from mmfusionload.cli import parse_source_arg
+    from mmfusionload.cli.commands import parse_source_arg
     assert parse_source_arg('checkpoint=a.pth,verify=false,spatial_order=zyx') == dict(
         checkpoint='a.pth', verify=False, spatial_order='zyx')

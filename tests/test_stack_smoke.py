@@ -13,8 +13,8 @@ import torch
 
 import mmcv
 import mmcv.ops
-from mmfusionload import demo
-from mmfusionload.compat import patch_spconv_cpu_stream, spconv_available
+from mmfusionload.cli import demo
+from mmfusionload.sparse.compat import patch_spconv_cpu_stream, spconv_available
 
 MANIFEST = 'mmdet3d_bevfusion_lidar-cam_spconv2'
 

@@ -6,8 +6,8 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from mmfusionload import pages
-from mmfusionload.reader import read_checkpoint
+from mmfusionload.files import pages
+from mmfusionload.files.reader import read_checkpoint
 
 pytestmark = pytest.mark.skipif(pages.madvise() is None or not osp.exists('/proc/self/smaps'),
                                 reason='needs Linux madvise and /proc')

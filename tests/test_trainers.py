@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from mmfusionload import FusionLoadError, load_sources
-from mmfusionload.trainers import choose_copy, family_of
+from mmfusionload.checkpoint.trainers import choose_copy, family_of
 
 
 def _model():

@@ -113,7 +113,7 @@ def _differs(got, want):
 
 def test_mmengine_ema_file_holds_averaged_state_dict(trained):
     """The MMEngine 0.10.7 fact the package relies on, checked on the real file."""
-    from mmfusionload.reader import read_checkpoint
+    from mmfusionload.files.reader import read_checkpoint
     ckpt = read_checkpoint(trained['ckpt'])
     _same(dict(ckpt['state_dict']), trained['ema'])
     raw = {k[len('module.'):]: v for k, v in ckpt['ema_state_dict'].items()
@@ -204,8 +204,8 @@ def test_hook_rejects_bad_load_from_weights():
 
 def test_raw_copy_keeps_module_metadata(trained):
     """The raw copy's ``_metadata`` (sparse-conv versions live there) keyed like the model."""
-    from mmfusionload.containers import unwrap
-    from mmfusionload.reader import read_checkpoint
+    from mmfusionload.checkpoint.containers import unwrap
+    from mmfusionload.files.reader import read_checkpoint
     ckpt = read_checkpoint(trained['ckpt'])
     raw, auto = unwrap(ckpt, 'x.pth', weights='raw'), unwrap(ckpt, 'x.pth')
     assert raw.container == 'ema_state_dict' and auto.container == 'state_dict'
@@ -214,7 +214,7 @@ def test_raw_copy_keeps_module_metadata(trained):
 
 
 def test_identify_names_the_swapped_copies(trained):
-    from mmfusionload.identify import identify
+    from mmfusionload.checkpoint.identify import identify
     ident = identify(trained['ckpt'])
     assert ident.family.startswith('MMEngine Runner + EMAHook')
     assert ident.copies == [('state_dict', 'EMA weights (auto)'),

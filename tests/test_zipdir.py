@@ -7,7 +7,7 @@ import zipfile
 import pytest
 import torch
 
-from mmfusionload.zipdir import ZipDirectoryError, read_directory
+from mmfusionload.files.zipdir import ZipDirectoryError, read_directory
 
 
 def _zipfile_view(data: bytes):
@@ -127,7 +127,7 @@ def test_directory_errors_name_zipfiles_reason():
 @pytest.mark.parametrize('name', ['torch', 'zip64-directory'])
 def test_zip_members_finds_each_members_bytes(tmp_path, name):
     """The checked members' offsets and sizes give exactly the bytes zipfile reads."""
-    from mmfusionload.reader import zip_members
+    from mmfusionload.files.zipdir import zip_members
     path = tmp_path / 'a.zip'
     path.write_bytes(ARCHIVES[name])
     zf = zipfile.ZipFile(path)
@@ -143,7 +143,8 @@ def test_zip_members_refuses_corrupt_directories_by_name(tmp_path):
     """Flipped directory bytes and a zip64 header offset past any file: a checkpoint
     error (or zipfile's own refusal of a zip version), and for the offset, no local
     header there."""
-    from mmfusionload.reader import CheckpointValueError, CorruptFileError, zip_members
+    from mmfusionload.files.pickle_ops import CheckpointValueError, CorruptFileError
+    from mmfusionload.files.zipdir import zip_members
     data = ARCHIVES['torch']
     start = data.find(b'PK\x01\x02')
     rng = random.Random(1)

@@ -85,7 +85,7 @@ def build_config(args: argparse.Namespace) -> Config:
 def main(argv=None) -> None:
     args = parse_args(argv)
     cfg = build_config(args)
-    from mmfusionload.compat import patch_spconv_cpu_stream
+    from mmfusionload.sparse.compat import patch_spconv_cpu_stream
     patch_spconv_cpu_stream()  # spconv 2.x on a machine without CUDA (no-op with CUDA)
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
     runner.train()

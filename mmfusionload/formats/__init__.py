@@ -1,6 +1,8 @@
 """Key-mapping presets for checkpoints in foreign formats.
 
-Importing this package registers, in ``KEY_PRESETS``:
+Each module registers one format: its key preset (``KEY_PRESETS``) and its fingerprint
+(what :func:`~mmfusionload.checkpoint.identify.identify` recognises it by). Importing
+this package registers:
 
 - ``'mit-bevfusion'``: the original mit-han-lab BEVFusion release -> MMDetection3D's
   ``projects/BEVFusion`` names, sparse kernels in MMCV's ``[*k, in, out]`` layout.
@@ -11,10 +13,11 @@ Importing this package registers, in ``KEY_PRESETS``:
 - ``'openpcdet'``: OpenPCDet ``VoxelBackBone8x``/``VoxelResBackBone8x`` and
   ``BaseBEVBackbone`` -> MMDetection3D ``SparseEncoder``, ``SECOND``, ``SECONDFPN``.
 """
-from .cream import CREAM_EFFICIENTVIT, cream_to_backbone
-from .mit_bevfusion import MIT_BEVFUSION, MIT_BEVFUSION_RULES
-from .openpcdet import OPENPCDET, openpcdet_to_mmdet3d
-from .swin import SWIN_ORIGINAL, swin_original_to_mmdet
+# The import order is the order in which identify tries the formats' fingerprints.
+from .mit_bevfusion import MIT_BEVFUSION, MIT_BEVFUSION_RULES  # isort: skip
+from .openpcdet import OPENPCDET, openpcdet_to_mmdet3d  # isort: skip
+from .swin import SWIN_ORIGINAL, swin_original_to_mmdet  # isort: skip
+from .cream import CREAM_EFFICIENTVIT, cream_to_backbone  # isort: skip
 
 __all__ = [
     'CREAM_EFFICIENTVIT', 'MIT_BEVFUSION', 'MIT_BEVFUSION_RULES', 'OPENPCDET', 'SWIN_ORIGINAL',

@@ -12,7 +12,8 @@ from typing import Dict
 
 import torch
 
-from ..presets import KeyPreset, register_preset
+from ..checkpoint.identify import Fingerprint, having, register_fingerprint, unprefixed
+from ..load.presets import KeyPreset, register_preset
 
 BACKBONE = 'backbone.'
 
@@ -31,3 +32,9 @@ def cream_to_backbone(state: Dict[str, torch.Tensor]) -> 'OrderedDict[str, torch
 
 CREAM_EFFICIENTVIT = register_preset('cream-efficientvit',
                                      KeyPreset(convert=cream_to_backbone))
+
+
+CREAM_EFFICIENTVIT_FINGERPRINT = register_fingerprint(
+    Fingerprint('Cream EfficientViT', 'cream-efficientvit', 'camera',
+                unprefixed(having(r'^patch_embed\.0\.c\.weight',
+                                  r'^blocks\d\.\d+\..*attention_biases', all_of=True))))

@@ -7,7 +7,8 @@ built from ``nn.MultiheadAttention``/``nn.Linear``/``nn.LayerNorm`` named like P
 ``[kD, kH, kW, in, out]`` (MMCV's layout); the spconv-layout repair permutes them when
 the live model runs spconv 2.x.
 """
-from ..presets import KeyPreset, register_preset
+from ..checkpoint.identify import Fingerprint, having, register_fingerprint
+from ..load.presets import KeyPreset, register_preset
 
 # A decoder layer of the object head, before or after the top-level rename.
 _LAYER = r'^((?:heads\.object|bbox_head)\.decoder\.\d+\.)'
@@ -35,3 +36,9 @@ MIT_BEVFUSION_RULES = [
 
 MIT_BEVFUSION = register_preset('mit-bevfusion',
                                 KeyPreset(MIT_BEVFUSION_RULES, spconv_layout='mmcv'))
+
+
+MIT_BEVFUSION_FINGERPRINT = register_fingerprint(
+    Fingerprint('mit-han-lab BEVFusion', 'mit-bevfusion', None,
+                having(r'^encoders\.(lidar|camera)\.', r'^fuser\.', r'^decoder\.backbone\.',
+                       r'^heads\.object\.', least=1)))

@@ -13,7 +13,8 @@ from typing import Dict
 
 import torch
 
-from ..presets import KeyPreset, register_preset
+from ..checkpoint.identify import Fingerprint, having, register_fingerprint, unprefixed
+from ..load.presets import KeyPreset, register_preset
 
 _ORIGINAL = re.compile(r'^(layers\.\d+\.|patch_embed\.proj\.)')
 _DROP = re.compile(r'^(head\.|norm\.)|(^|\.)attn_mask$')
@@ -46,3 +47,10 @@ SWIN_ORIGINAL = register_preset(
     'swin-original',
     KeyPreset(new_keys=[r'(^|(^|\.)(img_)?backbone\.)norm\d+\.(weight|bias)$'],
               convert=swin_original_to_mmdet))
+
+
+SWIN_ORIGINAL_FINGERPRINT = register_fingerprint(
+    Fingerprint('Microsoft Swin', 'swin-original', 'camera',
+                unprefixed(having(
+                    r'^layers\.\d+\.blocks\.\d+\.attn\.relative_position_bias_table',
+                    r'^patch_embed\.proj\.weight', all_of=True))))

@@ -8,11 +8,11 @@ from mmengine.logging import print_log
 from mmengine.registry import HOOKS
 
 from ..errors import FusionLoadError
-from ..load_from import fill_targets_of, repair_checkpoint
-from ..loading import load_sources, unwrap_model
-from ..reader import install_checkpoint_loader
+from ..load.load_from import fill_targets_of, repair_checkpoint
+from ..load.pipeline import load_sources, unwrap_model
+from ..files.reader import install_checkpoint_loader
 from ..report import LoadReport, compress_keys
-from ..source import SourceSpec, parse_source, source_list
+from ..load.source import SourceSpec, parse_source, source_list
 
 
 @HOOKS.register_module()
@@ -56,7 +56,7 @@ class FusionLoadHook(Hook):
         verify (bool | str): Default ``verify`` of the sources that do not set
             it: ``'auto'`` checks by function every sparse conv a
             function-changing repair touched, ``True`` every sparse conv
-            loaded, ``False`` none. See :mod:`mmfusionload.verify`.
+            loaded, ``False`` none. See :mod:`mmfusionload.sparse.verify`.
 
     Example:
         >>> custom_imports = dict(imports=['mmfusionload'])

@@ -256,7 +256,7 @@ class EfficientViT(BaseModule):
             ``blocks1``..``blocks{i}``. Defaults to -1.
         norm_eval (bool): Keep BN layers in eval mode while training. Defaults to False.
         init_cfg (dict, optional): ``dict(type='Pretrained', checkpoint=...)`` loads
-            through :func:`mmfusionload.loading.load_sources`. Defaults to None.
+            through :func:`mmfusionload.load.pipeline.load_sources`. Defaults to None.
     """
 
     def __init__(self,
@@ -360,14 +360,14 @@ class EfficientViT(BaseModule):
         MMEngine's default initialisation.
 
         Other keys of the ``Pretrained`` dict are source options of
-        :func:`~mmfusionload.loading.load_sources` (``prefer_ema=True``, ``strict``,
+        :func:`~mmfusionload.load.pipeline.load_sources` (``prefer_ema=True``, ``strict``,
         ``exclude``...; unknown ones are an error). MMEngine's ``prefix='backbone.'``
         means: only the keys under that prefix, without it. ``map_location`` is
         accepted and ignored (tensors are read on CPU and copied into the live ones).
         """
         cfg = self.init_cfg
         if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
-            from mmfusionload.loading import load_sources
+            from mmfusionload.load.pipeline import load_sources
             load_sources(self, sources=[pretrained_source(cfg)])
             self._is_init = True
         else:
@@ -375,7 +375,7 @@ class EfficientViT(BaseModule):
 
 
 def pretrained_source(init_cfg: dict) -> dict:
-    """The :func:`~mmfusionload.loading.load_sources` source of a ``Pretrained`` init_cfg."""
+    """The :func:`~mmfusionload.load.pipeline.load_sources` source of a ``Pretrained`` init_cfg."""
     src = {k: v for k, v in init_cfg.items() if k not in ('type', 'map_location')}
     prefix = src.get('prefix')
     if isinstance(prefix, str) and prefix != 'auto':

@@ -166,7 +166,7 @@ def _no_output(d: str, out: str) -> List[str]:
 
 
 def run_convert(case, path: str, d: str) -> List[str]:
-    from mmfusionload.convert import convert_checkpoint
+    from mmfusionload.cli.convert import convert_checkpoint
     out = osp.join(d, 'converted.pth')
     problems = _expect_error(lambda: convert_checkpoint(path, out), path, case.key)
     return problems + _no_output(d, out)
@@ -174,7 +174,7 @@ def run_convert(case, path: str, d: str) -> List[str]:
 
 def run_merge(case, path: str, d: str) -> List[str]:
     from hostile_cases import HostileTiny
-    from mmfusionload.merge import merge_into
+    from mmfusionload.cli.merge import merge_into
     model = HostileTiny()
     snap = snapshot(model)
     out = osp.join(d, 'merged.pth')
@@ -186,7 +186,7 @@ def run_merge(case, path: str, d: str) -> List[str]:
 
 
 def run_inspect(case, path: str, d: str) -> List[str]:
-    from mmfusionload.cli import main
+    from mmfusionload.cli.commands import main
     cfg = osp.join(d, 'inspect_cfg.py')
     with open(cfg, 'w') as f:
         f.write("model = dict(type='HostileTiny')\ndefault_scope = 'mmengine'\n")

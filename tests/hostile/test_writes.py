@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from mmfusionload.convert import META_NODES, atomic_write, plain_metadata
+from mmfusionload.files.writer import META_NODES, atomic_write, plain_metadata
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 
@@ -32,7 +32,7 @@ def test_plain_metadata_is_bounded_and_plain():
 
 _CHILD = r'''
 import os, signal, sys
-from mmfusionload.convert import atomic_write
+from mmfusionload.files.writer import atomic_write
 def writer(tmp):
     with open(tmp, 'wb') as f:
         f.write(b'partial')

@@ -1,0 +1,1 @@
+"""What a checkpoint file holds: trainer families and their copies, containers, formats."""

@@ -1,0 +1,340 @@
+"""Rewrite a checkpoint into the names and sparse-kernel layout a target model expects.
+
+Two ways:
+
+- with a model (``mmfusionload convert --config``): the model decides. The source is
+  planned against it exactly as :func:`~mmfusionload.load_sources` would
+  (:func:`~mmfusionload.plan_source`, every repair, strictness), and the tensors
+  written are what the load would copy into the model (``Entry.materialize``);
+  ``_metadata`` is the model's own.
+- without a model: a preset's renames, a prefix strip/add, and a sparse-kernel
+  permutation between ``spconv2`` ``[out, *k, in]`` and ``mmcv`` ``[*k, in, out]``.
+  Without a model a sparse kernel is recognised as a 5-D ``*.weight`` (BEVFusion and
+  MMDetection3D's LiDAR encoders have no dense ``Conv3d``); its kernel dims must fit.
+
+Files are written atomically (a temporary file in the destination's folder, then
+``os.replace``); the source file is never the destination.
+"""
+import os.path as osp
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..checkpoint.containers import Unwrapped, unwrap
+from ..errors import FusionLoadError
+from ..load.pipeline import plan_source, read_source, validate
+from ..load.presets import get_preset, rename_keys
+from ..files.reader import read_checkpoint
+from ..files.writer import check_destination, plain_metadata, save_checkpoint
+from ..load.repairs.spconv_layout import (LAYOUT_VERSION, LAYOUTS, MMCV, SPCONV2, convert_kernel,
+                                    layout_of_version, module_layout, module_pointwise)
+from ..sparse.layouts import LAYOUT_DEFS, volume
+from ..report import SourceReport
+from ..load.source import parse_source
+
+# Largest kernel extent taken for a sparse-conv kernel dim when there is no model.
+MAX_KERNEL = 7
+Progress = Optional[Callable[[str, int], Callable[[], None]]]
+
+
+@dataclass
+class Converted:
+    """A converted checkpoint, ready to write.
+
+    Args:
+        state (OrderedDict): Tensors, with ``_metadata``.
+        meta (dict): The checkpoint's ``meta`` (kept) plus a ``mmfusionload`` entry.
+        report (SourceReport, optional): The plan's report (with a model).
+        sparse (dict): Key -> (layout in the file, layout written) of sparse kernels.
+        notes (list[str]): Remarks for the user.
+    """
+    state: 'OrderedDict[str, torch.Tensor]'
+    meta: Dict[str, Any]
+    report: Optional[SourceReport] = None
+    sparse: Dict[str, tuple] = field(default_factory=dict)
+    notes: List[str] = field(default_factory=list)
+
+
+def _sparse_readings(shape: Sequence[int]) -> List[str]:
+    """Layouts under which a tensor reads as a sparse kernel whose kernel dims are
+    all in ``1..MAX_KERNEL`` (2-D, 3-D and 4-D kernels: 4-, 5- and 6-D tensors)."""
+    if len(shape) not in (4, 5, 6):
+        return []
+    return [lay for lay in LAYOUTS
+            if all(1 <= d <= MAX_KERNEL for d in LAYOUT_DEFS[lay].geometry(shape).kernel)]
+
+
+def _dense_conv2d(shape: Sequence[int]) -> bool:
+    """Whether a 4-D tensor also reads as a dense ``Conv2d`` weight ``[out, in, kh, kw]``."""
+    return len(shape) == 4 and all(1 <= d <= MAX_KERNEL for d in shape[2:])
+
+
+def sparse_kernels_without_model(keys_shapes: Dict[str, Tuple[int, ...]]) -> Dict[str, List[str]]:
+    """Which ``*.weight`` tensors are sparse kernels, without a model: key -> readings.
+
+    5-D and 6-D weights are sparse (3-D, 4-D) kernels (BEVFusion and
+    MMDetection3D's LiDAR encoders hold no dense ``Conv3d``; torch has no
+    ``Conv4d``). A 4-D weight is a 2-D sparse kernel when it cannot be a dense
+    ``Conv2d`` weight, or when it also reads as one but sits under the same
+    top-level module as a certain sparse kernel.
+    """
+    readings = {k: _sparse_readings(s) for k, s in keys_shapes.items()
+                if k.endswith('.weight') and _sparse_readings(s)}
+    sure = {k.split('.', 1)[0] for k, s in keys_shapes.items()
+            if k in readings and not _dense_conv2d(s)}
+    return {k: r for k, r in readings.items()
+            if not _dense_conv2d(keys_shapes[k]) or k.split('.', 1)[0] in sure}
+
+
+def decide_layout_without_model(kernels: Dict[str, Tuple[int, ...]],
+                                readings: Dict[str, List[str]],
+                                versions: Dict[str, Optional[int]], option: str,
+                                filename: str) -> Tuple[Optional[str], List[str]]:
+    """The layout of a file's sparse kernels, without a model.
+
+    ``option`` wins; otherwise the kernels that read in one layout only and
+    ``_metadata`` version 2 decide for the whole file. Two kernels proving
+    different layouts are an error naming both.
+
+    Returns:
+        tuple: ``(layout or None, keys that fit both layouts)``.
+
+    Raises:
+        FusionLoadError: The option does not fit a kernel, or two kernels disagree.
+    """
+    if option in LAYOUTS:
+        bad = [k for k in kernels if option not in readings[k]]
+        if bad:
+            raise FusionLoadError(
+                [f'{filename}: {k}: shape {list(kernels[k])} is not a {option} sparse kernel '
+                 f'({LAYOUT_DEFS[option].stored} with kernel dims <= {MAX_KERNEL}); pass '
+                 '--config to let the model decide' for k in bad[:5]], 'bad layout')
+        return option, []
+    proof: Dict[str, str] = {}
+    for k, shape in kernels.items():
+        if layout_of_version(versions.get(k)) == SPCONV2 and SPCONV2 in readings[k]:
+            proof.setdefault(SPCONV2, f'{k} has _metadata version 2')
+        if len(readings[k]) == 1:
+            only = readings[k][0]
+            proof.setdefault(only, f'{k} {list(shape)} reads only as {only} '
+                                   f'{LAYOUT_DEFS[only].stored}')
+    if len(proof) == 2:
+        raise FusionLoadError(
+            [f'{filename}: the sparse kernels of this file disagree on their layout: '
+             f'{proof[SPCONV2]}, but {proof[MMCV]}; pass --spconv-layout or --config'],
+            'ambiguous layout')
+    if proof:
+        return next(iter(proof)), []
+    return None, [k for k in kernels if len(readings[k]) > 1]
+
+
+def convert_state(ckpt: Unwrapped,
+                  preset: Optional[str] = None,
+                  strip_prefix: Optional[str] = None,
+                  add_prefix: Optional[str] = None,
+                  spconv_layout: str = 'auto',
+                  to_layout: Optional[str] = None,
+                  filename: str = '') -> Converted:
+    """Rename and re-layout a checkpoint without a model.
+
+    Args:
+        ckpt (Unwrapped): The source's tensors.
+        preset (str, optional): A registered key preset.
+        strip_prefix (str, optional): Removed from the keys that start with it.
+        add_prefix (str, optional): Prepended to every key (after stripping).
+        spconv_layout (str): Layout of the file's sparse kernels: ``'auto'`` (the
+            preset's, else ``_metadata``, else the shape), ``'spconv2'`` or ``'mmcv'``.
+        to_layout (str, optional): Layout to write (default: as in the file).
+        filename (str): For messages.
+
+    Returns:
+        Converted: The tensors and metadata.
+    """
+    p = get_preset(preset) if preset else None
+    state: Mapping[str, torch.Tensor] = ckpt.state
+    if p is not None and p.convert is not None:
+        state = p.convert(dict(state))
+    if spconv_layout == 'auto' and p is not None and p.spconv_layout:
+        spconv_layout = p.spconv_layout
+    mapping = rename_keys(list(state), (), p, filename)  # new -> file key
+    if strip_prefix and not any(k.startswith(strip_prefix) for k in mapping):
+        raise FusionLoadError([f'{filename}: no key starts with {strip_prefix!r} '
+                               f'(keys look like {", ".join(list(mapping)[:3])})'],
+                              'bad prefix')
+    out: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
+    file_key: Dict[str, str] = {}
+    problems = []
+    for new, old in mapping.items():
+        key = new
+        if strip_prefix and key.startswith(strip_prefix):
+            key = key[len(strip_prefix):]
+        key = (add_prefix or '') + key
+        if key in file_key:
+            problems.append(f'{filename}: {file_key[key]!r} and {old!r} both become {key!r}')
+            continue
+        file_key[key] = old
+        out[key] = state[old]
+    if problems:
+        raise FusionLoadError(problems, 'key collision')
+
+    metadata: 'OrderedDict[str, dict]' = OrderedDict()
+    src_meta = ckpt.metadata
+    for key, old in file_key.items():
+        mod, old_mod = key.rpartition('.')[0], old.rpartition('.')[0]
+        if old_mod in src_meta and mod not in metadata:
+            metadata[mod] = dict(src_meta[old_mod])
+    result = Converted(out, {})
+    shapes = {k: tuple(t.shape) for k, t in out.items()}
+    readings = sparse_kernels_without_model(shapes)
+    kernels = {k: shapes[k] for k in readings}
+    versions = {k: (src_meta.get(file_key[k].rpartition('.')[0]) or {}).get('version')
+                for k in kernels}
+    src, undecided = decide_layout_without_model(kernels, readings, versions, spconv_layout,
+                                                 filename)
+    if undecided and to_layout:
+        raise FusionLoadError(
+            [f'{filename}: cannot tell the layout of {len(undecided)} sparse kernel(s) '
+             f'({", ".join(undecided[:3])}) from the shape, and no kernel of the file decides; '
+             'pass --spconv-layout spconv2|mmcv or --config'], 'ambiguous layout')
+    if undecided:
+        result.notes.append(f'{len(undecided)} sparse kernel(s) of unknown layout written as '
+                            'they are, without a layout version')
+    pointwise = 0
+    for key in kernels if src is not None else ():
+        t, mod = out[key], key.rpartition('.')[0]
+        dst = to_layout or src
+        if dst != src:
+            pointwise += volume(LAYOUT_DEFS[src].geometry(t.shape).kernel) == 1
+            out[key] = convert_kernel(t, src, dst)
+        result.sparse[key] = (src, dst)
+        metadata.setdefault(mod, {})['version'] = LAYOUT_VERSION[dst]
+    if pointwise:
+        result.notes.append(
+            f'{pointwise} volume-1 kernel(s) converted as spconv 2.x reads a submanifold or '
+            'stride-1 one (its conv1x1 path); for a volume-1 conv with stride > 1 pass --config')
+    dense = [k for k, s in shapes.items() if k.endswith('.weight') and k not in kernels
+             and _dense_conv2d(s) and _sparse_readings(s)]
+    if dense and to_layout:
+        result.notes.append(
+            f'{len(dense)} 4-D weight(s) read as dense Conv2d weights and left as they are '
+            f'({", ".join(dense[:3])}); if they are 2-D sparse kernels, pass --config')
+    out._metadata = metadata  # type: ignore[attr-defined]
+    return result
+
+
+# ---------------------------------------------------------------- with a model
+
+def convert_with_model(model: nn.Module,
+                       source: Dict[str, Any],
+                       to_layout: Optional[str] = None,
+                       progress: Progress = None) -> Converted:
+    """What :func:`~mmfusionload.load_sources` would copy into ``model``, as a state dict.
+
+    Args:
+        model (nn.Module): The target model.
+        source (dict): One source (``checkpoint``, ``preset``, ``prefix``,
+            ``spconv_layout``, ``modality``...).
+        to_layout (str, optional): Write sparse kernels in this layout instead of
+            the model's (for an install with the other sparse-conv backend).
+        progress: ``progress(description, total)`` returning an ``advance()``.
+
+    Returns:
+        Converted: Tensors under the model's names in the model's layout (or
+        ``to_layout``), regenerated tensors with the model's own values, and the
+        model's ``_metadata``.
+
+    Raises:
+        FusionLoadError: Anything the load would refuse.
+    """
+    spec = parse_source(dict(source))
+    ckpt = read_source(spec)
+    model_state = dict(model.state_dict(keep_vars=True))
+    plan = plan_source(model, spec, ckpt, model_state)
+    problems = validate([plan])
+    if problems:
+        err = FusionLoadError(problems, 'the checkpoint does not fit the model; nothing written')
+        err.report = plan.report  # type: ignore[attr-defined]
+        raise err
+    entries = {e.key: e for e in plan.entries}
+    advance = progress('materializing', len(entries)) if progress else (lambda: None)
+    state: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
+    result = Converted(state, dict(ckpt.meta), plan.report)
+    model_meta = getattr(model.state_dict(), '_metadata', None) or {}
+    metadata = OrderedDict((k, dict(v)) for k, v in model_meta.items())
+    for key in model_state:
+        e = entries.get(key)
+        if e is None:
+            continue
+        t = e.materialize() if e.skip is None else e.target
+        t = t.detach().clone() if t is e.source or t is e.target else t.detach()
+        layout = module_layout(e.module)
+        if layout is not None and e.param_name == 'weight' and t.dim() >= 3:
+            dst = to_layout or layout
+            if dst != layout:
+                t = convert_kernel(t, layout, dst, module_pointwise(e.module))
+            result.sparse[key] = (layout, dst)
+            metadata.setdefault(e.module_name, {})['version'] = LAYOUT_VERSION[dst]
+        state[key] = t
+        advance()
+    state._metadata = metadata  # type: ignore[attr-defined]
+    return result
+
+
+def convert_checkpoint(src: str,
+                       dst: str,
+                       preset: Optional[str] = None,
+                       spconv_layout: str = 'auto',
+                       to_layout: Optional[str] = None,
+                       strip_prefix: Optional[str] = None,
+                       add_prefix: Optional[str] = None,
+                       model: Optional[nn.Module] = None,
+                       source_options: Optional[Dict[str, Any]] = None,
+                       trust_checkpoint: bool = False,
+                       weights: str = 'auto',
+                       progress: Progress = None,
+                       extra_meta: Optional[Dict[str, Any]] = None) -> Converted:
+    """Convert ``src`` and write it to ``dst`` (atomically; never over ``src``).
+
+    With ``model`` the model decides names and layout (see
+    :func:`convert_with_model`); ``strip_prefix``/``add_prefix`` then become the
+    source's explicit ``prefix`` rewrite and ``source_options`` (``modality``,
+    ``modules``, ``strict``, ``exclude``...) are passed through. Without it see
+    :func:`convert_state`. The checkpoint's ``meta`` is kept, with a
+    ``mmfusionload`` entry recording the conversion. ``weights`` picks the copy of
+    the weights (``'auto'``, ``'ema'``, ``'raw'``; see
+    :func:`~mmfusionload.checkpoint.trainers.choose_copy`).
+
+    Returns:
+        Converted: What was written.
+    """
+    if to_layout is not None and to_layout not in LAYOUTS:
+        raise FusionLoadError([f'--to-layout must be spconv2 or mmcv, got {to_layout!r}'],
+                              'bad option')
+    check_destination(dst, [src])
+    if model is not None:
+        source = dict(source_options or {}, checkpoint=src, spconv_layout=spconv_layout,
+                      trust_checkpoint=trust_checkpoint, weights=weights)
+        if preset:
+            source['preset'] = preset
+        if strip_prefix or add_prefix:
+            source['prefix'] = {strip_prefix or '': add_prefix or ''}
+        result = convert_with_model(model, source, to_layout, progress)
+        copy = result.report.weights if result.report is not None else ''
+    else:
+        ckpt = unwrap(read_checkpoint(src, trust_checkpoint=trust_checkpoint), src,
+                      weights=weights)
+        result = convert_state(ckpt, preset, strip_prefix, add_prefix, spconv_layout,
+                               to_layout, src)
+        result.meta = dict(ckpt.meta)
+        copy = ckpt.copy
+    result.meta = plain_metadata(result.meta, result.notes)
+    layouts = sorted({d for _, d in result.sparse.values()})
+    result.meta['mmfusionload'] = dict(
+        converted_from=osp.abspath(src), preset=preset,
+        spconv_layout=layouts[0] if len(layouts) == 1 else (layouts or None),
+        verified_against_model=model is not None, weights=copy or None, **(extra_meta or {}))
+    save_checkpoint(dst, result.state, result.meta)
+    return result

@@ -1,0 +1,510 @@
+"""Load several checkpoints into one model, each into its own submodules.
+
+The pipeline, top to bottom: read -> unwrap -> rename -> select modality ->
+plan against the model -> validate -> apply -> report. Nothing is written
+into the model until every source has been planned and validated. A file
+several sources name is read once; each source unwraps and plans on its own.
+"""
+import os.path as osp
+import re
+from contextlib import closing, contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field, replace
+from typing import (Any, Callable, Dict, Hashable, Iterable, Iterator, List, Optional, Sequence,
+                    Union)
+
+import torch
+import torch.nn as nn
+from mmengine.logging import print_log
+from mmengine.model import is_model_wrapper
+
+from ..checkpoint.containers import Unwrapped, shape_of, unwrap
+from ..files.lazy import is_lazy
+from .distributed import read_all
+from ..errors import FusionLoadError
+from ..checkpoint.identify import auto_preset, identify_state
+from .modality import resolve_targets
+from .prefix import Alignment, auto_alignment, explicit_alignment
+from .presets import KeyPreset, get_preset, rename_keys
+from ..files.pages import sweep
+from ..files.reader import read_checkpoint, release_pages
+from .repairs import (Entry, Mapped, RepairProblem, SourceContext, may_be_absent,
+                      repairs_in_order, run_repairs)
+from ..report import (LoadReport, SourceReport, compress_keys, overlap_problems,
+                     size_mismatch_problems)
+from .source import SourceSpec, parse_source, source_list
+from ..sparse.verify import verify_plans
+from .values import entry_problem
+
+SourceLike = Union[SourceSpec, Dict[str, Any]]
+
+
+@dataclass
+class SourcePlan:
+    """Everything one source would write, checked but not yet applied."""
+    spec: SourceSpec
+    report: SourceReport
+    entries: List[Entry] = field(default_factory=list)
+    problems: List[str] = field(default_factory=list)
+
+    @property
+    def to_load(self) -> List[Entry]:
+        return [e for e in self.entries if e.skip is None]
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside a DDP/FSDP/MMEngine wrapper."""
+    return model.module if is_model_wrapper(model) else model
+
+
+def _under(key: str, targets: Sequence[str]) -> Optional[str]:
+    for t in targets:
+        if t == '' or key == t or key.startswith(t + '.'):
+            return t
+    return None
+
+
+# Files read during one load, shared by the sources that name them (see ``reading_once``).
+_FILES: ContextVar[Optional[Dict[Hashable, Any]]] = ContextVar('mmfusionload_files',
+                                                                 default=None)
+_UNREAD = object()
+
+
+def read_key(spec: SourceSpec) -> Hashable:
+    """What makes two sources one read: the file (a local path resolved, a URI as given)
+    and the options that change what reading returns (``trust_checkpoint``).
+
+    Unwrapping options (``weights``...) are not part of it: each source unwraps
+    the shared result on its own.
+    """
+    path = osp.expanduser(spec.checkpoint)
+    where = osp.realpath(path) if osp.exists(path) else spec.checkpoint
+    return where, bool(spec.trust_checkpoint)
+
+
+@contextmanager
+def reading_once() -> Iterator[Dict[Hashable, Any]]:
+    """Within the block, :func:`read_source` reads each file once, however many sources
+    name it; what was read is dropped when the block ends (the sources' tensors stay
+    alive as long as the sources do)."""
+    token = _FILES.set({})
+    try:
+        yield _FILES.get()  # type: ignore[misc]
+    finally:
+        _FILES.reset(token)
+
+
+def _under_any(targets: Sequence[str]) -> Callable[[str], bool]:
+    """``lambda key: _under(key, targets) is not None``, one C call a key."""
+    if '' in targets:
+        return lambda key: True
+    names, prefixes = frozenset(targets), tuple(t + '.' for t in targets)
+    return lambda key: key in names or key.startswith(prefixes)
+
+
+def _targeted(model_state: Dict[str, torch.Tensor], targets: Sequence[str]
+              ) -> Dict[str, torch.Tensor]:
+    """The model tensors under ``targets`` (what :func:`_under` finds, in one C call a key)."""
+    if '' in targets:
+        return dict(model_state)
+    under = _under_any(targets)
+    return {k: v for k, v in model_state.items() if under(k)}
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module:
+    """``model.get_submodule(name)`` for a name taken from the model's own state dict
+    (every part is a child module), by plain dict lookups."""
+    mod = model
+    for part in name.split('.') if name else ():
+        mod = mod._modules[part]  # type: ignore[assignment]
+    return mod
+
+
+def read_source(spec: SourceSpec) -> Unwrapped:
+    """Read and unwrap one source's checkpoint (on CPU, memory-mapped when possible).
+
+    Inside :func:`reading_once`, a file another source already read is not read again
+    (nor mapped again), and sources with the same unwrapping options (``weights``)
+    share one unwrapped state: their tensors are the same objects.
+    """
+    files = _FILES.get()
+    key = read_key(spec) if files is not None else None
+    raw = files.get(key, _UNREAD) if files is not None else _UNREAD
+    if raw is _UNREAD:
+        try:
+            raw = read_checkpoint(spec.checkpoint, map_location='cpu',
+                                  trust_checkpoint=spec.trust_checkpoint)
+        except FusionLoadError as e:
+            if files is not None:
+                files[key] = e
+            raise
+        if files is not None:
+            files[key] = raw
+    if isinstance(raw, FusionLoadError):  # the same file failed for an earlier source
+        raise FusionLoadError(list(raw.problems), raw.title)
+    if files is None:
+        return unwrap(raw, spec.checkpoint, prefer_ema=spec.prefer_ema, weights=spec.weights)
+    # unwrapping depends on the source's own options: shared only between equal ones
+    ukey = ('unwrapped', key, spec.weights, bool(spec.prefer_ema))
+    if ukey not in files:
+        files[ukey] = unwrap(raw, spec.checkpoint, prefer_ema=spec.prefer_ema,
+                             weights=spec.weights)
+    return files[ukey]
+
+
+def plan_source(model: nn.Module,
+                spec: SourceSpec,
+                ckpt: Unwrapped,
+                model_state: Optional[Dict[str, torch.Tensor]] = None) -> SourcePlan:
+    """Plan one source against the live model.
+
+    Args:
+        model (nn.Module): The unwrapped model.
+        spec (SourceSpec): The source.
+        ckpt (Unwrapped): Its checkpoint tensors.
+        model_state (dict, optional): ``model.state_dict(keep_vars=True)``,
+            shared between sources.
+
+    Returns:
+        SourcePlan: Entries, report and problems (none raised here).
+    """
+    fname = spec.checkpoint
+    report = SourceReport(fname, spec.label, container=ckpt.container,
+                          stripped=list(ckpt.stripped), family=ckpt.family,
+                          weights=ckpt.copy)
+    report.skipped = list(ckpt.skipped)
+    all_shapes = ckpt.shapes()
+    if 'identity' not in ckpt.cache:  # the same for every source sharing ckpt
+        ckpt.cache['identity'] = identify_state(fname, all_shapes, ckpt.metadata).one_line()
+    report.identity = ckpt.cache['identity']
+    plan = SourcePlan(spec, report)
+    try:
+        targets = resolve_targets(model, spec.modality, spec.modules)
+        if spec.preset == 'auto':
+            if 'auto_preset' not in ckpt.cache:
+                try:
+                    ckpt.cache['auto_preset'] = auto_preset(list(ckpt.state), fname)
+                except FusionLoadError as e:
+                    ckpt.cache['auto_preset'] = e
+            found = ckpt.cache['auto_preset']
+            if isinstance(found, FusionLoadError):
+                raise FusionLoadError(list(found.problems), found.title)
+            spec = replace(spec, preset=found)
+            report.identity += f'; preset=auto -> {spec.preset or "none"}'
+        preset: Optional[KeyPreset] = get_preset(spec.preset) if spec.preset else None
+    except FusionLoadError as e:
+        plan.problems += [f'{fname}: {p}' for p in e.problems]
+        return plan
+    report.targets = targets
+    if preset is not None and preset.spconv_layout and spec.spconv_layout == 'auto':
+        spec = replace(spec, spconv_layout=preset.spconv_layout)
+    state = ckpt.state
+    if preset is not None and preset.convert is not None:
+        state = preset.convert(dict(state))
+    if model_state is None:
+        model_state = dict(model.state_dict(keep_vars=True))
+    targeted = _targeted(model_state, targets)
+
+    try:
+        renamed = rename_keys(list(state), spec.rename, preset, fname)
+        if state is ckpt.state:
+            shapes = {new: all_shapes[old] for new, old in renamed.items()}
+        else:
+            shapes = ({new: shape_of(state, old) for new, old in renamed.items()}
+                      if is_lazy(state) else
+                      {new: tuple(state[old].shape) for new, old in renamed.items()})
+        tshapes = {k: tuple(v.shape) for k, v in targeted.items()}
+        if spec.prefix == 'auto':
+            align: Alignment = auto_alignment(shapes, tshapes, targets, fname)
+        else:
+            align = explicit_alignment(list(shapes), spec.prefix, shapes, tshapes, fname)
+            if align.names == 0:
+                raise FusionLoadError(
+                    [f'{fname}: prefix {spec.prefix} places no tensor on the targeted '
+                     f'modules ({", ".join(targets)})'], 'no matching keys')
+    except FusionLoadError as e:
+        plan.problems += e.problems
+        return plan
+    report.prefix = align.describe()
+    report.ignored = len(state) - len(align.mapping)
+
+    excludes = [re.compile(p) for p in spec.exclude]
+    modules: Dict[str, nn.Module] = {}
+    versions: Dict[str, Optional[int]] = {}
+    context = SourceContext(fname, spec, model, meta=dict(ckpt.meta or {}))
+    if preset is not None and preset.orders is not None:
+        context.orders = preset.orders(dict(all_shapes))
+    under_any = _under_any(targets)
+    mapped, entries = context.mapped, plan.entries
+    for key, new in align.mapping.items():
+        file_key = renamed[new]
+        target = targeted.get(key)
+        if target is None:  # every targeted key is under a target
+            if under_any(key):
+                report.unexpected.append(key)
+            else:
+                report.ignored += 1
+            continue
+        mod_name = key.rpartition('.')[0]
+        module = modules.get(mod_name)
+        if module is None:
+            module = modules[mod_name] = _submodule(model, mod_name)
+        file_mod = mod_name if file_key == key else file_key.rpartition('.')[0]
+        if file_mod in versions:
+            version = versions[file_mod]
+        else:
+            version = versions[file_mod] = (ckpt.metadata.get(file_mod) or {}).get('version')
+        mapped.append(Mapped(key, file_key, shapes[new], module, mod_name, version))
+        if excludes and any(p.search(key) for p in excludes):
+            report.excluded.append(key)
+            continue
+        entries.append(Entry(key, file_key, state[file_key], target, module, mod_name,
+                             version, spec, fname, context=context))
+
+    repairs = repairs_in_order()
+    sizes: List[tuple] = []
+    loaded, regenerated, adapted = report.loaded, report.regenerated, report.adapted
+    for e in entries:
+        try:
+            run_repairs(e, repairs)
+        except RepairProblem as err:
+            if str(err) not in plan.problems:  # a file-level problem, raised by each kernel
+                plan.problems.append(str(err))
+            report.mismatched.append(f'{e.key}: {list(e.source.shape)} vs '
+                                     f'{list(e.target.shape)}')
+            e.skip = 'error'
+            continue
+        if e.skip:
+            regenerated.append(e.key)
+        elif e.shape != tuple(e.target.shape):
+            sizes.append((e.key, e.file_key, list(e.source.shape), list(e.target.shape)))
+            report.mismatched.append(f'{e.key}: {list(e.source.shape)} vs '
+                                     f'{list(e.target.shape)}')
+            e.skip = 'error'
+        else:
+            loaded.append(e.key)
+            for name, _ in e.steps:
+                adapted.setdefault(name, []).append(e.key)
+
+    plan.problems += size_mismatch_problems(
+        fname, sizes, lambda k: _under(k, targets) or k.split('.', 1)[0])
+    _account(plan, targets, targeted, preset, excludes)
+    return plan
+
+
+def _provided(entries: Sequence[Entry], targets: Sequence[str]) -> set:
+    """``{_under(e.key, targets) for e in entries}``, found once per module.
+
+    A key that is no target name is under the target its module name (all
+    before its last dot) is under: the answer of one key holds for its module.
+    """
+    names, found = set(targets), set()
+    of_module: Dict[str, Optional[str]] = {}
+    for e in entries:
+        key = e.key
+        if key in names:
+            found.add(_under(key, targets))
+            continue
+        mod = key.rpartition('.')[0]
+        if mod not in of_module:
+            of_module[mod] = _under(key, targets)
+    return found.union(of_module.values())
+
+
+def _holds(targeted: Dict[str, torch.Tensor], target: str) -> bool:
+    """``bool(_targeted(targeted, [target]))``, stopping at the first key."""
+    return any(map(_under_any([target]), targeted))
+
+
+def _account(plan: SourcePlan, targets: List[str], targeted: Dict[str, torch.Tensor],
+             preset: Optional[KeyPreset], excludes) -> None:
+    """Fill kept / missing / new and the strictness problems of a plan."""
+    report, spec = plan.report, plan.spec
+    provided = _provided(plan.entries, targets)
+    report.kept = [t for t in targets if t not in provided and _holds(targeted, t)]
+    if not provided - {None}:
+        plan.problems.append(f'{spec.checkpoint}: provides nothing for the targeted '
+                             f'modules ({", ".join(t or "<model>" for t in targets)})')
+        return
+    if spec.strict == 'all' and report.kept:
+        plan.problems.append(f'{spec.checkpoint}: strict="all" but nothing arrives for '
+                             f'{", ".join(report.kept)}')
+    arrived = {e.key for e in plan.entries}
+    for key in targeted:
+        if key in arrived or _under(key, targets) not in provided:
+            continue
+        if any(p.search(key) for p in excludes) or may_be_absent(key):
+            continue
+        if preset is not None and preset.is_new(key):
+            report.new.append(key)
+            continue
+        report.missing.append(key)
+    if report.missing and spec.strict:
+        plan.problems.append(
+            f'{spec.checkpoint}: {len(report.missing)} tensor(s) of the loaded modules '
+            f'get nothing from this checkpoint: {"; ".join(compress_keys(report.missing)[:20])}'
+            " (exclude them, or strict=False to keep their current values)")
+
+
+def _source(e: Entry) -> torch.Tensor:
+    """The checkpoint tensor an entry reads."""
+    return e.source
+
+
+def validate(plans: Sequence[SourcePlan], allow_overlap: bool = False) -> List[str]:
+    """Check values and overlaps across all plans; return the problems."""
+    problems: List[str] = []
+    writers: Dict[str, str] = {}
+    pairs: Dict[tuple, List[str]] = {}
+    for plan in plans:
+        problems += plan.problems
+        allow_nonfinite = plan.spec.allow_nonfinite
+        # the values as written, after every step and the cast: read a window at a time
+        # when every float tensor is checked, else only where a step or a cast needs them
+        for e in plan.to_load if allow_nonfinite else sweep(plan.to_load, _source):
+            problem = entry_problem(e, allow_nonfinite)
+            if problem:
+                problems.append(problem)
+            if allow_nonfinite:
+                release_pages(e.source)
+            if e.key in writers and not allow_overlap:
+                pairs.setdefault((writers[e.key], e.filename), []).append(e.key)
+            writers[e.key] = e.filename
+    return problems + overlap_problems(pairs)
+
+
+def check_targets(plans: Sequence[SourcePlan], extra_models: Sequence[nn.Module] = ()
+                  ) -> List[str]:
+    """Problems that would only show while writing: targets that cannot take a copy.
+
+    A target whose elements overlap in memory (an ``expand``-ed buffer) or an
+    extra model (EMA) whose tensor has another shape would fail half-way
+    through :func:`apply`; they are found here, before anything is written.
+    """
+    problems = []
+    extras = [dict(unwrap_model(m).state_dict(keep_vars=True)) for m in extra_models]
+    for plan in plans:
+        for e in plan.to_load:
+            if torch._debug_has_internal_overlap(e.target) == 1:
+                problems.append(f'{e.key}: the model tensor {list(e.target.shape)} shares '
+                                'memory between its elements and cannot be loaded')
+            for state in extras:
+                if e.key in state and tuple(state[e.key].shape) != e.shape:
+                    problems.append(f'{e.key}: extra model (EMA) holds '
+                                    f'{list(state[e.key].shape)}, the load gives {list(e.shape)}')
+    return problems
+
+
+@torch.no_grad()
+def apply(plans: Sequence[SourcePlan], extra_models: Sequence[nn.Module] = ()) -> None:
+    """Write every planned tensor into the model (and into ``extra_models``).
+
+    Raises:
+        FusionLoadError: Writing failed (e.g. out of memory moving a tensor to
+            its device); the message says how many tensors were written.
+    """
+    extras = [dict(unwrap_model(m).state_dict(keep_vars=True)) for m in extra_models]
+    written = 0
+    for plan in plans:
+        with closing(sweep(plan.to_load, _source)) as entries:  # its thread joined on errors too
+            for e in entries:
+                try:
+                    # an unrepaired tensor on the target's device goes in as it is
+                    src, dst = e.source, e.target
+                    t = src if not e.steps and (src.is_cpu and dst.is_cpu
+                                                or src.device == dst.device) else e.materialize()
+                    e.target.copy_(t)
+                    for state in extras:
+                        if e.key in state:
+                            state[e.key].copy_(t)
+                except Exception as err:
+                    raise FusionLoadError(
+                        [f'{e.filename}: writing {e.key} failed: {type(err).__name__}: {err}'],
+                        f'checkpoint load failed while writing, after {written} tensor(s); '
+                        'the model is partly loaded') from err
+                written += 1
+
+
+def load_sources(model: nn.Module,
+                 sources: Iterable[SourceLike],
+                 dry_run: bool = False,
+                 allow_overlap: bool = False,
+                 extra_models: Sequence[nn.Module] = (),
+                 logger: Optional[Any] = 'current',
+                 title: str = 'mmfusionload',
+                 broadcast: Union[bool, str] = 'auto') -> LoadReport:
+    """Load checkpoints into parts of a model, all or nothing.
+
+    Args:
+        model (nn.Module): The model (wrappers are unwrapped).
+        sources (Iterable[dict | SourceSpec]): One per checkpoint part; see
+            :class:`~mmfusionload.load.source.SourceSpec` for the options. Sources
+            naming the same file (and ``trust_checkpoint``) share one read.
+        dry_run (bool): Plan and validate only; problems are reported in the
+            returned report instead of raised. Defaults to False.
+        allow_overlap (bool): Let a later source overwrite keys an earlier one
+            wrote. Defaults to False.
+        extra_models (Sequence[nn.Module]): Models that receive the same
+            tensors (e.g. an EMA copy).
+        logger: MMEngine logger (or ``'current'``, or None for silence).
+        title (str): Report title.
+        broadcast (bool | str): Under an initialized ``torch.distributed``
+            process group of more than one process, rank 0 reads every file
+            and broadcasts the tensors; the other ranks never open the files.
+            ``'auto'`` (default): broadcast when such a group exists; ``True``:
+            the same, an error without a process group; ``False``: every rank
+            reads its own files. When broadcasting, call this on every rank.
+            See :mod:`mmfusionload.load.distributed`.
+
+    Returns:
+        LoadReport: What was (or would be) loaded.
+
+    Raises:
+        FusionLoadError: Any problem in any source, unless ``dry_run``. The
+            model is unchanged when it is raised.
+    """
+    model = unwrap_model(model)
+    specs = []
+    problems: List[str] = []
+    for cfg in source_list(sources):
+        try:
+            specs.append(parse_source(cfg))
+        except FusionLoadError as e:
+            problems += e.problems
+    report = LoadReport(dry_run=dry_run, title=title)
+    if not specs and not problems:
+        problems.append('no sources given')
+    model_state = dict(model.state_dict(keep_vars=True))
+    plans: List[SourcePlan] = []
+    with reading_once():  # one read of each file, however many sources name it
+        read = read_all(specs, read_source, broadcast)
+    for spec, ckpt in zip(specs, read):
+        if isinstance(ckpt, FusionLoadError):
+            problems += ckpt.problems
+            report.sources.append(SourceReport(spec.checkpoint, spec.label))
+            continue
+        try:
+            plan = plan_source(model, spec, ckpt, model_state)
+        except Exception as e:  # a foreign-format conversion or rename that breaks
+            problems.append(f'{spec.checkpoint}: {type(e).__name__}: {e}')
+            report.sources.append(SourceReport(spec.checkpoint, spec.label))
+            continue
+        plans.append(plan)
+        report.sources.append(plan.report)
+    problems += validate(plans, allow_overlap)
+    problems += check_targets(plans, extra_models)
+    if not problems:  # prove converted sparse kernels by function before writing
+        problems += verify_plans(plans)
+    report.problems = problems
+    if problems and not dry_run:
+        if logger is not None:
+            print_log(report.format(), logger=logger)
+        err = FusionLoadError(problems, 'checkpoint load failed; the model is unchanged')
+        err.report = report
+        raise err
+    if not dry_run:
+        apply(plans, extra_models)
+        report.applied = True
+    if logger is not None:
+        print_log('\n' + report.format(), logger=logger)
+    return report
