@@ -58,18 +58,104 @@ def compress_keys(keys: Iterable[str]) -> List[str]:
     return sorted('.'.join(p) for p in items)
 
 
-def format_group(name: str, keys: List[str], max_lines: int = 12) -> str:
+def format_group(name: str, keys: Sequence[str], max_lines: int = 12) -> str:
     """One report line: ``name (count): key; key; … N more``, keys compressed.
 
-    ``mismatched`` entries are messages with shapes, shown as they are.
+    :class:`Mismatch` records are shown one line each (:meth:`Mismatch.describe`).
     """
-    lines = keys if name == 'mismatched' else compress_keys(keys)
+    lines = ([k.describe() if isinstance(k, Mismatch) else str(k) for k in keys]
+             if any(isinstance(k, Mismatch) for k in keys) else compress_keys(keys))
     more = f' … {len(lines) - max_lines} more' if len(lines) > max_lines else ''
     return f'{name} ({len(keys)}): ' + '; '.join(lines[:max_lines]) + more
 
 
+# ---------------------------------------------------------------- the vocabulary
+
+#: What happened to a tensor, in the order the tables, the details and the JSON
+#: ``counts`` use: word -> one-line meaning (the legend).
+STATUSES: Dict[str, str] = OrderedDict([
+    ('loaded', 'written into the model from the checkpoint (repaired ones included)'),
+    ('repaired', 'loaded after a registered repair changed it (layout, axis order, dtype, '
+                 'size...)'),
+    ('regenerated', 'derived tensor the model computes itself (the checkpoint copy is not '
+                    'used)'),
+    ('new', 'absent from this checkpoint format by design, or left to another source (keeps '
+            "the model's value)"),
+    ('kept', "target module the checkpoint provides nothing for (its tensors keep the model's "
+             'values)'),
+    ('excluded', "left alone by the source's exclude patterns"),
+    ('missing', "in a loaded module but not in the checkpoint (keeps the model's value)"),
+    ('mismatched', 'in the checkpoint but cannot be placed (shape, repair or verify problem)'),
+    ('unexpected', 'in the checkpoint under a target module, but not in the model'),
+    ('ignored', 'in the checkpoint outside the target modules'),
+])
+
+#: The statuses counted per model module (``kept`` is a module's, ``ignored`` a file's).
+KEY_STATUSES = ('loaded', 'repaired', 'regenerated', 'new', 'excluded', 'missing',
+                'mismatched', 'unexpected')
+
+#: Why a checkpoint tensor cannot be placed: kind -> meaning.
+MISMATCH_KINDS: Dict[str, str] = OrderedDict([
+    ('shape', "the checkpoint tensor's shape differs from the model's"),
+    ('repair', 'a repair cannot place it'),
+    ('verify', "the converted kernel computes another function than the checkpoint's"),
+])
+
+#: The note of a target module the checkpoint provides nothing for.
+KEPT_NOTE = 'kept (nothing in the checkpoint)'
+
+
+def legend(words: Iterable[str], sources: Sequence['SourceReport'] = ()) -> str:
+    """One line naming what each of ``words`` (report statuses) means, in table order;
+    ``kept`` too when one of ``sources`` kept a target."""
+    used = set(words) | ({'kept'} if any(s.kept for s in sources) else set())
+    return 'legend: ' + '; '.join(f'{w} = {m}' for w, m in STATUSES.items() if w in used)
+
+
+@dataclass
+class Mismatch:
+    """A checkpoint tensor that cannot be placed into its model tensor.
+
+    Args:
+        key (str): Model key.
+        file_key (str): Key in the checkpoint.
+        checkpoint_shape (list[int]): The checkpoint tensor's shape, as stored.
+        model_shape (list[int]): The model tensor's shape.
+        kind (str): Why, one of :data:`MISMATCH_KINDS`.
+        reason (str): The message: for ``'repair'`` and ``'verify'`` the problem
+            line (it names the file); for ``'shape'`` the kind's meaning.
+    """
+    key: str
+    file_key: str
+    checkpoint_shape: List[int]
+    model_shape: List[int]
+    kind: str = 'shape'
+    reason: str = ''
+
+    def __post_init__(self):
+        if self.kind not in MISMATCH_KINDS:
+            raise ValueError(f'Mismatch kind must be one of {", ".join(MISMATCH_KINDS)}, '
+                             f'got {self.kind!r}')
+        self.checkpoint_shape = [int(v) for v in self.checkpoint_shape]
+        self.model_shape = [int(v) for v in self.model_shape]
+        if not self.reason:
+            self.reason = MISMATCH_KINDS[self.kind]
+
+    def describe(self) -> str:
+        """One line about the tensor (a shape mismatch without the file)."""
+        if self.kind != 'shape':
+            return self.reason
+        named = f' (checkpoint {self.file_key})' if self.file_key != self.key else ''
+        return (f'size mismatch for {self.key}{named}: checkpoint {self.checkpoint_shape}, '
+                f'model {self.model_shape}')
+
+    def problem(self, filename: str) -> str:
+        """The problem line of the load: :meth:`describe`, naming ``filename``."""
+        return f'{filename}: {self.describe()}' if self.kind == 'shape' else self.reason
+
+
 def size_mismatch_problems(filename: str,
-                           mismatches: Sequence[Tuple[str, str, list, list]],
+                           mismatches: Sequence[Mismatch],
                            module_of: Callable[[str], str],
                            min_summary: int = 8,
                            examples: int = 3) -> List[str]:
@@ -82,8 +168,7 @@ def size_mismatch_problems(filename: str,
 
     Args:
         filename (str): The checkpoint.
-        mismatches (Sequence[tuple]): ``(model key, checkpoint key, checkpoint
-            shape, model shape)`` per tensor.
+        mismatches (Sequence[Mismatch]): Records of kind ``'shape'``.
         module_of (Callable[[str], str]): Model key -> the module it is
             counted under.
         min_summary (int): Fewest same-rank mismatches that are summed up.
@@ -92,21 +177,27 @@ def size_mismatch_problems(filename: str,
     Returns:
         list[str]: One line per problem.
     """
-    def line(key, file_key, src, dst):
-        named = f' (checkpoint {file_key})' if file_key != key else ''
-        return (f'{filename}: size mismatch for {key}{named}: '
-                f'checkpoint {list(src)}, model {list(dst)}')
-
-    width = [m for m in mismatches if len(m[2]) == len(m[3])]
+    width = [m for m in mismatches if len(m.checkpoint_shape) == len(m.model_shape)]
     if len(width) < min_summary:
-        return [line(*m) for m in mismatches]
-    modules = list(dict.fromkeys(module_of(m[0]) for m in width))
-    eg = '; '.join(f'{k}: checkpoint {list(a)}, model {list(b)}'
-                   for k, _, a, b in width[:examples])
+        return [m.problem(filename) for m in mismatches]
+    modules = list(dict.fromkeys(module_of(m.key) for m in width))
+    eg = '; '.join(f'{m.key}: checkpoint {m.checkpoint_shape}, model {m.model_shape}'
+                   for m in width[:examples])
     out = [f'{filename}: {len(width)} tensors of {len(modules)} module(s) '
            f'({", ".join(modules)}) differ in width: a different model size? e.g. {eg} '
            '(every tensor is listed under "mismatched" in the report and its JSON)']
-    return out + [line(*m) for m in mismatches if len(m[2]) != len(m[3])]
+    return out + [m.problem(filename) for m in mismatches
+                  if len(m.checkpoint_shape) != len(m.model_shape)]
+
+
+def mismatch_problems(filename: str, mismatches: Sequence[Mismatch],
+                      module_of: Callable[[str], str]) -> List[str]:
+    """The problem lines of a source's mismatches: each repair or verify problem
+    once (a file-level one is raised by every kernel), then the shape mismatches
+    (summed up, see :func:`size_mismatch_problems`)."""
+    lines = list(dict.fromkeys(m.problem(filename) for m in mismatches if m.kind != 'shape'))
+    return lines + size_mismatch_problems(
+        filename, [m for m in mismatches if m.kind == 'shape'], module_of)
 
 
 def overlap_problems(pairs: Dict[Tuple[str, str], List[str]], max_keys: int = 6) -> List[str]:
@@ -143,11 +234,12 @@ class SourceReport:
         container (str): Where the state dict was found.
         prefix (str): The prefix alignment chosen.
         loaded (list[str]): Model keys written.
-        adapted (dict[str, list[str]]): Repair name -> model keys it changed.
+        repaired (dict[str, list[str]]): Repair name -> model keys it changed
+            (read also as ``adapted``).
         excluded (list[str]): Model keys left alone by ``exclude``.
         missing (list[str]): Model keys of provided modules that got nothing.
         unexpected (list[str]): Checkpoint keys under a target the model lacks.
-        mismatched (list[str]): ``key: checkpoint shape vs model shape``.
+        mismatched (list[Mismatch]): Checkpoint tensors that cannot be placed.
         regenerated (list[str]): Derived model keys left to the model.
         new (list[str]): Model keys the source format lacks by design.
         kept (list[str]): Targets the source provides nothing for.
@@ -168,11 +260,11 @@ class SourceReport:
     container: str = ''
     prefix: str = ''
     loaded: List[str] = field(default_factory=list)
-    adapted: Dict[str, List[str]] = field(default_factory=dict)
+    repaired: Dict[str, List[str]] = field(default_factory=dict)
     excluded: List[str] = field(default_factory=list)
     missing: List[str] = field(default_factory=list)
     unexpected: List[str] = field(default_factory=list)
-    mismatched: List[str] = field(default_factory=list)
+    mismatched: List[Mismatch] = field(default_factory=list)
     regenerated: List[str] = field(default_factory=list)
     new: List[str] = field(default_factory=list)
     kept: List[str] = field(default_factory=list)
@@ -185,23 +277,131 @@ class SourceReport:
     verified: int = 0
     verify_error: float = 0.0
 
+    @property
+    def adapted(self) -> Dict[str, List[str]]:
+        """The former name of :attr:`repaired` (read-only)."""
+        return self.repaired
+
+    def keys_of(self, status: str) -> List[str]:
+        """The model keys (checkpoint keys for ``unexpected``) of a per-key status."""
+        if status == 'repaired':
+            return list(dict.fromkeys(k for keys in self.repaired.values() for k in keys))
+        if status == 'mismatched':
+            return [m.key for m in self.mismatched]
+        return list(getattr(self, status))
+
     def counts(self) -> Dict[str, int]:
-        out = {k: len(getattr(self, k)) for k in (
-            'loaded', 'excluded', 'missing', 'unexpected', 'mismatched',
-            'regenerated', 'new')}
-        out.update({f'adapted:{k}': len(v) for k, v in self.adapted.items()})
+        """How many tensors got each status (:data:`STATUSES`, in order; ``kept``
+        counts target modules), then ``repaired:NAME`` per repair."""
+        out = {w: len(self.keys_of(w)) for w in KEY_STATUSES}
+        out['kept'] = len(self.kept)
         out['ignored'] = self.ignored
+        out = {w: out[w] for w in STATUSES}
+        out.update({f'repaired:{k}': len(v) for k, v in self.repaired.items()})
         return out
 
     def to_dict(self, compress: bool = True) -> dict:
+        """The report as JSON-ready data: key lists (compressed patterns when
+        ``compress``), mismatches as objects and ``counts``."""
         d = asdict(self)
         d['counts'] = self.counts()
         if compress:
             for k in ('loaded', 'excluded', 'missing', 'unexpected',
                       'regenerated', 'new'):
                 d[k] = compress_keys(d[k])
-            d['adapted'] = {k: compress_keys(v) for k, v in d['adapted'].items()}
+            d['repaired'] = {k: compress_keys(v) for k, v in d['repaired'].items()}
         return d
+
+    def summary(self) -> str:
+        """One line: container, targets, prefix, what was ignored, repaired and verified."""
+        repairs = ', '.join(f'{k} {len(v)}' for k, v in self.repaired.items())
+        return (f'container {self.container or "?"}, '
+                f'targets {", ".join(t or "<model>" for t in self.targets) or "-"}, '
+                f'prefix {self.prefix or "-"}'
+                + (f', stripped {" ".join(self.stripped)}' if self.stripped else '')
+                + f', {self.ignored} tensor(s) outside the targets'
+                + (f', repairs: {repairs}' if repairs else '')
+                + (f', verified by function: {self.verified} sparse conv(s), largest '
+                   f'error {self.verify_error:.1e}' if self.verified else ''))
+
+    def header_lines(self) -> List[str]:
+        """The lines above a source's table: the file with :meth:`summary`, its format
+        and the copy of the weights taken."""
+        out = [f'[{self.label}] {self.checkpoint}: {self.summary()}']
+        for head, text in (('format', self.identity), ('weights', self.weights)):
+            if text:
+                out.append(f'[{self.label}] {head}: {text}')
+        return out
+
+    def detail_lines(self, max_lines: int = 12, max_mismatched: int = 3) -> List[str]:
+        """The keys of each status, compressed, one line per status (per repair), in
+        the legend's order; mismatches are summed up among the problems, so only the
+        first ``max_mismatched`` are shown."""
+        groups = [(f'repaired ({name})', keys) for name, keys in self.repaired.items()]
+        groups += [(w, self.mismatched if w == 'mismatched' else getattr(self, w))
+                   for w in KEY_STATUSES if w not in ('loaded', 'repaired')]
+        return [f'[{self.label}] ' + format_group(
+                    name, keys, max_mismatched if name == 'mismatched' else max_lines)
+                for name, keys in groups if keys]
+
+    def module_rows(self, row_notes: Optional[Dict[str, str]] = None
+                    ) -> List[Tuple[str, Dict[str, int], str]]:
+        """``(model module, counts, note)`` per target module: the keys of every
+        per-key status counted under the deepest target they lie in (other keys
+        under their first name), kept targets noted.
+
+        Args:
+            row_notes (dict, optional): Module -> note replacing the default one
+                (extra modules get a row).
+        """
+        targets = [t for t in self.targets if t not in ('', '<model>')]
+        rows: Dict[str, Dict[str, int]] = OrderedDict()
+        for t in list(targets) + list(row_notes or {}):
+            rows.setdefault(t, dict.fromkeys(KEY_STATUSES, 0))
+        for word in KEY_STATUSES:
+            for key in self.keys_of(word):
+                row = rows.setdefault(module_of_key(key, targets),
+                                      dict.fromkeys(KEY_STATUSES, 0))
+                row[word] += 1
+        kept = set(self.kept)
+        return [(name, counts, (row_notes or {}).get(name, KEPT_NOTE if name in kept else ''))
+                for name, counts in rows.items()]
+
+
+def module_of_key(key: str, targets: Sequence[str]) -> str:
+    """The deepest of ``targets`` holding ``key``, else the key's first name."""
+    for t in sorted(targets, key=len, reverse=True):
+        if t not in ('', '<model>') and (key == t or key.startswith(t + '.')):
+            return t
+    return key.split('.', 1)[0] if '.' in key else '<root>'
+
+
+def status_table(title: str, head: Sequence[str],
+                 rows: Sequence[Tuple[Sequence[str], Dict[str, int], str]]):
+    """A ``rich`` table of status counts: the ``head`` columns, one column per
+    per-key status some row has (``loaded`` always), then a note.
+
+    Args:
+        title (str): Table title (none when empty).
+        head (Sequence[str]): Names of the leading text columns.
+        rows (Sequence[tuple]): ``(head values, counts, note)`` per row.
+
+    Returns:
+        tuple: The table and the status columns it shows.
+    """
+    from rich.table import Table
+    from rich.text import Text
+    words = [w for w in KEY_STATUSES if w == 'loaded' or any(r[1].get(w) for r in rows)]
+    table = Table(title=Text(title) if title else None, title_justify='left')
+    for name in head:
+        table.add_column(name, overflow='fold')
+    for w in words:
+        table.add_column(w, justify='right', no_wrap=True)
+    table.add_column('note', overflow='fold')
+    for values, counts, note in rows:
+        table.add_row(*(Text(v) for v in values),
+                      *(str(counts[w]) if counts.get(w) else '-' for w in words), Text(note))
+    return table, words
 
 
 @dataclass
@@ -237,51 +437,33 @@ class LoadReport:
                 f.write(text)
         return text
 
+    def table(self):
+        """The summary table (one row per source) and the status words it shows."""
+        state = 'dry run' if self.dry_run else ('applied' if self.applied else 'not applied')
+        rows = []
+        for s in self.sources:
+            counts = {w: len(s.keys_of(w)) for w in KEY_STATUSES}
+            note = f'{KEPT_NOTE}: {", ".join(s.kept)}' if s.kept else ''
+            rows.append(((s.label, osp.basename(s.checkpoint) or s.checkpoint), counts, note))
+        return status_table(f'{self.title}: {len(self.sources)} source(s), {state}',
+                            ('source', 'file'), rows)
+
     def format(self, width: int = 120, details: bool = True, max_lines: int = 12) -> str:
-        """Render the report as tables (``rich``), as plain text."""
+        """Render the report as plain text: the summary table, each source's header,
+        its details (when ``details``), the legend and the problems."""
         from rich.console import Console
-        from rich.table import Table
         buf = io.StringIO()
         console = Console(file=buf, width=width, force_terminal=False,
                           color_system=None, no_color=True)
-        state = 'dry run' if self.dry_run else ('applied' if self.applied else 'not applied')
-        table = Table(title=f'{self.title}: {len(self.sources)} source(s), {state}')
-        table.add_column('source', overflow='fold')
-        table.add_column('file', overflow='fold')
-        for col in ('loaded', 'adapted', 'excl.', 'missing', 'unexp.', 'mism.'):
-            table.add_column(col, no_wrap=True, justify='right' if col != 'adapted' else 'left')
-        table.add_column('kept', overflow='fold')
-        for s in self.sources:
-            adapted = ', '.join(f'{k} {len(v)}' for k, v in s.adapted.items()) or '0'
-            table.add_row(s.label, osp.basename(s.checkpoint) or s.checkpoint,
-                          str(len(s.loaded)), adapted, str(len(s.excluded)),
-                          str(len(s.missing)), str(len(s.unexpected)),
-                          str(len(s.mismatched)), ', '.join(s.kept) or '-')
+        table, words = self.table()
         console.print(table)
-        for s in self.sources:
-            console.print(f'[{s.label}] {s.checkpoint}: container {s.container or "?"}, '
-                          f'targets {", ".join(t or "<model>" for t in s.targets) or "-"}, '
-                          f'prefix {s.prefix or "-"}'
-                          + (f', stripped {" ".join(s.stripped)}' if s.stripped else '')
-                          + f', {s.ignored} tensor(s) outside the targets'
-                          + (f', verified by function: {s.verified} sparse conv(s), largest '
-                             f'error {s.verify_error:.1e}' if s.verified else ''),
-                          markup=False, highlight=False)
-            for head, text in (('format', s.identity), ('weights', s.weights)):
-                if text:
-                    console.print(f'[{s.label}] {head}: {text}', markup=False,
-                                  highlight=False)
+        lines = [line for s in self.sources for line in s.header_lines()]
         if details:
-            for s in self.sources:
-                for name, keys in [('missing', s.missing), ('mismatched', s.mismatched),
-                                   ('unexpected', s.unexpected), ('excluded', s.excluded),
-                                   ('regenerated', s.regenerated), ('new', s.new)] + \
-                        [(f'adapted ({k})', v) for k, v in s.adapted.items()]:
-                    if keys:
-                        console.print(f'[{s.label}] ' + format_group(name, keys, max_lines),
-                                      markup=False, highlight=False)
-        for p in self.problems:
-            console.print(f'problem: {p}', markup=False, highlight=False)
+            lines += [line for s in self.sources for line in s.detail_lines(max_lines)]
+        lines.append(legend(words, self.sources))
+        lines += [f'problem: {p}' for p in self.problems]
+        for line in lines:
+            console.print(line, markup=False, highlight=False)
         return buf.getvalue().rstrip()
 
     def __str__(self) -> str:

@@ -201,6 +201,38 @@ def test_inspect_exits_nonzero_on_bad_sources(cfg_dir, ckpts, tmp_path, capsys):
     assert 'no FusionLoadHook' in out
 
 
+def test_inspect_load_from_mismatches_come_from_records(cfg_dir, tmp_path, capsys,
+                                                       monkeypatch):
+    """The load_from tensors that cannot be placed: records in the JSON, counted in the
+    table row of their module, one problem line rendered from each record."""
+    monkeypatch.setenv('COLUMNS', '2000')
+    other = fresh(write_cfg(cfg_dir, 'wide.py', "model['fused_channels'] = 24\n"))
+    path = str(tmp_path / 'wide.pth')
+    torch.save({'state_dict': other.state_dict()}, path)
+    cfg = write_cfg(cfg_dir, 'lf_records.py', f'load_from = {path!r}\n')
+    js = tmp_path / 'r.json'
+    assert main(['inspect', cfg, '-q', '--json', str(js)]) == 1
+    out = capsys.readouterr().out
+    (group, ) = json.loads(js.read_text())['groups']
+    (src, ) = group['sources']
+    bn = [[24], [16]]
+    assert [[m['key'], m['checkpoint_shape'], m['model_shape'], m['kind']]
+            for m in src['mismatched']] == [
+        ['fusion_layer.0.weight', [24, 112, 1, 1], [16, 112, 1, 1], 'shape'],
+        *[[f'fusion_layer.1.{n}', *bn, 'shape']
+          for n in ('weight', 'bias', 'running_mean', 'running_var')]]
+    assert src['counts']['mismatched'] == 5
+    assert group['problems'] == [
+        f'{path}: size mismatch for fusion_layer.0.weight: checkpoint [24, 112, 1, 1], '
+        'model [16, 112, 1, 1]'] + [
+        f'{path}: size mismatch for fusion_layer.1.{n}: checkpoint [24], model [16]'
+        for n in ('weight', 'bias', 'running_mean', 'running_var')]
+    # the row of the module (columns loaded, regenerated, mismatched, note): its
+    # num_batches_tracked loads, its 5 records are mismatched
+    (row, ) = [line.split() for line in out.splitlines() if line.startswith('│ fusion_layer ')]
+    assert row == ['│', 'fusion_layer', '│', '1', '│', '-', '│', '5', '│', '│']
+
+
 def test_inspect_shipped_centerpoint_config(tmp_path, capsys):
     """The repository's tiny CenterPoint + FusionLoadHook config, with an MMCV-layout
     LiDAR checkpoint of that very model given through --cfg-options."""
@@ -508,7 +540,8 @@ def test_inspect_sums_up_a_different_model_size(cfg_dir, ckpts, tmp_path, capsys
     (line,) = [p for p in report['groups'][0]['problems'] if 'differ in width' in p]
     assert f'{n} tensors of 2 module(s) (pts_backbone, pts_neck) differ in width: a ' \
            'different model size? e.g. pts_backbone.' in line
-    assert 'size mismatch for' not in out and out.count('differ in width') == 1
+    # summed up among the problems; the details show the first 3 records
+    assert out.count('size mismatch for') == 3 and out.count('differ in width') == 1
     # the same through load_from (the hook's repair): one line too
     whole = tmp_path / 'narrow_whole.pth'
     torch.save({'state_dict': ckpts['sd']}, whole)

@@ -161,7 +161,7 @@ def test_train_two_iterations_with_cream_checkpoint(tmp_path):
     (run_dir, ) = [p for p in work_dir.iterdir() if p.is_dir()]
     log = (run_dir / f'{run_dir.name}.log').read_text()
     assert 'mmfusionload: 1 source(s), applied' in log
-    assert 'adapted (resize) (3): blocks3.{3..5}.mixer.m.attn.attention_biases' in log
+    assert 'repaired (resize) (3): blocks3.{3..5}.mixer.m.attn.attention_biases' in log
     assert 'unexpected (7): head.bn.bias' in log
     lines = (run_dir / 'vis_data' / 'scalars.json').read_text().splitlines()
     scalars = [json.loads(line) for line in lines if line.strip()]

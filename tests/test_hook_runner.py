@@ -109,7 +109,7 @@ def test_train_with_load_from_ema_and_camera_source(tmp_path, sources, capsys):
     report = json.load(open(osp.join(runner.work_dir, 'fusionload_report.json')))
     first, second = report['sources']
     assert first['label'] == 'load_from'
-    assert first['counts']['adapted:spconv_layout'] == len(sparse_conv_names(runner.model))
+    assert first['counts']['repaired:spconv_layout'] == len(sparse_conv_names(runner.model))
     assert second['prefix'] == 'backbone. -> img_backbone.'
     assert second['counts']['loaded'] == len(
         [k for k in runner.model.state_dict() if k.startswith('img_backbone.')])

@@ -154,7 +154,7 @@ def test_train_starts_from_the_lidar_checkpoint(lidar_run):
     d = lidar_run['dir']
     report = json.load(open(d / 'train' / 'fusionload_report.json'))
     (src,) = report['sources']
-    assert src['counts']['adapted:spconv_layout'] == len(lidar_run['sparse'])
+    assert src['counts']['repaired:spconv_layout'] == len(lidar_run['sparse'])
     n_lidar = len([k for k in lidar_run['source'] if k.startswith(LIDAR_MODULES)])
     assert src['counts']['loaded'] == n_lidar
     start = torch.load(str(d / 'train' / 'state_at_start.pth'), weights_only=True)

@@ -96,7 +96,7 @@ def test_ambiguous_load_from_needs_option(tmp_path):
     w = torch.randn(3, 3, 3, 3, 3)
     ckpt = {'state_dict': OrderedDict([('0.weight', w)])}
     report = repair_checkpoint(ckpt, model)
-    assert "spconv_layout='spconv2' or 'mmcv'" in report.mismatched[0]
+    assert "spconv_layout='spconv2' or 'mmcv'" in report.mismatched[0].reason
     ckpt = {'state_dict': OrderedDict([('0.weight', w)])}
     repair_checkpoint(ckpt, model, spconv_layout='mmcv')
     _load_checkpoint_to_model(model, ckpt, strict=True)

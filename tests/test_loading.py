@@ -178,8 +178,8 @@ def test_dry_run_leaves_model(source_model, model, tmp_path):
     assert report.dry_run and not report.applied and report.ok
     assert len(report.sources[0].loaded) == 210
     d = report.to_dict()
-    assert d['sources'][0]['counts']['adapted:spconv_layout'] == 21
-    assert d['sources'][0]['adapted']['spconv_layout'] == [
+    assert d['sources'][0]['counts']['repaired:spconv_layout'] == 21
+    assert d['sources'][0]['repaired']['spconv_layout'] == [
         'pts_middle_encoder.conv_input.0.weight', 'pts_middle_encoder.conv_out.0.weight',
         'pts_middle_encoder.encoder_layers.encoder_layer{1..3}.2.0.weight',
         'pts_middle_encoder.encoder_layers.encoder_layer{1..4}.{0,1}.conv{1,2}.weight']

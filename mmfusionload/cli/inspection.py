@@ -7,7 +7,6 @@ checkpoint as :class:`~mmfusionload.FusionLoadHook` would repair it, every sourc
 the config's ``FusionLoadHook``, and any extra source given on the command line.
 """
 import os.path as osp
-import re
 from typing import Any, List, Optional, Sequence, Tuple
 
 import torch.nn as nn
@@ -17,7 +16,7 @@ from ..hooks import is_fusion_load_hook
 from ..load.load_from import fill_targets_of, repair_checkpoint
 from ..load.pipeline import load_sources
 from ..files.reader import read_checkpoint
-from ..report import LoadReport, SourceReport, size_mismatch_problems
+from ..report import LoadReport, SourceReport, mismatch_problems
 from ..load.source import parse_source
 from .config import build_model, load_config
 from .render import Inspection
@@ -57,7 +56,8 @@ def dry_run_load_from(model: nn.Module, path: str, hook: Optional[dict]) -> Insp
         report.problems += e.problems
         return result
     report.sources.append(src)
-    report.problems += _summed_up(path, src.mismatched)  # tensors that could not be placed
+    # tensors that could not be placed: repair problems once, shape mismatches summed up
+    report.problems += mismatch_problems(path, src.mismatched, lambda k: k.split('.', 1)[0])
     if src.new:  # filled by repair_checkpoint: the hook's sources load these modules
         for t in fill:
             result.row_notes[t] = f'left to the {HOOK_TYPE} sources'
@@ -75,23 +75,6 @@ def dry_run_load_from(model: nn.Module, path: str, hook: Optional[dict]) -> Insp
         result.notes.append(f'{len(src.missing)} model tensor(s) get nothing from load_from; '
                             'MMEngine keeps their initial values and warns')
     return result
-
-
-_LOAD_FROM_SIZE = re.compile(r'^(.*): size mismatch for (\S+): checkpoint \[([\d, ]*)\], '
-                             r'model \[([\d, ]*)\]$')
-
-
-def _summed_up(path: str, lines: Sequence[str]) -> List[str]:
-    """``repair_checkpoint``'s problem lines with many size mismatches summed up."""
-    sizes, other = [], []
-    for line in lines:
-        m = _LOAD_FROM_SIZE.match(line)
-        if m is None:
-            other.append(line)
-            continue
-        shape = [[int(v) for v in g.split(',') if v.strip()] for g in m.group(3, 4)]
-        sizes.append((m.group(2), m.group(2), *shape))
-    return other + size_mismatch_problems(path, sizes, lambda k: k.split('.', 1)[0])
 
 
 def dry_run_sources(model: nn.Module, sources: Sequence[Any], title: str,

@@ -73,7 +73,7 @@ def _load_and_save(model: nn.Module, sources: Sequence[Dict[str, Any]], out: str
                           preset=spec.preset, targets=list(s.targets), kept=list(s.kept),
                           loaded=len(s.loaded), regenerated=len(s.regenerated),
                           new=len(s.new),
-                          adapted={k: len(v) for k, v in s.adapted.items()})
+                          repaired={k: len(v) for k, v in s.repaired.items()})
                      for s, spec in zip(report.sources, map(parse_source, sources))],
             not_loaded=untouched))
     save_checkpoint(out, model.state_dict(), meta)

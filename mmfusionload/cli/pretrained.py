@@ -31,7 +31,7 @@ from ..errors import FusionLoadError
 from ..load.pipeline import load_sources
 from ..files.reader import read_checkpoint
 from ..files.remote import is_local
-from ..report import LoadReport, SourceReport, size_mismatch_problems
+from ..report import LoadReport, Mismatch, SourceReport, mismatch_problems
 
 MODULE_PREFIX = re.compile(r'^module\.')  # MMEngine's load_checkpoint revise_keys default
 
@@ -75,18 +75,16 @@ def plan_mmengine_pretrained(module: nn.Module, name: str, cfg: dict,
         return report, [f'{name}.init_cfg: {p}' for p in e.problems]
     state = _mmengine_state(ckpt, cfg.get('prefix'))
     own = module.state_dict()
-    sizes = []
     for key, value in state.items():
         if key not in own:
             report.unexpected.append(key)
         elif tuple(value.shape) != tuple(own[key].shape):
-            sizes.append((key, key, list(value.shape), list(own[key].shape)))
-            report.mismatched.append(f'{key}: {list(value.shape)} vs {list(own[key].shape)}')
+            report.mismatched.append(Mismatch(key, key, value.shape, own[key].shape))
         else:
             report.loaded.append(key)
     report.missing = [k for k in own if k not in state]
-    problems = size_mismatch_problems(f'{path} ({name}.init_cfg)',
-                                      sizes, lambda k: k.split('.', 1)[0])
+    problems = mismatch_problems(f'{path} ({name}.init_cfg)', report.mismatched,
+                                 lambda k: k.split('.', 1)[0])
     if not report.loaded:
         problems.append(f'{path}: nothing in it lands in {name} ({len(state)} tensor(s)'
                         + (f' under prefix {cfg["prefix"]!r}' if cfg.get('prefix') else '')

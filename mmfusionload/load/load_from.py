@@ -12,7 +12,7 @@ from .modality import resolve_targets
 from .repairs import (Entry, Mapped, RepairProblem, SourceContext, may_be_absent,
                       repairs_in_order, run_repairs)
 from .repairs.spconv_layout import LAYOUT_VERSION, module_layout
-from ..report import SourceReport
+from ..report import Mismatch, SourceReport
 from .source import SourceSpec
 from ..sparse.verify import verify_entries
 
@@ -46,7 +46,7 @@ def repair_checkpoint(checkpoint: MutableMapping[str, Any],
             (see :func:`~mmfusionload.checkpoint.trainers.choose_copy`).
         verify (bool | str): Check converted sparse kernels by function
             (:mod:`mmfusionload.sparse.verify`); a kernel that fails is left out of
-            the checkpoint and its problem reported under ``mismatched``.
+            the checkpoint and reported under ``mismatched``.
 
     Returns:
         SourceReport: What was repaired.
@@ -66,7 +66,6 @@ def repair_checkpoint(checkpoint: MutableMapping[str, Any],
     metadata: Dict[str, dict] = OrderedDict(ckpt.metadata)
     state: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
     repairs = repairs_in_order()
-    problems = []
     context = SourceContext(filename, spec, model, meta=dict(ckpt.meta or {}))
     loaded: List[Entry] = []
     for key, tensor in ckpt.state.items():
@@ -89,8 +88,8 @@ def repair_checkpoint(checkpoint: MutableMapping[str, Any],
         try:
             run_repairs(entry, repairs)
         except RepairProblem as e:
-            if str(e) not in problems:
-                problems.append(str(e))
+            report.mismatched.append(Mismatch(key, key, tensor.shape, target.shape,
+                                              'repair', str(e)))
             state[key] = tensor
             continue
         if entry.skip:
@@ -98,22 +97,23 @@ def repair_checkpoint(checkpoint: MutableMapping[str, Any],
             state[key] = target.detach()
             continue
         if entry.shape != tuple(target.shape):
-            problems.append(f'{filename}: size mismatch for {key}: checkpoint '
-                            f'{list(tensor.shape)}, model {list(target.shape)}')
+            report.mismatched.append(Mismatch(key, key, tensor.shape, target.shape))
             state[key] = tensor
             continue
         state[key] = entry.materialize() if entry.steps else tensor
         loaded.append(entry)
         report.loaded.append(key)
         for name, _ in entry.steps:
-            report.adapted.setdefault(name, []).append(key)
+            report.repaired.setdefault(name, []).append(key)
         layout = module_layout(module)
         if layout is not None:
             info = dict(metadata.get(mod_name) or {})
             info['version'] = LAYOUT_VERSION[layout]
             metadata[mod_name] = info
+    by_key = {e.key: e for e in loaded}
     for key, problem in verify_entries(loaded, verify, report).items():
-        problems.append(problem)
+        report.mismatched.append(Mismatch(key, key, by_key[key].source.shape,
+                                          by_key[key].target.shape, 'verify', problem))
         del state[key]  # never applied: MMEngine reports it missing
         report.loaded.remove(key)
     fill = [t for t in fill_targets if t]
@@ -127,7 +127,6 @@ def repair_checkpoint(checkpoint: MutableMapping[str, Any],
     if ckpt.container == '<bare>':
         checkpoint.clear()
     checkpoint['state_dict'] = state
-    report.mismatched = problems
     return report
 
 

@@ -30,8 +30,8 @@ from ..files.pages import sweep
 from ..files.reader import read_checkpoint, release_pages
 from .repairs import (Entry, Mapped, RepairProblem, SourceContext, may_be_absent,
                       repairs_in_order, run_repairs)
-from ..report import (LoadReport, SourceReport, compress_keys, overlap_problems,
-                     size_mismatch_problems)
+from ..report import (LoadReport, Mismatch, SourceReport, compress_keys, mismatch_problems,
+                      overlap_problems)
 from .source import SourceSpec, parse_source, source_list
 from ..sparse.verify import verify_plans
 from .values import entry_problem
@@ -262,32 +262,28 @@ def plan_source(model: nn.Module,
                              version, spec, fname, context=context))
 
     repairs = repairs_in_order()
-    sizes: List[tuple] = []
-    loaded, regenerated, adapted = report.loaded, report.regenerated, report.adapted
+    loaded, regenerated, repaired = report.loaded, report.regenerated, report.repaired
     for e in entries:
         try:
             run_repairs(e, repairs)
         except RepairProblem as err:
-            if str(err) not in plan.problems:  # a file-level problem, raised by each kernel
-                plan.problems.append(str(err))
-            report.mismatched.append(f'{e.key}: {list(e.source.shape)} vs '
-                                     f'{list(e.target.shape)}')
+            report.mismatched.append(Mismatch(e.key, e.file_key, e.source.shape,
+                                              e.target.shape, 'repair', str(err)))
             e.skip = 'error'
             continue
         if e.skip:
             regenerated.append(e.key)
         elif e.shape != tuple(e.target.shape):
-            sizes.append((e.key, e.file_key, list(e.source.shape), list(e.target.shape)))
-            report.mismatched.append(f'{e.key}: {list(e.source.shape)} vs '
-                                     f'{list(e.target.shape)}')
+            report.mismatched.append(Mismatch(e.key, e.file_key, e.source.shape,
+                                              e.target.shape))
             e.skip = 'error'
         else:
             loaded.append(e.key)
             for name, _ in e.steps:
-                adapted.setdefault(name, []).append(e.key)
+                repaired.setdefault(name, []).append(e.key)
 
-    plan.problems += size_mismatch_problems(
-        fname, sizes, lambda k: _under(k, targets) or k.split('.', 1)[0])
+    plan.problems += mismatch_problems(
+        fname, report.mismatched, lambda k: _under(k, targets) or k.split('.', 1)[0])
     _account(plan, targets, targeted, preset, excludes)
     return plan
 
