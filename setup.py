@@ -14,7 +14,7 @@ setup(
     long_description=readme(),
     long_description_content_type='text/markdown',
     packages=find_packages(include=['mmfusionload', 'mmfusionload.*']),
-    package_data={'mmfusionload': ['configs/**/*.py']},
+    package_data={'mmfusionload': ['configs/**/*.py', 'report/page.html', 'report/page.js']},
     python_requires='>=3.8',
     install_requires=['mmengine>=0.10.0', 'rich'],
     extras_require={'safetensors': ['safetensors']},

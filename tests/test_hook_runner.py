@@ -114,6 +114,15 @@ def test_train_with_load_from_ema_and_camera_source(tmp_path, sources, capsys):
     assert second['counts']['loaded'] == len(
         [k for k in runner.model.state_dict() if k.startswith('img_backbone.')])
     assert osp.exists(osp.join(runner.work_dir, 'iter_1.pth'))
+    with open(osp.join(runner.work_dir, 'fusionload_report.html'), encoding='utf-8') as f:
+        page = f.read()
+    data = json.loads(page.split('<script id="report-data" type="application/json">')[1]
+                      .split('</script>')[0])
+    assert [s['label'] for s in data['sources']] == ['load_from', 'camera']
+    status = {row[0]: row[4] for row in data['tensors']}
+    assert len(status) == len(runner.model.state_dict())
+    assert {k for k, v in status.items() if v in ('loaded', 'repaired')} == set(
+        runner.model.state_dict())
 
 
 def test_resume_keeps_resumed_weights_and_reads_runner_checkpoint(tmp_path, sources):

@@ -173,6 +173,10 @@ def _inspect(args: argparse.Namespace) -> int:
             json.dump(dict(ok=ok, stand_ins=stand_ins,
                            groups=[dict(r.report.to_dict(), notes=r.notes)
                                    for r in results]), f, indent=1)
+    if args.html:
+        from .inspection import combined_report
+        combined_report(results, model, f'inspect {args.config}').to_html(args.html)
+        console.print(f'wrote {args.html}', markup=False)
     console.print('inspect: ' + ('every load would succeed' if ok else
                                  'the run would FAIL (see the problems above)'),
                   markup=False)
@@ -263,6 +267,9 @@ def _merge(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
     report = run_demo(args.work_dir, keep=args.keep)
+    if args.html:
+        report.to_html(args.html)
+        print(f'wrote {args.html}')
     return 0 if report.ok else 1
 
 
@@ -338,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument('--source', action='append', default=[], metavar='SOURCE',
                      help='extra source to check (repeatable): ' + SOURCE_HELP)
     ins.add_argument('--json', metavar='PATH', help='also write the reports as JSON')
+    ins.add_argument('--html', metavar='PATH', help='also write the reports as one page: the '
+                     'model as a map of where every weight would come from')
     ins.add_argument('--allow-overlap', action='store_true',
                      help='let a later source overwrite tensors an earlier one wrote '
                      '(as allow_overlap=True in FusionLoadHook)')
@@ -395,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
                       '(kept); by default a temporary folder, removed at the end')
     demo.add_argument('--keep', action='store_true', help='keep the temporary folder and '
                       'print where it is')
+    demo.add_argument('--html', metavar='PATH', help='also write the report as a page')
     demo.add_argument('--debug', action='store_true', default=argparse.SUPPRESS,
                       help=DEBUG_HELP)
     demo.set_defaults(func=_demo)

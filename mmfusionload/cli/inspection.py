@@ -7,6 +7,7 @@ checkpoint as :class:`~mmfusionload.FusionLoadHook` would repair it, every sourc
 the config's ``FusionLoadHook``, and any extra source given on the command line.
 """
 import os.path as osp
+from dataclasses import replace
 from typing import Any, List, Optional, Sequence, Tuple
 
 import torch.nn as nn
@@ -162,3 +163,13 @@ def inspect_config(config: str,
 
 
 # ---------------------------------------------------------------- rendering
+
+
+def combined_report(results: Sequence[Inspection], model: nn.Module, title: str) -> LoadReport:
+    """Every group's sources and problems in one dry-run report of ``model`` (the page of
+    ``inspect --html``); a source's label names its group."""
+    report = LoadReport(dry_run=True, title=title)
+    for r in results:
+        report.sources += [replace(s, label=f'{r.title}: {s.label}') for s in r.report.sources]
+        report.problems += r.report.problems
+    return report.describe_model(model)

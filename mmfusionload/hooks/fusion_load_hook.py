@@ -44,6 +44,9 @@ class FusionLoadHook(Hook):
             ``resume``, ``Pretrained``) with plain unpickling. Only for
             trusted files. Defaults to False.
         report_file (str, optional): JSON report name in ``work_dir``.
+        html_report (str, optional): Name of the report as a page
+            (:meth:`~mmfusionload.LoadReport.to_html`) in ``work_dir``, also written
+            when the load fails; None writes none.
         load_from_strict (bool): Stop the run (``FusionLoadError``, before
             MMEngine applies the file) when the ``load_from`` checkpoint lacks
             tensors of the model that no source of this hook loads; by default
@@ -75,6 +78,7 @@ class FusionLoadHook(Hook):
                  allow_overlap: bool = False,
                  trust_checkpoint: bool = False,
                  report_file: Optional[str] = 'fusionload_report.json',
+                 html_report: Optional[str] = 'fusionload_report.html',
                  broadcast: Union[bool, str] = 'auto',
                  load_from_strict: bool = False,
                  verify: Union[bool, str] = 'auto'):
@@ -100,6 +104,7 @@ class FusionLoadHook(Hook):
         self.load_from_spconv_layout = load_from_spconv_layout
         self.allow_overlap = allow_overlap
         self.report_file = report_file
+        self.html_report = html_report
         self.broadcast = broadcast
         self.load_from_strict = load_from_strict
         self.report: Optional[LoadReport] = None
@@ -154,10 +159,15 @@ class FusionLoadHook(Hook):
         if self.sources:
             ema = [h.ema_model.module for h in runner.hooks
                    if isinstance(h, EMAHook) and hasattr(h, 'ema_model')]
-            report = load_sources(runner.model, self.sources,
-                                  allow_overlap=self.allow_overlap,
-                                  extra_models=ema, logger=None,
-                                  title='FusionLoadHook', broadcast=self.broadcast)
+            try:
+                report = load_sources(runner.model, self.sources,
+                                      allow_overlap=self.allow_overlap,
+                                      extra_models=ema, logger=None,
+                                      title='FusionLoadHook', broadcast=self.broadcast)
+            except FusionLoadError as e:
+                if e.report is not None:
+                    self._write(runner, e.report)
+                raise
             if ema:
                 print_log("FusionLoadHook: EMAHook's averaged model received the same "
                           'tensors as the model (the copy named per source below)',
@@ -166,8 +176,18 @@ class FusionLoadHook(Hook):
             report.sources.insert(0, self._load_from_report)
         self.report = report
         print_log('\n' + report.format(), logger='current')
-        if self.report_file and is_main_process() and runner.work_dir:
+        self._write(runner, report)
+
+    def _write(self, runner, report: LoadReport) -> None:
+        """Write the JSON report and the page into the run's ``work_dir`` (rank 0)."""
+        if not (is_main_process() and runner.work_dir):
+            return
+        if not report.model:
+            report.describe_model(unwrap_model(runner.model))
+        if self.report_file:
             report.to_json(osp.join(runner.work_dir, self.report_file))
+        if self.html_report:
+            report.to_html(osp.join(runner.work_dir, self.html_report))
 
 
 def is_fusion_load_hook(cfg: dict) -> bool:

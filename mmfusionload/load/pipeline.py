@@ -30,7 +30,7 @@ from ..files.pages import sweep
 from ..files.reader import read_checkpoint, release_pages
 from .repairs import (Entry, Mapped, RepairProblem, SourceContext, may_be_absent,
                       repairs_in_order, run_repairs)
-from ..report import (LoadReport, Mismatch, SourceReport, compress_keys, mismatch_problems,
+from ..report import (LoadReport, Mismatch, Placed, SourceReport, compress_keys, mismatch_problems,
                       overlap_problems)
 from .source import SourceSpec, parse_source, source_list
 from ..sparse.verify import verify_plans
@@ -281,6 +281,9 @@ def plan_source(model: nn.Module,
             loaded.append(e.key)
             for name, _ in e.steps:
                 repaired.setdefault(name, []).append(e.key)
+            report.placed.append(Placed(e.key, e.file_key, list(e.source.shape),
+                                        str(e.source.dtype).replace('torch.', ''),
+                                        [name for name, _ in e.steps]))
 
     plan.problems += mismatch_problems(
         fname, report.mismatched, lambda k: _under(k, targets) or k.split('.', 1)[0])
@@ -471,6 +474,8 @@ def load_sources(model: nn.Module,
     if not specs and not problems:
         problems.append('no sources given')
     model_state = dict(model.state_dict(keep_vars=True))
+    report.model = [[k, list(v.shape), str(v.dtype).replace('torch.', '')]
+                    for k, v in model_state.items()]
     plans: List[SourcePlan] = []
     with reading_once():  # one read of each file, however many sources name it
         read = read_all(specs, read_source, broadcast)

@@ -224,6 +224,24 @@ def overlap_problems(pairs: Dict[Tuple[str, str], List[str]], max_keys: int = 6)
 
 
 @dataclass
+class Placed:
+    """A checkpoint tensor planned onto a model tensor.
+
+    Args:
+        key (str): Model key.
+        file_key (str): Key in the checkpoint.
+        shape (list[int]): The checkpoint tensor's shape, as stored.
+        dtype (str): Its dtype (``float32``...).
+        steps (list[str]): The repairs that changed it, in order.
+    """
+    key: str
+    file_key: str
+    shape: List[int]
+    dtype: str
+    steps: List[str] = field(default_factory=list)
+
+
+@dataclass
 class SourceReport:
     """What one source did.
 
@@ -253,6 +271,8 @@ class SourceReport:
         identity (str): The file's identified format, in one line.
         verified (int): Sparse-conv modules checked by function (``verify``).
         verify_error (float): The largest relative error those checks saw.
+        placed (list[Placed]): Every checkpoint tensor planned onto a model tensor,
+            with the repairs that changed it.
     """
     checkpoint: str
     label: str
@@ -276,6 +296,7 @@ class SourceReport:
     identity: str = ''
     verified: int = 0
     verify_error: float = 0.0
+    placed: List[Placed] = field(default_factory=list)
 
     @property
     def adapted(self) -> Dict[str, List[str]]:
@@ -413,21 +434,32 @@ class LoadReport:
         dry_run (bool): Whether the model was left untouched on purpose.
         applied (bool): Whether tensors were written into the model.
         problems (list[str]): Problems found (a failed load raises instead).
+        title (str): What the load was (``'FusionLoadHook'``, ``'inspect'``...).
+        model (list): ``[key, shape, dtype]`` of every tensor of the model's state
+            dict, in its order (what :meth:`to_html` draws the model from).
     """
     sources: List[SourceReport] = field(default_factory=list)
     dry_run: bool = False
     applied: bool = False
     problems: List[str] = field(default_factory=list)
     title: str = 'mmfusionload'
+    model: List[list] = field(default_factory=list)
+
+    def describe_model(self, model) -> 'LoadReport':
+        """Record the tensors of ``model`` (an ``nn.Module``) in :attr:`model`."""
+        self.model = [[k, list(v.shape), str(v.dtype).replace('torch.', '')]
+                      for k, v in model.state_dict(keep_vars=True).items()]
+        return self
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
-    def to_dict(self) -> dict:
+    def to_dict(self, compress: bool = True) -> dict:
+        """The report as JSON-ready data (see :meth:`SourceReport.to_dict`)."""
         return dict(title=self.title, dry_run=self.dry_run, applied=self.applied,
                     ok=self.ok, problems=list(self.problems),
-                    sources=[s.to_dict() for s in self.sources])
+                    sources=[s.to_dict(compress) for s in self.sources], model=self.model)
 
     def to_json(self, path: Optional[str] = None, indent: int = 1) -> str:
         """Serialize; also write to ``path`` when given."""
@@ -465,6 +497,16 @@ class LoadReport:
         for line in lines:
             console.print(line, markup=False, highlight=False)
         return buf.getvalue().rstrip()
+
+    def to_html(self, path: Optional[str] = None) -> str:
+        """The report as one self-contained HTML page (:mod:`mmfusionload.report.html`);
+        also written to ``path`` when given."""
+        from .html import render_html
+        page = render_html(self)
+        if path:
+            with open(path, 'w', encoding='utf-8') as f:
+                f.write(page)
+        return page
 
     def __str__(self) -> str:
         return self.format()
