@@ -10,8 +10,8 @@ import re
 from contextlib import closing, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
-from typing import (Any, Callable, Dict, Hashable, Iterable, Iterator, List, Optional, Sequence,
-                    Union)
+from typing import (Any, Callable, Dict, Hashable, Iterable, Iterator, List, Mapping, Optional,
+                    Sequence, Union)
 
 import torch
 import torch.nn as nn
@@ -227,17 +227,61 @@ def plan_source(model: nn.Module,
         return plan
     report.prefix = align.describe()
     report.ignored = len(state) - len(align.mapping)
-
-    excludes = [re.compile(p) for p in spec.exclude]
-    modules: Dict[str, nn.Module] = {}
-    versions: Dict[str, Optional[int]] = {}
     context = SourceContext(fname, spec, model, meta=dict(ckpt.meta or {}))
     if preset is not None and preset.orders is not None:
         context.orders = preset.orders(dict(all_shapes))
+    return plan_mapping(plan, spec, context, state, align.mapping, renamed, shapes, targets,
+                        targeted, ckpt.metadata, preset)
+
+
+def plan_mapping(plan: SourcePlan,
+                 spec: SourceSpec,
+                 context: SourceContext,
+                 state: Mapping[str, torch.Tensor],
+                 mapping: Mapping[str, str],
+                 file_keys: Mapping[str, str],
+                 shapes: Mapping[str, tuple],
+                 targets: Sequence[str],
+                 targeted: Dict[str, torch.Tensor],
+                 metadata: Mapping[str, dict],
+                 preset: Optional[KeyPreset] = None) -> SourcePlan:
+    """Plan the checkpoint tensors ``mapping`` places on the model: the one planner of
+    :func:`load_sources` and of the ``load_from`` repair
+    (:func:`~mmfusionload.load.load_from.repair_checkpoint`).
+
+    Every mapped tensor of a ``targeted`` model key becomes an entry (unless
+    ``spec.exclude`` matches it: excluded); one off the model is unexpected under
+    a target, ignored elsewhere. The registered repairs run on every entry, which
+    then is loaded (repaired when a repair changed it), regenerated or mismatched
+    (a :class:`~mmfusionload.report.Mismatch` record and its problem line, the entry
+    skipped). Last, targets that got nothing are kept and targeted model tensors
+    the checkpoint lacks are missing (or new, by the preset's design).
+
+    Args:
+        plan (SourcePlan): Filled in: entries, report and problems.
+        spec (SourceSpec): The source's options, as the repairs see them.
+        context (SourceContext): Shared by the source's entries.
+        state (Mapping): Checkpoint key -> tensor.
+        mapping (Mapping): Model key -> name (the checkpoint key after renaming).
+        file_keys (Mapping): Name -> checkpoint key.
+        shapes (Mapping): Name -> the checkpoint tensor's shape.
+        targets (Sequence[str]): Target submodules (``''``: the whole model).
+        targeted (dict): The model tensors the source may write, by key.
+        metadata (Mapping): The checkpoint's ``_metadata`` (module -> ``version``).
+        preset (KeyPreset, optional): Names the model tensors new by design.
+
+    Returns:
+        SourcePlan: ``plan``.
+    """
+    report, fname = plan.report, spec.checkpoint
+    excludes = [re.compile(p) for p in spec.exclude]
+    modules: Dict[str, nn.Module] = {}
+    versions: Dict[str, Optional[int]] = {}
+    model = context.model
     under_any = _under_any(targets)
     mapped, entries = context.mapped, plan.entries
-    for key, new in align.mapping.items():
-        file_key = renamed[new]
+    for key, new in mapping.items():
+        file_key = file_keys[new]
         target = targeted.get(key)
         if target is None:  # every targeted key is under a target
             if under_any(key):
@@ -253,7 +297,7 @@ def plan_source(model: nn.Module,
         if file_mod in versions:
             version = versions[file_mod]
         else:
-            version = versions[file_mod] = (ckpt.metadata.get(file_mod) or {}).get('version')
+            version = versions[file_mod] = (metadata.get(file_mod) or {}).get('version')
         mapped.append(Mapped(key, file_key, shapes[new], module, mod_name, version))
         if excludes and any(p.search(key) for p in excludes):
             report.excluded.append(key)
