@@ -9,12 +9,11 @@ from ..checkpoint.containers import Unwrapped, unwrap
 from ..errors import FusionLoadError
 from ..checkpoint.identify import identify_state
 from .modality import resolve_targets
-from .pipeline import SourcePlan, plan_mapping
+from .pipeline import SourcePlan, plan_mapping, verify_plan
 from .repairs import SourceContext, may_be_absent
 from .repairs.spconv_layout import LAYOUT_VERSION, module_layout
-from ..report import Mismatch, SourceReport
+from ..report import SourceReport
 from .source import SourceSpec
-from ..sparse.verify import verify_entries
 
 
 
@@ -80,13 +79,7 @@ def repair_checkpoint(checkpoint: MutableMapping[str, Any],
     if not plan.entries:  # _account found nothing provided: MMEngine warns about all
         report.kept = []
         report.missing = [k for k in targeted if not may_be_absent(k)]
-    to_load = {e.key: e for e in plan.to_load}
-    removed = verify_entries(list(to_load.values()), verify, report)
-    for key, problem in removed.items():  # never applied: MMEngine reports it missing
-        e = to_load[key]
-        report.mismatched.append(Mismatch(key, e.file_key, e.source.shape, e.target.shape,
-                                          'verify', problem))
-        report.loaded.remove(key)
+    removed = verify_plan(plan, verify)  # never applied: MMEngine reports them missing
     state = _write_back(ckpt, plan, removed)
     for key, value in model_state.items():
         if key not in state and any(key.startswith(t + '.') for t in fill):

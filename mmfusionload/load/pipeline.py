@@ -33,7 +33,7 @@ from .repairs import (Entry, Mapped, RepairProblem, SourceContext, may_be_absent
 from ..report import (LoadReport, Mismatch, SourceReport, compress_keys, mismatch_problems,
                       overlap_problems)
 from .source import SourceSpec, parse_source, source_list
-from ..sparse.verify import verify_plans
+from ..sparse.verify import verify_entries
 from .values import entry_problem
 
 SourceLike = Union[SourceSpec, Dict[str, Any]]
@@ -386,31 +386,64 @@ def _account(plan: SourcePlan, targets: List[str], targeted: Dict[str, torch.Ten
             " (exclude them, or strict=False to keep their current values)")
 
 
+def verify_plan(plan: SourcePlan, mode: Union[bool, str]) -> Dict[str, str]:
+    """Check the plan's converted sparse kernels by function (``verify=mode``, see
+    :mod:`mmfusionload.sparse.verify`): each that computes another function than the
+    checkpoint's is no longer loaded but mismatched (kind ``'verify'``).
+
+    Returns:
+        dict: Model key -> problem, per kernel that failed.
+    """
+    to_load = {e.key: e for e in plan.to_load}
+    found = verify_entries(list(to_load.values()), mode, plan.report)
+    for key, problem in found.items():
+        e = to_load[key]
+        plan.report.mismatched.append(Mismatch(key, e.file_key, e.source.shape,
+                                               e.target.shape, 'verify', problem))
+        plan.report.loaded.remove(key)
+    return found
+
+
 def _source(e: Entry) -> torch.Tensor:
     """The checkpoint tensor an entry reads."""
     return e.source
 
 
 def validate(plans: Sequence[SourcePlan], allow_overlap: bool = False) -> List[str]:
-    """Check values and overlaps across all plans; return the problems."""
+    """Check values and overlaps across all plans; return the problems.
+
+    A tensor whose values cannot be written as planned is mismatched (kind
+    ``'value'``) in its source's report, no longer loaded.
+    """
     problems: List[str] = []
     writers: Dict[str, str] = {}
     pairs: Dict[tuple, List[str]] = {}
     for plan in plans:
         problems += plan.problems
         allow_nonfinite = plan.spec.allow_nonfinite
+        report, refused = plan.report, set()
         # the values as written, after every step and the cast: read a window at a time
         # when every float tensor is checked, else only where a step or a cast needs them
         for e in plan.to_load if allow_nonfinite else sweep(plan.to_load, _source):
             problem = entry_problem(e, allow_nonfinite)
             if problem:
                 problems.append(problem)
+                report.mismatched.append(Mismatch(e.key, e.file_key, _shape(e.source),
+                                                  e.target.shape, 'value', problem))
+                refused.add(e.key)
             if allow_nonfinite:
                 release_pages(e.source)
             if e.key in writers and not allow_overlap:
                 pairs.setdefault((writers[e.key], e.filename), []).append(e.key)
             writers[e.key] = e.filename
+        if refused:  # mismatched now, no longer loaded
+            report.loaded[:] = [k for k in report.loaded if k not in refused]
     return problems + overlap_problems(pairs)
+
+
+def _shape(value: Any) -> tuple:
+    """A checkpoint value's shape (``()`` for what is no tensor)."""
+    return tuple(getattr(value, 'shape', ()))
 
 
 def check_targets(plans: Sequence[SourcePlan], extra_models: Sequence[nn.Module] = ()
@@ -534,7 +567,8 @@ def load_sources(model: nn.Module,
     problems += validate(plans, allow_overlap)
     problems += check_targets(plans, extra_models)
     if not problems:  # prove converted sparse kernels by function before writing
-        problems += verify_plans(plans)
+        for plan in plans:
+            problems += list(verify_plan(plan, plan.spec.verify).values())
     report.problems = problems
     if problems and not dry_run:
         if logger is not None:
