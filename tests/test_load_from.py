@@ -12,6 +12,7 @@ from mmengine.runner.checkpoint import _load_checkpoint_to_model
 
 from builders import build, randomize, sparse_conv_names, to_mmcv_layout
 from mmfusionload import FusionLoadError, read_checkpoint, repair_checkpoint
+from mmfusionload.report import Mismatch
 
 pytest.importorskip('spconv')
 
@@ -173,3 +174,63 @@ def test_import_registers_without_heavy_modules():
             'assert DET3D_HOOKS.get("FusionLoadHook") is mmfusionload.FusionLoadHook\n'
             'assert MODELS.get("EfficientViT") is mmfusionload.models.EfficientViT\n')
     subprocess.run([sys.executable, '-c', code], check=True)
+
+
+def _decisions(rep):
+    return dict(loaded=rep.loaded, repaired=rep.repaired, regenerated=rep.regenerated,
+                mismatched=[(m.key, m.checkpoint_shape, m.model_shape, m.kind)
+                            for m in rep.mismatched],
+                unexpected=rep.unexpected, missing=rep.missing)
+
+
+def test_load_from_and_load_sources_plan_alike(src, tmp_path):
+    """One planner: the load_from repair and a whole-model source of the same file decide
+    the same per tensor (loaded, repaired, mismatched, unexpected, missing, verified)."""
+    from mmfusionload import load_sources
+    sd = to_mmcv_layout(src.state_dict(), src)
+    sd = OrderedDict((k, v) for k, v in sd.items() if k != 'img_backbone.bias')  # missing
+    sd['pts_backbone.blocks.0.0.weight'] = torch.zeros(16, 64, 1, 1)  # mismatched
+    sd['head.extra'] = torch.zeros(2)  # unexpected
+    torch.save({'state_dict': sd}, tmp_path / 'f.pth')
+    model = randomize(Lidar(), seed=12)
+    ckpt = {'state_dict': OrderedDict(sd)}
+    lf = repair_checkpoint(ckpt, model, str(tmp_path / 'f.pth'), verify=True)
+    ls = load_sources(model, [dict(checkpoint=str(tmp_path / 'f.pth'), strict=False,
+                                   verify=True)], dry_run=True, logger=None).sources[0]
+    assert _decisions(lf) == _decisions(ls)
+    assert lf.mismatched == ls.mismatched == [Mismatch(
+        'pts_backbone.blocks.0.0.weight', 'pts_backbone.blocks.0.0.weight', [16, 64, 1, 1],
+        [16, 64, 3, 3])]
+    assert len(lf.repaired['spconv_layout']) == len(_sparse(src)) == lf.verified
+    assert lf.missing == ['img_backbone.bias'] and lf.unexpected == ['head.extra']
+    # written back in place: repaired kernels, the mismatched and unexpected tensors as
+    # they were (MMEngine reports them), in the checkpoint's order
+    out = ckpt['state_dict']
+    assert list(out) == list(sd)
+    for k in _sparse(src):
+        assert torch.equal(out[k], src.state_dict()[k]), k
+    assert out['pts_backbone.blocks.0.0.weight'] is sd['pts_backbone.blocks.0.0.weight']
+    assert out['head.extra'] is sd['head.extra']
+
+
+def test_load_from_fills_what_the_sources_load_and_counts_the_rest_missing(src):
+    """The targets of the load_from plan: the model minus the tensors the hook's sources
+    fill (reported new); a tensor of another module the file lacks is missing."""
+    sd = OrderedDict((k, v) for k, v in src.state_dict().items()
+                     if not k.startswith('img_backbone.')
+                     and k != 'pts_backbone.blocks.0.1.weight')
+    model = randomize(Lidar(), seed=12)
+    ckpt = {'state_dict': sd}
+    report = repair_checkpoint(ckpt, model, 'f.pth', fill_targets=['img_backbone'])
+    assert report.new == ['img_backbone.weight', 'img_backbone.bias']
+    assert report.missing == ['pts_backbone.blocks.0.1.weight']
+    assert torch.equal(ckpt['state_dict']['img_backbone.weight'], model.img_backbone.weight)
+    # without a source for the camera, its tensors are missing too
+    report = repair_checkpoint({'state_dict': OrderedDict(sd)}, model, 'f.pth')
+    assert report.new == [] and report.missing == [
+        'pts_backbone.blocks.0.1.weight', 'img_backbone.weight', 'img_backbone.bias']
+    # a file with nothing for the model: everything is missing, nothing is a problem here
+    report = repair_checkpoint({'state_dict': {'x': torch.zeros(1)}}, model, 'f.pth')
+    assert report.unexpected == ['x'] and report.kept == [] and report.loaded == []
+    assert len(report.missing) == sum(1 for k in model.state_dict()
+                                      if not k.endswith('num_batches_tracked'))

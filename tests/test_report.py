@@ -221,3 +221,22 @@ def test_command_table_counts_mismatches_by_their_record():
     rows = [line.split() for line in buf.getvalue().splitlines() if 'neck' in line or 'head' in line]
     assert rows == [['│', 'head', '│', '1', '│', '-', '│', '│'],
                     ['│', 'neck', '│', '-', '│', '1', '│', '│']]
+
+
+def test_a_tensor_whose_values_cannot_load_is_a_record(tmp_path):
+    """A NaN in the checkpoint: a mismatch of kind 'value' with the problem line, no longer
+    counted loaded; with allow_nonfinite=True it loads."""
+    sd = Net().state_dict()
+    sd['net.1.bias'] = torch.tensor([0.0, float('nan')])
+    path = str(tmp_path / 'nan.pth')
+    torch.save(sd, path)
+    report = load_sources(Net(), [dict(checkpoint=path)], dry_run=True, logger=None)
+    src = report.sources[0]
+    (problem, ) = report.problems
+    assert 'net.1.bias' in problem and 'NaN/Inf' in problem
+    assert src.mismatched == [Mismatch('net.1.bias', 'net.1.bias', [2], [2], 'value', problem)]
+    assert 'net.1.bias' not in src.loaded and len(src.loaded) == 3
+    assert src.counts()['mismatched'] == 1 and src.counts()['loaded'] == 3
+    report = load_sources(Net(), [dict(checkpoint=path, allow_nonfinite=True)], dry_run=True,
+                          logger=None)
+    assert report.ok and report.sources[0].mismatched == [] and len(report.sources[0].loaded) == 4

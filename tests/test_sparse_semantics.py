@@ -295,6 +295,11 @@ def test_verify_catches_a_wrong_registered_repair(tmp_path):
         assert 'p.pth' in msg and 'flip_kernel' in msg and 'spconv2 -> spconv2' in msg
         for name in ('a', 'b', 'c', 'e'):
             assert f'-> {name} (' in msg
+        # each kernel that failed is a record of its source, no longer counted loaded
+        rep = e.value.report.sources[0]
+        failed = [m.key for m in rep.mismatched if m.kind == 'verify']
+        assert sorted(failed) == ['a.weight', 'b.weight', 'c.weight', 'e.weight']
+        assert not set(failed) & set(rep.loaded) and 'd.weight' in rep.loaded
         after = dst.state_dict()
         assert all(torch.equal(after[k], v) for k, v in before.items())
         # the load_from repair leaves such a kernel out, and says why

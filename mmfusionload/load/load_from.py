@@ -1,20 +1,19 @@
 """Repair a checkpoint dict in place before MMEngine applies it (``load_from``)."""
 from collections import OrderedDict
-from typing import Any, Dict, List, MutableMapping, Sequence, Union
+from typing import Any, Container, Dict, MutableMapping, Sequence, Union
 
 import torch
 import torch.nn as nn
 
-from ..checkpoint.containers import shape_of, unwrap
+from ..checkpoint.containers import Unwrapped, unwrap
 from ..errors import FusionLoadError
 from ..checkpoint.identify import identify_state
 from .modality import resolve_targets
-from .repairs import (Entry, Mapped, RepairProblem, SourceContext, may_be_absent,
-                      repairs_in_order, run_repairs)
+from .pipeline import SourcePlan, plan_mapping, verify_plan
+from .repairs import SourceContext, may_be_absent
 from .repairs.spconv_layout import LAYOUT_VERSION, module_layout
-from ..report import Mismatch, SourceReport
+from ..report import SourceReport
 from .source import SourceSpec
-from ..sparse.verify import verify_entries
 
 
 
@@ -34,6 +33,11 @@ def repair_checkpoint(checkpoint: MutableMapping[str, Any],
     nor skips), leaves derived tensors to the model, and fills keys of
     ``fill_targets`` (modules another source will load) with the model's
     current tensors so MMEngine does not list them as missing.
+
+    The plan is :func:`~mmfusionload.load.pipeline.plan_mapping`'s, the planner of
+    :func:`~mmfusionload.load_sources`: one source of identical keys whose target is
+    the whole model less the tensors of ``fill_targets`` the file lacks; the planned
+    tensors are then written back into ``checkpoint`` instead of into the model.
 
     Args:
         checkpoint (MutableMapping): What MMEngine read; modified in place.
@@ -59,75 +63,62 @@ def repair_checkpoint(checkpoint: MutableMapping[str, Any],
                           container=ckpt.container, prefix='identity',
                           stripped=list(ckpt.stripped), family=ckpt.family,
                           weights=ckpt.copy)
-    report.identity = identify_state(
-        filename, {k: shape_of(ckpt.state, k) for k in ckpt.state}, ckpt.metadata).one_line()
-    spec = SourceSpec(checkpoint=filename, spconv_layout=spconv_layout)
+    shapes = ckpt.shapes()
+    report.identity = identify_state(filename, shapes, ckpt.metadata).one_line()
+    spec = SourceSpec(checkpoint=filename, spconv_layout=spconv_layout, strict=False,
+                      verify=verify)
     model_state = dict(model.state_dict(keep_vars=True))
-    metadata: Dict[str, dict] = OrderedDict(ckpt.metadata)
-    state: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
-    repairs = repairs_in_order()
-    context = SourceContext(filename, spec, model, meta=dict(ckpt.meta or {}))
-    loaded: List[Entry] = []
-    for key, tensor in ckpt.state.items():
-        if key in model_state:
-            mod_name = key.rsplit('.', 1)[0] if '.' in key else ''
-            context.mapped.append(Mapped(key, key, tuple(tensor.shape),
-                                         model.get_submodule(mod_name), mod_name,
-                                         (metadata.get(mod_name) or {}).get('version')))
-    for key, tensor in ckpt.state.items():
-        target = model_state.get(key)
-        if target is None:
-            report.unexpected.append(key)
-            state[key] = tensor
-            continue
-        mod_name = key.rsplit('.', 1)[0] if '.' in key else ''
-        module = model.get_submodule(mod_name)
-        version = (metadata.get(mod_name) or {}).get('version')
-        entry = Entry(key, key, tensor, target, module, mod_name, version, spec, filename,
-                      context=context)
-        try:
-            run_repairs(entry, repairs)
-        except RepairProblem as e:
-            report.mismatched.append(Mismatch(key, key, tensor.shape, target.shape,
-                                              'repair', str(e)))
-            state[key] = tensor
-            continue
-        if entry.skip:
-            report.regenerated.append(key)
-            state[key] = target.detach()
-            continue
-        if entry.shape != tuple(target.shape):
-            report.mismatched.append(Mismatch(key, key, tensor.shape, target.shape))
-            state[key] = tensor
-            continue
-        state[key] = entry.materialize() if entry.steps else tensor
-        loaded.append(entry)
-        report.loaded.append(key)
-        for name, _ in entry.steps:
-            report.repaired.setdefault(name, []).append(key)
-        layout = module_layout(module)
-        if layout is not None:
-            info = dict(metadata.get(mod_name) or {})
-            info['version'] = LAYOUT_VERSION[layout]
-            metadata[mod_name] = info
-    by_key = {e.key: e for e in loaded}
-    for key, problem in verify_entries(loaded, verify, report).items():
-        report.mismatched.append(Mismatch(key, key, by_key[key].source.shape,
-                                          by_key[key].target.shape, 'verify', problem))
-        del state[key]  # never applied: MMEngine reports it missing
-        report.loaded.remove(key)
     fill = [t for t in fill_targets if t]
-    if fill:
-        for key, value in model_state.items():
-            if key not in state and any(key.startswith(t + '.') for t in fill):
-                state[key] = value.detach()
-                report.new.append(key)
-    report.missing = [k for k in model_state if k not in state and not may_be_absent(k)]
-    state._metadata = metadata  # type: ignore[attr-defined]
+    # the model minus what the hook's sources fill: their tensors this file lacks
+    targeted = {k: v for k, v in model_state.items()
+                if k in ckpt.state or not any(k.startswith(t + '.') for t in fill)}
+    keys = {k: k for k in ckpt.state}
+    plan = plan_mapping(SourcePlan(spec, report), spec,
+                        SourceContext(filename, spec, model, meta=dict(ckpt.meta or {})),
+                        ckpt.state, keys, keys, shapes, [''], targeted, ckpt.metadata)
+    if not plan.entries:  # _account found nothing provided: MMEngine warns about all
+        report.kept = []
+        report.missing = [k for k in targeted if not may_be_absent(k)]
+    removed = verify_plan(plan, verify)  # never applied: MMEngine reports them missing
+    state = _write_back(ckpt, plan, removed)
+    for key, value in model_state.items():
+        if key not in state and any(key.startswith(t + '.') for t in fill):
+            state[key] = value.detach()
+            report.new.append(key)
+    missing = set(report.missing)  # and the kernels left out above, unless filled
+    report.missing = [k for k in model_state if k in missing or k in removed and k not in state]
     if ckpt.container == '<bare>':
         checkpoint.clear()
     checkpoint['state_dict'] = state
     return report
+
+
+def _write_back(ckpt: Unwrapped, plan: SourcePlan, removed: Container[str]
+                ) -> 'OrderedDict[str, torch.Tensor]':
+    """The state dict MMEngine gets, in the checkpoint's order: each planned tensor as
+    the model takes it (``_metadata`` versions of converted sparse modules set to their
+    new layout), a regenerated one as the model holds it, one that cannot be placed or
+    is off the model as it is (MMEngine reports it), ``removed`` ones left out."""
+    entries = {e.key: e for e in plan.entries}
+    bad = {m.key for m in plan.report.mismatched}
+    metadata: Dict[str, dict] = OrderedDict(ckpt.metadata)
+    state: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
+    for key, tensor in ckpt.state.items():
+        e = entries.get(key)
+        if e is None or key in bad and key not in removed:
+            state[key] = tensor
+        elif e.skip:
+            state[key] = e.target.detach()
+        else:
+            layout = module_layout(e.module)
+            if layout is not None:
+                info = dict(metadata.get(e.module_name) or {})
+                info['version'] = LAYOUT_VERSION[layout]
+                metadata[e.module_name] = info
+            if key not in removed:
+                state[key] = e.materialize() if e.steps else tensor
+    state._metadata = metadata  # type: ignore[attr-defined]
+    return state
 
 
 def fill_targets_of(model: nn.Module, sources: Sequence[SourceSpec]) -> list:

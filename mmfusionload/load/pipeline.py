@@ -10,8 +10,8 @@ import re
 from contextlib import closing, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
-from typing import (Any, Callable, Dict, Hashable, Iterable, Iterator, List, Optional, Sequence,
-                    Union)
+from typing import (Any, Callable, Dict, Hashable, Iterable, Iterator, List, Mapping, Optional,
+                    Sequence, Union)
 
 import torch
 import torch.nn as nn
@@ -33,7 +33,7 @@ from .repairs import (Entry, Mapped, RepairProblem, SourceContext, may_be_absent
 from ..report import (LoadReport, Mismatch, Placed, SourceReport, compress_keys, mismatch_problems,
                       overlap_problems)
 from .source import SourceSpec, parse_source, source_list
-from ..sparse.verify import verify_plans
+from ..sparse.verify import verify_entries
 from .values import entry_problem
 
 SourceLike = Union[SourceSpec, Dict[str, Any]]
@@ -227,17 +227,61 @@ def plan_source(model: nn.Module,
         return plan
     report.prefix = align.describe()
     report.ignored = len(state) - len(align.mapping)
-
-    excludes = [re.compile(p) for p in spec.exclude]
-    modules: Dict[str, nn.Module] = {}
-    versions: Dict[str, Optional[int]] = {}
     context = SourceContext(fname, spec, model, meta=dict(ckpt.meta or {}))
     if preset is not None and preset.orders is not None:
         context.orders = preset.orders(dict(all_shapes))
+    return plan_mapping(plan, spec, context, state, align.mapping, renamed, shapes, targets,
+                        targeted, ckpt.metadata, preset)
+
+
+def plan_mapping(plan: SourcePlan,
+                 spec: SourceSpec,
+                 context: SourceContext,
+                 state: Mapping[str, torch.Tensor],
+                 mapping: Mapping[str, str],
+                 file_keys: Mapping[str, str],
+                 shapes: Mapping[str, tuple],
+                 targets: Sequence[str],
+                 targeted: Dict[str, torch.Tensor],
+                 metadata: Mapping[str, dict],
+                 preset: Optional[KeyPreset] = None) -> SourcePlan:
+    """Plan the checkpoint tensors ``mapping`` places on the model: the one planner of
+    :func:`load_sources` and of the ``load_from`` repair
+    (:func:`~mmfusionload.load.load_from.repair_checkpoint`).
+
+    Every mapped tensor of a ``targeted`` model key becomes an entry (unless
+    ``spec.exclude`` matches it: excluded); one off the model is unexpected under
+    a target, ignored elsewhere. The registered repairs run on every entry, which
+    then is loaded (repaired when a repair changed it), regenerated or mismatched
+    (a :class:`~mmfusionload.report.Mismatch` record and its problem line, the entry
+    skipped). Last, targets that got nothing are kept and targeted model tensors
+    the checkpoint lacks are missing (or new, by the preset's design).
+
+    Args:
+        plan (SourcePlan): Filled in: entries, report and problems.
+        spec (SourceSpec): The source's options, as the repairs see them.
+        context (SourceContext): Shared by the source's entries.
+        state (Mapping): Checkpoint key -> tensor.
+        mapping (Mapping): Model key -> name (the checkpoint key after renaming).
+        file_keys (Mapping): Name -> checkpoint key.
+        shapes (Mapping): Name -> the checkpoint tensor's shape.
+        targets (Sequence[str]): Target submodules (``''``: the whole model).
+        targeted (dict): The model tensors the source may write, by key.
+        metadata (Mapping): The checkpoint's ``_metadata`` (module -> ``version``).
+        preset (KeyPreset, optional): Names the model tensors new by design.
+
+    Returns:
+        SourcePlan: ``plan``.
+    """
+    report, fname = plan.report, spec.checkpoint
+    excludes = [re.compile(p) for p in spec.exclude]
+    modules: Dict[str, nn.Module] = {}
+    versions: Dict[str, Optional[int]] = {}
+    model = context.model
     under_any = _under_any(targets)
     mapped, entries = context.mapped, plan.entries
-    for key, new in align.mapping.items():
-        file_key = renamed[new]
+    for key, new in mapping.items():
+        file_key = file_keys[new]
         target = targeted.get(key)
         if target is None:  # every targeted key is under a target
             if under_any(key):
@@ -253,7 +297,7 @@ def plan_source(model: nn.Module,
         if file_mod in versions:
             version = versions[file_mod]
         else:
-            version = versions[file_mod] = (ckpt.metadata.get(file_mod) or {}).get('version')
+            version = versions[file_mod] = (metadata.get(file_mod) or {}).get('version')
         mapped.append(Mapped(key, file_key, shapes[new], module, mod_name, version))
         if excludes and any(p.search(key) for p in excludes):
             report.excluded.append(key)
@@ -345,31 +389,64 @@ def _account(plan: SourcePlan, targets: List[str], targeted: Dict[str, torch.Ten
             " (exclude them, or strict=False to keep their current values)")
 
 
+def verify_plan(plan: SourcePlan, mode: Union[bool, str]) -> Dict[str, str]:
+    """Check the plan's converted sparse kernels by function (``verify=mode``, see
+    :mod:`mmfusionload.sparse.verify`): each that computes another function than the
+    checkpoint's is no longer loaded but mismatched (kind ``'verify'``).
+
+    Returns:
+        dict: Model key -> problem, per kernel that failed.
+    """
+    to_load = {e.key: e for e in plan.to_load}
+    found = verify_entries(list(to_load.values()), mode, plan.report)
+    for key, problem in found.items():
+        e = to_load[key]
+        plan.report.mismatched.append(Mismatch(key, e.file_key, e.source.shape,
+                                               e.target.shape, 'verify', problem))
+        plan.report.loaded.remove(key)
+    return found
+
+
 def _source(e: Entry) -> torch.Tensor:
     """The checkpoint tensor an entry reads."""
     return e.source
 
 
 def validate(plans: Sequence[SourcePlan], allow_overlap: bool = False) -> List[str]:
-    """Check values and overlaps across all plans; return the problems."""
+    """Check values and overlaps across all plans; return the problems.
+
+    A tensor whose values cannot be written as planned is mismatched (kind
+    ``'value'``) in its source's report, no longer loaded.
+    """
     problems: List[str] = []
     writers: Dict[str, str] = {}
     pairs: Dict[tuple, List[str]] = {}
     for plan in plans:
         problems += plan.problems
         allow_nonfinite = plan.spec.allow_nonfinite
+        report, refused = plan.report, set()
         # the values as written, after every step and the cast: read a window at a time
         # when every float tensor is checked, else only where a step or a cast needs them
         for e in plan.to_load if allow_nonfinite else sweep(plan.to_load, _source):
             problem = entry_problem(e, allow_nonfinite)
             if problem:
                 problems.append(problem)
+                report.mismatched.append(Mismatch(e.key, e.file_key, _shape(e.source),
+                                                  e.target.shape, 'value', problem))
+                refused.add(e.key)
             if allow_nonfinite:
                 release_pages(e.source)
             if e.key in writers and not allow_overlap:
                 pairs.setdefault((writers[e.key], e.filename), []).append(e.key)
             writers[e.key] = e.filename
+        if refused:  # mismatched now, no longer loaded
+            report.loaded[:] = [k for k in report.loaded if k not in refused]
     return problems + overlap_problems(pairs)
+
+
+def _shape(value: Any) -> tuple:
+    """A checkpoint value's shape (``()`` for what is no tensor)."""
+    return tuple(getattr(value, 'shape', ()))
 
 
 def check_targets(plans: Sequence[SourcePlan], extra_models: Sequence[nn.Module] = ()
@@ -495,7 +572,8 @@ def load_sources(model: nn.Module,
     problems += validate(plans, allow_overlap)
     problems += check_targets(plans, extra_models)
     if not problems:  # prove converted sparse kernels by function before writing
-        problems += verify_plans(plans)
+        for plan in plans:
+            problems += list(verify_plan(plan, plan.spec.verify).values())
     report.problems = problems
     if problems and not dry_run:
         if logger is not None:

@@ -85,7 +85,8 @@ STATUSES: Dict[str, str] = OrderedDict([
              'values)'),
     ('excluded', "left alone by the source's exclude patterns"),
     ('missing', "in a loaded module but not in the checkpoint (keeps the model's value)"),
-    ('mismatched', 'in the checkpoint but cannot be placed (shape, repair or verify problem)'),
+    ('mismatched', 'in the checkpoint but cannot be placed (its shape, a repair, verify or '
+                   'its values)'),
     ('unexpected', 'in the checkpoint under a target module, but not in the model'),
     ('ignored', 'in the checkpoint outside the target modules'),
 ])
@@ -99,6 +100,8 @@ MISMATCH_KINDS: Dict[str, str] = OrderedDict([
     ('shape', "the checkpoint tensor's shape differs from the model's"),
     ('repair', 'a repair cannot place it'),
     ('verify', "the converted kernel computes another function than the checkpoint's"),
+    ('value', 'its values cannot be written as planned (NaN/Inf, a cast that overflows, '
+              'no dense tensor)'),
 ])
 
 #: The note of a target module the checkpoint provides nothing for.
@@ -122,8 +125,8 @@ class Mismatch:
         checkpoint_shape (list[int]): The checkpoint tensor's shape, as stored.
         model_shape (list[int]): The model tensor's shape.
         kind (str): Why, one of :data:`MISMATCH_KINDS`.
-        reason (str): The message: for ``'repair'`` and ``'verify'`` the problem
-            line (it names the file); for ``'shape'`` the kind's meaning.
+        reason (str): The message: for ``'shape'`` the kind's meaning, for the
+            other kinds the problem line (it names the file).
     """
     key: str
     file_key: str

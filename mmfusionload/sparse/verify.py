@@ -414,16 +414,3 @@ def verify_entries(entries: Sequence, mode, report) -> Dict[str, str]:
                     f'{", axes reversed" if rev else ""}; repairs: {steps}): largest relative '
                     f'error {err:.3g} on a probe ({how}), tolerance {tol:g}')
     return problems
-
-
-def verify_plans(plans: Sequence) -> List[str]:
-    """Check every planned sparse kernel its source's ``verify`` option selects.
-
-    Fills each plan's report (``verified``, ``verify_error``) and returns the
-    problems: one per module whose converted kernel computes another function.
-    """
-    problems: List[str] = []
-    for plan in plans:
-        found = verify_entries(plan.to_load, getattr(plan.spec, 'verify', 'auto'), plan.report)
-        problems += list(found.values())
-    return problems
