@@ -8,6 +8,7 @@ comment on the line before a block says what else it needs:
 - ``<!-- doctest: fixture=NAME[,NAME] -->``: files (and, for python, names such as
   ``model``) written by the fixtures of this module before the block runs;
 - ``<!-- doctest: expect="TEXT" -->``: the output must contain TEXT;
+- ``<!-- doctest: creates=PATH[,PATH] -->``: the block must write these files;
 - ``<!-- doctest: config -->``: a python block that is a config: parsed with MMEngine's
   ``Config.fromstring``, its hooks and models built;
 - ``<!-- doctest: setup -->``: the set-up commands, which must be exactly the lines
@@ -40,7 +41,7 @@ PAGES = [ROOT / 'README.md', *sorted((ROOT / 'docs').glob('*.md'))]
 LANGS = ('python', 'bash', 'text')
 FENCE = re.compile(r'^```(\S*)\s*$')
 DIRECTIVE = re.compile(r'^<!--\s*doctest:\s*(.*?)\s*-->\s*$')
-KNOWN = ('fixture', 'expect', 'config', 'setup', 'form')
+KNOWN = ('fixture', 'expect', 'creates', 'config', 'setup', 'form')
 
 
 @dataclass
@@ -138,8 +139,8 @@ def fixture_lidar_checkpoint(d: Path, ns: dict) -> None:
 
 FUSION_CFG = '''\
 _base_ = [{base!r}]
-# the tiny CenterPoint with a small Swin-T-shaped camera backbone
-model = dict(img_backbone=dict(
+# the tiny CenterPoint's LiDAR branch with a small Swin-T-shaped camera backbone
+model = dict(pts_bbox_head=None, img_backbone=dict(
     type='mmdet.SwinTransformer', embed_dims=16, depths=(2, 2, 2, 2),
     num_heads=(1, 2, 4, 8), window_size=7, out_indices=(1, 2, 3)))
 '''
@@ -170,10 +171,7 @@ def fixture_cli_files(d: Path, ns: dict) -> None:
     original = mmdet_swin_to_original(swin)
     original['head.weight'], original['head.bias'] = torch.rand(10, 128), torch.rand(10)
     torch.save({'model': original}, d / 'swin_tiny_patch4_window7_224.pth')
-    mit = to_mmcv_layout(OrderedDict(
-        (k, v) for k, v in fusion.state_dict().items()
-        if k.startswith(('img_backbone.', 'pts_middle_encoder.', 'pts_backbone.',
-                         'pts_neck.'))), fusion)
+    mit = to_mmcv_layout(fusion.state_dict(), fusion)  # spconv 1.x kernels
     torch.save({'state_dict': renamed(mit, MMDET3D_TO_MIT)}, d / 'bevfusion-det.pth')
 
 
@@ -322,12 +320,40 @@ def _env(tmp: Path, shim: Path) -> dict:
 _RAN: Dict[str, str] = {}
 
 
-def run_bash(block: Block, tmp: Path) -> str:
+def mmfusionload_argv(cmd: str):
+    """The arguments of a ``mmfusionload`` / ``python -m mmfusionload`` command, or None."""
+    words = shlex.split(cmd)
+    if words[:1] == ['mmfusionload']:
+        return words[1:]
+    if words[0].endswith('python') and words[1:3] == ['-m', 'mmfusionload']:
+        return words[3:]
+    return None
+
+
+def run_bash(block: Block, tmp: Path, monkeypatch) -> str:
+    """Run the block's commands in ``tmp``: the package's own command line in this
+    process (its ``main``, what the console script calls), anything else through bash."""
     key = block.text + repr(block.fixtures)
     if key in _RAN:  # the same commands on the same files (the demo, on two pages)
         return _RAN[key]
     prepare(block, tmp)
     shim = _bin(tmp)
+    argvs = [mmfusionload_argv(cmd) for cmd in commands(block.text)]
+    if all(a is not None for a in argvs):
+        import contextlib
+        import io
+        from mmfusionload.cli.commands import main
+        monkeypatch.chdir(tmp)
+        out = []
+        for argv in argvs:
+            buf = io.StringIO()
+            with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+                rc = main(argv)
+            out.append(buf.getvalue())
+            assert rc == 0, f'{block.id}: mmfusionload {shlex.join(argv)}: exit {rc}\n' \
+                            f'{out[-1][-6000:]}'
+        _RAN[key] = '\n'.join(out)
+        return _RAN[key]
     script = tmp / '_block.sh'
     script.write_text('set -eo pipefail\n' + block.text)
     proc = subprocess.run(['bash', str(script)], cwd=str(tmp), env=_env(tmp, shim),
@@ -382,9 +408,11 @@ def test_block_runs(block, tmp_path, monkeypatch, one_thread):
     if block.lang == 'python':
         out = run_python(block, tmp_path, monkeypatch)
     else:
-        out = run_bash(block, tmp_path)
+        out = run_bash(block, tmp_path, monkeypatch)
     if 'expect' in block.directives:
         assert block.directives['expect'] in out, f'{block.id}:\n{out[-4000:]}'
+    for path in filter(None, block.directives.get('creates', '').split(',')):
+        assert (tmp_path / path).is_file(), f'{block.id}: {path} not written\n{out[-4000:]}'
 
 
 # ------------------------------------------------------------------ form only
