@@ -65,7 +65,7 @@ if ! has mmcv 2.1.0 || ! "$PY" -c "import mmcv.ops" 2>/dev/null; then
     # The whole flag set (setuptools replaces Python's default flags with these): no debug
     # info, and -O1 for the host C++ (MMCV's CPU ops and dispatch): most files' time is
     # parsing torch's headers, but pybind.cpp, the longest, takes 36 s instead of 56 s
-    # (see README "Install"); CUDA kernels keep nvcc's own flags.
+    # (see docs/install.md); CUDA kernels keep nvcc's own flags.
     flags="-DNDEBUG -O1 -g0 -fwrapv -Wall -Wsign-compare"
     MMCV_WITH_OPS=1 FORCE_CUDA=$cuda MAX_JOBS=${MAX_JOBS:-2} CFLAGS="$flags" CXXFLAGS="$flags" \
       "$PY" -m pip wheel --disable-pip-version-check -q --no-build-isolation --no-deps --no-cache-dir \
@@ -85,7 +85,7 @@ else
   has spconv 2.3.8 || { step "installing spconv (CPU)"; pip_ spconv==2.3.8; }
 fi
 # MMDetection3D and the two dataset toolkits its registries import, without their declared
-# dependencies (open3d, numpy<2, linters...; see README "Install"), and last: an install
+# dependencies (open3d, numpy<2, linters...; see docs/install.md), and last: an install
 # with dependencies after them would print pip's resolver complaint about those.
 if ! has mmdet3d 1.4.0 || ! has nuscenes-devkit 1.2.0 || ! has lyft-dataset-sdk 0.0.8; then
   step "installing mmdet3d (models and registries only)"
