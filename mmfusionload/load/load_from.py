@@ -13,6 +13,7 @@ from .repairs import (Entry, Mapped, RepairProblem, SourceContext, may_be_absent
                       repairs_in_order, run_repairs)
 from .repairs.spconv_layout import LAYOUT_VERSION, module_layout
 from ..report import SourceReport
+from ..sparse.layouts import check_layout_option
 from .source import SourceSpec
 from ..sparse.verify import verify_entries
 
@@ -51,9 +52,9 @@ def repair_checkpoint(checkpoint: MutableMapping[str, Any],
     Returns:
         SourceReport: What was repaired.
     """
-    if spconv_layout not in ('auto', 'spconv2', 'mmcv'):
-        raise FusionLoadError([f"spconv_layout must be 'auto', 'spconv2' or 'mmcv', "
-                               f'got {spconv_layout!r}'], 'bad option')
+    bad_layout = check_layout_option(spconv_layout)
+    if bad_layout:
+        raise FusionLoadError([bad_layout], 'bad option')
     ckpt = unwrap(checkpoint, filename, weights=weights)
     report = SourceReport(filename, 'load_from', targets=['<model>'],
                           container=ckpt.container, prefix='identity',
