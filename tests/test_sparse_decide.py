@@ -6,7 +6,7 @@ from collections import OrderedDict
 import pytest
 import torch
 import torch.nn as nn
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from builders import snapshot
@@ -70,6 +70,9 @@ def three_ways(tmp_path, geoms, biases, layout, versions):
 
 
 @settings(max_examples=60, deadline=None, derandomize=True)
+@example([((3, 3, 3), 16, 16, False), ((3, 1, 1), 16, 16, False)], 'spconv2_rskc', 2)
+@example([((3, 3, 3), 4, 4, False), ((3, 3, 3), 4, 16, True)], 'mmcv', 1)
+@example([((1, 1, 1), 4, 16, False), ((3, 3, 3), 16, 16, True)], 'spconv2_rskc', None)
 @given(st.lists(st.tuples(st.sampled_from(KERNELS), st.sampled_from(CHANNELS),
                           st.sampled_from(CHANNELS), st.booleans()), min_size=1, max_size=3),
        st.sampled_from(['spconv2', 'mmcv', 'spconv2_rskc']),
