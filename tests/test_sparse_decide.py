@@ -131,7 +131,7 @@ def test_one_kernel_that_fits_mmcv_only_decides(tmp_path):
     ident, conv, load, d, plan = three_ways(tmp_path, geoms, [False, False, True], 'mmcv',
                                             [1, 1, 1])
     evidence = ('1 of 3 sparse kernels fit only the mmcv layout [*k, in, out], e.g. '
-                'c2.weight [3, 3, 3, 4, 16]')
+                'c2.weight [3, 3, 3, 4, 16] (out 16: c2.bias)')
     assert ident == conv == load == ('mmcv', evidence) and not plan.problems
     ident, conv, load, d, plan = three_ways(tmp_path, geoms, [False] * 3, 'mmcv', [1, 1, 1])
     assert ident[0] is None and ident == conv

@@ -6,9 +6,10 @@ writes no marker of which. What tells:
 - **the source**: an explicit ``spconv_layout`` option, or the preset of a
   format that always stores one layout;
 - **shapes**: a kernel reads under a layout when its kernel dims are all in
-  ``1..MAX_KERNEL`` and, when the file holds the module's own ``bias``, the
-  layout's ``out`` is the bias width; with a model, when it is exactly the
-  live module's stored shape (spatial axes as they are or reversed);
+  ``1..MAX_KERNEL`` and, when the file shows the conv's output width (its own
+  ``bias``, or the BatchNorm right after it: :func:`out_width`), the layout's
+  ``out`` is that width; with a model, when it is exactly the live module's
+  stored shape (spatial axes as they are or reversed);
 - **_metadata version 2**, written only by MMDetection3D's spconv 2.x override:
   a spconv 2.x module, so ``spconv2`` or ``spconv2_rskc``, never ``mmcv``.
   Version 1 is every ``nn.Module``'s default and proves nothing.
@@ -17,7 +18,7 @@ The file's layout is the one every kernel allows. The file's own facts decide
 first (the same on ``identify``, ``convert`` and a load); a model's geometry
 decides only what they leave open. ``mmcv`` ``[*k, in, out]`` and
 ``spconv2_rskc`` ``[*k, out, in]`` have one shape whenever ``in == out``, and
-without a model or a bias no shape tells them apart.
+without a model or an output width no shape tells them apart.
 """
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
@@ -25,7 +26,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 from .layouts import LAYOUT_DEFS, LAYOUTS, Geometry, layout_of_version
 
 __all__ = ['MAX_KERNEL', 'KernelFacts', 'LayoutDecision', 'file_readings', 'model_readings',
-           'file_kernels', 'decide_layout', 'describe_layouts']
+           'out_width', 'file_kernels', 'decide_layout', 'describe_layouts']
 
 #: Largest kernel extent taken for a sparse-conv kernel dim from a shape alone.
 MAX_KERNEL = 7
@@ -43,7 +44,8 @@ class KernelFacts:
         key (str): Its key (named in the evidence).
         shape (tuple[int]): Its shape in the file.
         version (int, optional): Its module's ``_metadata`` version in the file.
-        out (int, optional): Width of its module's own ``bias`` in the file.
+        out (int, optional): Its output width as the file shows it (:func:`out_width`).
+        out_from (str): The key that shows ``out``.
         geometry (Geometry, optional): The live module's, when there is a model.
         module (str): The live module's name (for the evidence).
     """
@@ -53,6 +55,7 @@ class KernelFacts:
     out: Optional[int] = None
     geometry: Optional[Geometry] = None
     module: str = ''
+    out_from: str = ''
 
 
 @dataclass
@@ -109,6 +112,27 @@ def model_readings(shape: Sequence[int], geom: Geometry) -> Tuple[Tuple[str, boo
     return tuple(out)
 
 
+def out_width(key: str, shapes: Mapping[str, Sequence[int]]) -> Optional[Tuple[int, str]]:
+    """A sparse kernel's output width as the file shows it, with the key that shows it:
+    its module's own ``bias``, else the running mean of the BatchNorm right after it
+    (``<seq>.<i+1>`` after ``<seq>.<i>``, as MMDetection3D's ``make_sparse_convmodule``
+    and OpenPCDet's ``post_act_block`` build them; ``bnN`` after ``convN``, as in their
+    ``SparseBasicBlock``s), which normalises the conv's output channels."""
+    mod = key[:-len('.weight')] if key.endswith('.weight') else key.rpartition('.')[0]
+    parent, _, last = mod.rpartition('.')
+    near = [f'{mod}.bias']
+    if last.isdigit():
+        near.append(f'{parent}.{int(last) + 1}.running_mean' if parent
+                    else f'{int(last) + 1}.running_mean')
+    elif last.startswith('conv') and last[4:].isdigit():
+        near.append(f'{parent + "." if parent else ""}bn{last[4:]}.running_mean')
+    for k in near:
+        s = shapes.get(k)
+        if s is not None and len(s) == 1:
+            return int(s[0]), k
+    return None
+
+
 def _dense_conv2d(shape: Sequence[int]) -> bool:
     """Whether a 4-D tensor also reads as a dense ``Conv2d`` weight ``[out, in, kh, kw]``."""
     return len(shape) == 4 and all(1 <= d <= MAX_KERNEL for d in shape[2:])
@@ -153,9 +177,9 @@ def file_kernels(shapes: Mapping[str, Sequence[int]],
     for k in candidates:
         if not sure(k) and k.split('.', 1)[0] not in heads:
             continue
-        bias = shapes.get(k[:-len('weight')] + 'bias')
-        width = int(bias[0]) if bias is not None and len(bias) == 1 else None
-        out.append(KernelFacts(k, tuple(int(d) for d in shapes[k]), version(k), width))
+        width = out_width(k, shapes)
+        out.append(KernelFacts(k, tuple(int(d) for d in shapes[k]), version(k),
+                               width[0] if width else None, out_from=width[1] if width else ''))
     return out
 
 
@@ -187,7 +211,9 @@ def _decide(kernels: Sequence[KernelFacts], readings: Dict[str, Tuple[str, ...]]
               f'{k.geometry.cout})' for k in sets if k.geometry is not None} if by_model else {})
 
     def name(k: KernelFacts) -> str:
-        return f'{k.key} {list(k.shape)}{where.get(k.key, "")}{_v2(narrowed[k.key])}'
+        told = (f' (out {k.out}: {k.out_from})' if k.out is not None and not by_model
+                and file_readings(k.shape, k.out) != file_readings(k.shape) else '')
+        return f'{k.key} {list(k.shape)}{told}{where.get(k.key, "")}{_v2(narrowed[k.key])}'
 
     common = set(LAYOUTS)
     path: List[KernelFacts] = []

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Tuple
 
 from ...sparse.axis_order import decide_axis_order, encoder_of, source_order_option
 from ...registry import REPAIRS
-from ...sparse.decide import KernelFacts, decide_layout, model_readings
+from ...sparse.decide import KernelFacts, decide_layout, model_readings, out_width
 from ...sparse.layouts import (LAYOUT_VERSION, LAYOUTS, MMCV, SPCONV2, convert,
                                layout_of_version, reverse_axes, stored_shape, volume)
 from ...sparse.modules import (convert_kernel, kernel_shape, module_geometry, module_layout,
@@ -68,13 +68,13 @@ def _fits(m: Mapped) -> List[Tuple[str, bool]]:
 def _decide_layout(ctx: SourceContext, kernels: List[Mapped], d: SparseDecision) -> None:
     option = getattr(ctx.options, 'spconv_layout', 'auto') or 'auto'
     fname = ctx.filename
-    bias = {m.key: m.shape for m in ctx.mapped if m.key.endswith('.bias')}
+    shapes = {m.file_key: m.shape for m in ctx.mapped if len(m.shape) == 1}
     facts = []
     for m in kernels:
-        width = bias.get(m.key[:-len('weight')] + 'bias')
+        width = out_width(m.file_key, shapes)
         facts.append(KernelFacts(m.file_key, tuple(m.shape), m.file_version,
-                                 int(width[0]) if width is not None and len(width) == 1
-                                 else None, module_geometry(m.module), m.module_name))
+                                 width[0] if width else None, module_geometry(m.module),
+                                 m.module_name, width[1] if width else ''))
     decision = decide_layout(facts, option)
     d.decision, d.layout, d.why = decision, decision.layout, decision.evidence
     choices = ' or '.join(repr(lay) for lay in LAYOUTS)
