@@ -197,3 +197,12 @@ def test_convert_2d_kernel_marked_by_metadata_version_2(tmp_path):
         assert torch.equal(out[key], sd[key])
     note = next(n for n in result.notes if 'left as they are' in n)
     assert 'img_backbone.stem.weight' in note and 'img_neck.dcn.weight' in note
+
+
+def test_openpcdet_axis_order_reads_a_spconv21_conv_out():
+    """OpenPCDet's conv_out (kernel (3, 1, 1), 64 -> 128) saved by spconv 2.0/2.1 Native,
+    [3, 1, 1, 128, 64]: with its BatchNorm's 128 channels it shows a z-y-x encoder."""
+    from mmfusionload.formats.openpcdet import _kernel_order
+    assert _kernel_order((3, 1, 1, 128, 64), 128) == 'zyx'
+    assert _kernel_order((128, 3, 1, 1, 64), 128) == 'zyx'
+    assert _kernel_order((3, 1, 1, 64, 128), 128) == 'zyx'
