@@ -9,7 +9,7 @@
   detector, plain backbone), or ``unknown format`` with the top-level key groups;
 - the sparse-kernel layout with its evidence (the one decider,
   :func:`~mmfusionload.sparse.decide.decide_layout`, on the file's kernels,
-  their ``_metadata`` versions and bias widths, and the matched format's
+  their ``_metadata`` versions and output widths, and the matched format's
   preset), and the spatial axis order when a kernel shows it;
 - the source options that load it (``preset='auto'`` resolves to the same preset).
 """
@@ -339,7 +339,7 @@ def identify_state(path: str, shapes: Mapping[str, Tuple[int, ...]],
     by_key = dict(zip(keys, shapes.values()))
     ident.layout, ident.layout_evidence = sparse_layout(by_key, metadata, ident.preset)
     kernels = file_kernels(by_key, {m: (v or {}).get('version') for m, v in metadata.items()})
-    ident.marked = bool(kernels) and all((k.version or 0) >= 2 for k in kernels)
+    ident.marked = bool(kernels) and all((k.version or 0) >= 2 for k in kernels)  # no option
     ident.axes, ident.axes_evidence = axis_order(by_key, ident.layout)
     return ident
 

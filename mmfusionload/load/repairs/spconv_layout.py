@@ -7,7 +7,7 @@ spatial axes are reversed with respect to the live model:
 
 - **layout, per file**: :func:`~mmfusionload.sparse.decide.decide_layout`, the
   one decider ``identify`` and ``convert`` call too: an explicit
-  ``spconv_layout`` wins; otherwise the file's shapes, bias widths and
+  ``spconv_layout`` wins; otherwise the file's shapes, output widths and
   ``_metadata`` version 2 (version 1 is every ``nn.Module``'s default and
   proves nothing), then the live modules' geometry, decide for the whole file,
   ambiguous kernels included. Kernels allowing no common layout are an error
