@@ -38,7 +38,9 @@ def test_mmdet3d_bevfusion_layout_from_metadata_and_axes(tmp_path, manifest):
     ident = identify(path)
     assert ident.format == 'MMDetection3D BEVFusion' and ident.preset is None
     assert ident.family == 'MMEngine Runner 0.10.7'
-    assert ident.layout == 'spconv2' and ident.layout_evidence.startswith('_metadata version 2')
+    assert ident.layout == 'spconv2' and ident.layout_evidence == (
+        '21 of 21 sparse kernels fit only the spconv2 layout [out, *k, in], e.g. '
+        'pts_middle_encoder.conv_input.0.weight [16, 3, 3, 3, 5]')
     # BEVFusion's encoder reduces the last axis alone: x-y-z
     assert ident.axes == 'x-y-z' and '(1, 1, 3)' in ident.axes_evidence
     assert ident.options == {'checkpoint': path}
@@ -51,7 +53,10 @@ def test_mit_bevfusion_shape_evidence(tmp_path):
     path = _save(tmp_path, 'mit.pth', {'state_dict': sd})
     ident = identify(path)
     assert ident.format == 'mit-han-lab BEVFusion' and ident.preset == 'mit-bevfusion'
-    assert ident.layout == 'mmcv' and 'fit only the mmcv' in ident.layout_evidence
+    # [3, 3, 3, 5, 16] reads as mmcv [*k, in, out] and spconv2_rskc [*k, out, in] alike:
+    # the format's preset says which
+    assert ident.layout == 'mmcv'
+    assert ident.layout_evidence == "preset 'mit-bevfusion': spconv_layout='mmcv'"
     assert ident.axes == 'z-y-x'
     assert ident.options['spconv_layout'] == 'mmcv'
     assert auto_preset(list(sd), path) == 'mit-bevfusion'
@@ -137,7 +142,11 @@ def test_auto_refuses_an_ambiguous_file_naming_the_candidates(tmp_path):
         auto_preset(list(sd), path)
     ident = identify(path)
     assert ident.ambiguous and ident.preset is None and ident.layout is None
-    assert 'shapes disagree' in ident.layout_evidence and not ident.options
+    assert ident.layout_evidence == (
+        'the sparse kernels disagree on their layout: encoders.lidar.backbone.conv1.0.weight '
+        '[3, 3, 3, 16, 32] reads as mmcv or spconv2_rskc, but backbone_3d.conv1.0.0.weight '
+        '[32, 3, 3, 3, 16] reads only as spconv2')
+    assert not ident.options
 
 
 def test_cli_identify_with_config_and_report_header(tmp_path, capsys):

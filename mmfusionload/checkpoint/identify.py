@@ -7,8 +7,10 @@
 - a format fingerprint from the key names (MMDetection3D BEVFusion, mit-han-lab
   BEVFusion, OpenPCDet, Microsoft Swin, Cream EfficientViT, timm, MMDetection
   detector, plain backbone), or ``unknown format`` with the top-level key groups;
-- the sparse-kernel layout with its evidence (``_metadata`` versions of the 5-D
-  kernels, else their shapes), and the spatial axis order when a kernel shows it;
+- the sparse-kernel layout with its evidence (the one decider,
+  :func:`~mmfusionload.sparse.decide.decide_layout`, on the file's kernels,
+  their ``_metadata`` versions and output widths, and the matched format's
+  preset), and the spatial axis order when a kernel shows it;
 - the source options that load it (``preset='auto'`` resolves to the same preset).
 """
 import re
@@ -17,13 +19,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import FusionLoadError
-from ..sparse.layouts import LAYOUTS, MMCV, SPCONV2, layout_of_version
+from ..registry import KEY_PRESETS
+from ..sparse.decide import decide_layout, file_kernels
+from ..sparse.layouts import LAYOUT_DEFS, LAYOUTS
 from ..files.lazy import is_lazy
 from .trainers import Family, describe_copies, family_of
 
 UNKNOWN = 'unknown format'
-# Largest kernel extent taken for a sparse-conv kernel dim from its shape alone.
-MAX_KERNEL = 7
 
 
 @dataclass(frozen=True)
@@ -180,58 +182,31 @@ def match_formats(keys: Sequence[str]) -> List[Tuple[Fingerprint, str]]:
 
 # ---------------------------------------------------------------- sparse kernels
 
-def _fits(shape: Tuple[int, ...]) -> Dict[str, bool]:
-    def small(ds):
-        return all(1 <= d <= MAX_KERNEL for d in ds)
-    return {SPCONV2: small(shape[1:4]), MMCV: small(shape[0:3])}
+def sparse_layout(shapes: Mapping[str, Tuple[int, ...]], metadata: Mapping[str, dict],
+                  preset: Optional[str] = None) -> Tuple[Optional[str], str]:
+    """The file's sparse-kernel layout and the evidence for it
+    (:func:`~mmfusionload.sparse.decide.decide_layout` on the file's kernels).
 
-
-def sparse_layout(shapes: Mapping[str, Tuple[int, ...]],
-                  metadata: Mapping[str, dict]) -> Tuple[Optional[str], str]:
-    """The file's sparse-kernel layout and the evidence for it.
-
-    5-D ``*.weight`` tensors are the sparse kernels (the LiDAR encoders have no dense
-    ``Conv3d``). Their modules' ``_metadata`` versions decide when every kernel has
-    one and no kernel's shape contradicts them (version 1 is also torch's default for
-    any module, e.g. in an OpenPCDet file saved with spconv 2.x); otherwise kernels
-    whose shape fits only one layout do. Conflicting evidence, or none, gives None.
+    Args:
+        shapes (Mapping): Key -> shape.
+        metadata (Mapping): The state dict's ``_metadata``.
+        preset (str, optional): The matched format's preset; its ``spconv_layout``,
+            when it has one, is what the source says.
 
     Returns:
         tuple: ``(layout or None, evidence)``.
     """
-    kernels = {k: s for k, s in shapes.items() if len(s) == 5 and k.endswith('.weight')}
+    versions = {mod: (meta or {}).get('version') for mod, meta in metadata.items()}
+    kernels = file_kernels(shapes, versions)
     if not kernels:
         return None, 'no sparse-conv kernels'
-    versions = {}
-    for k in kernels:
-        v = (metadata.get(k.rsplit('.', 1)[0]) or {}).get('version')
-        if v is not None:
-            versions[k] = layout_of_version(int(v))
-    only = {lay: [k for k, s in kernels.items() if _fits(s)[lay] and not
-                  _fits(s)[[x for x in LAYOUTS if x != lay][0]]] for lay in LAYOUTS}
-    if only[SPCONV2] and only[MMCV]:
-        return None, (f'shapes disagree: {only[SPCONV2][0]} {list(kernels[only[SPCONV2][0]])} '
-                      f'fits only spconv2, {only[MMCV][0]} {list(kernels[only[MMCV][0]])} '
-                      'only mmcv')
-    by_shape = next((lay for lay in LAYOUTS if only[lay]), None)
-    seen = set(versions.values())
-    if len(seen) > 1:
-        return None, '_metadata versions disagree between sparse-conv modules'
-    if seen and len(versions) == len(kernels):
-        lay = seen.pop()
-        if by_shape in (None, lay):
-            return lay, (f'_metadata version {2 if lay == SPCONV2 else 1} on all '
-                         f'{len(kernels)} sparse-conv modules')
-        note = ('; the _metadata version 1 is torch\'s default, which the shapes contradict'
-                if lay == MMCV else '; the shapes contradict the _metadata versions')
+    factory = KEY_PRESETS.get(preset) if preset else None
+    said = getattr(factory(), 'spconv_layout', None) if factory is not None else None
+    if said:
+        decision = decide_layout(kernels, said, f'preset {preset!r}: spconv_layout={said!r}')
     else:
-        note = '; no _metadata'
-    for lay, form in ((SPCONV2, '[out,*k,in]'), (MMCV, '[*k,in,out]')):
-        if only[lay]:
-            k = only[lay][0]
-            return lay, (f'{len(only[lay])} of {len(kernels)} kernels fit only the {lay} '
-                         f'{form} layout, e.g. {k} {list(kernels[k])}{note}')
-    return None, (f'all {len(kernels)} kernel shapes fit both layouts{note}')
+        decision = decide_layout(kernels)
+    return decision.layout, decision.evidence
 
 
 def axis_order(shapes: Mapping[str, Tuple[int, ...]],
@@ -246,7 +221,7 @@ def axis_order(shapes: Mapping[str, Tuple[int, ...]],
     for k, s in shapes.items():
         if len(s) != 5 or not k.endswith('.weight') or 'conv_out' not in k:
             continue
-        spatial = tuple(s[1:4]) if layout == SPCONV2 else tuple(s[0:3])
+        spatial = LAYOUT_DEFS[layout].geometry(s).kernel
         if sorted(spatial) == [1, 1, 3]:
             order = {0: 'z-y-x', 2: 'x-y-z'}.get(spatial.index(3))
             if order:
@@ -273,6 +248,8 @@ class Identity:
         groups (list[str]): Top-level key groups.
         options (dict): Source options that load it.
         notes (list[str]): Further remarks.
+        marked (bool): Every sparse kernel's module has ``_metadata`` version 2
+            (MMDetection3D's spconv 2.x modules mark themselves).
     """
     path: str
     family: str = ''
@@ -286,6 +263,7 @@ class Identity:
     groups: List[str] = field(default_factory=list)
     options: Dict[str, Any] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)
+    marked: bool = field(default=False, repr=False)
 
     @property
     def format(self) -> str:
@@ -359,7 +337,9 @@ def identify_state(path: str, shapes: Mapping[str, Tuple[int, ...]],
     if len(ident.formats) == 1:
         ident.preset = named[ident.formats[0][0]].preset
     by_key = dict(zip(keys, shapes.values()))
-    ident.layout, ident.layout_evidence = sparse_layout(by_key, metadata)
+    ident.layout, ident.layout_evidence = sparse_layout(by_key, metadata, ident.preset)
+    kernels = file_kernels(by_key, {m: (v or {}).get('version') for m, v in metadata.items()})
+    ident.marked = bool(kernels) and all((k.version or 0) >= 2 for k in kernels)  # no option
     ident.axes, ident.axes_evidence = axis_order(by_key, ident.layout)
     return ident
 
@@ -384,7 +364,7 @@ def identify_checkpoint(ckpt: Any, path: str) -> Identity:
             opts['modality'] = modality
     if ident.preset:
         opts['preset'] = ident.preset
-    if ident.layout and not ident.layout_evidence.startswith('_metadata'):
+    if ident.layout and not ident.marked:
         opts['spconv_layout'] = ident.layout
     if fam.has_ema and not fam.fixed:
         by_kind = {c.kind: c.key for c in fam.copies}
@@ -398,8 +378,8 @@ def identify_checkpoint(ckpt: Any, path: str) -> Identity:
     if fp is not None and fp.notes is not None:
         ident.notes += fp.notes(list(chosen.state))
     if ident.layout is None and 'no sparse-conv' not in ident.layout_evidence:
-        ident.notes.append("set spconv_layout='spconv2' or 'mmcv' on the source: the file "
-                           'does not decide it')
+        ident.notes.append(f"set spconv_layout={' or '.join(repr(x) for x in LAYOUTS)} on "
+                           'the source: the file does not decide it')
     return ident
 
 

@@ -25,6 +25,7 @@ import traceback
 from typing import Any, Dict, Iterator, List, Optional
 
 from ..errors import FusionLoadError
+from ..sparse.layouts import LAYOUTS
 
 SOURCE_HELP = ('a checkpoint path (the whole model), or comma-separated key=value options '
                'of a source, e.g. modality=lidar,checkpoint=lidar.pth or '
@@ -360,10 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
                       'never the input')
     conv.add_argument('--preset', help='key preset (mit-bevfusion, swin-original, '
                       'cream-efficientvit, or any registered one)')
-    conv.add_argument('--spconv-layout', default='auto', choices=('auto', 'spconv2', 'mmcv'),
+    conv.add_argument('--spconv-layout', default='auto', choices=('auto', ) + LAYOUTS,
                       help="layout of the input's sparse kernels (default: the preset's, "
-                      'else _metadata, else the shape)')
-    conv.add_argument('--to-layout', choices=('spconv2', 'mmcv'),
+                      "else what the file's shapes and _metadata show, as identify reads "
+                      'them)')
+    conv.add_argument('--to-layout', choices=LAYOUTS,
                       help="layout to write (default: the model's with --config, else "
                       'unchanged)')
     conv.add_argument('--config', help='build this model and let it decide names and layout '

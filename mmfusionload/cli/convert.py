@@ -8,9 +8,11 @@ Two ways:
   written are what the load would copy into the model (``Entry.materialize``);
   ``_metadata`` is the model's own.
 - without a model: a preset's renames, a prefix strip/add, and a sparse-kernel
-  permutation between ``spconv2`` ``[out, *k, in]`` and ``mmcv`` ``[*k, in, out]``.
-  Without a model a sparse kernel is recognised as a 5-D ``*.weight`` (BEVFusion and
-  MMDetection3D's LiDAR encoders have no dense ``Conv3d``); its kernel dims must fit.
+  conversion between the layouts (``spconv2`` ``[out, *k, in]``, ``mmcv``
+  ``[*k, in, out]``, ``spconv2_rskc`` ``[*k, out, in]``). Which tensors are sparse
+  kernels and their layout are read as ``identify`` reads them
+  (:func:`~mmfusionload.sparse.decide.file_kernels`,
+  :func:`~mmfusionload.sparse.decide.decide_layout`).
 
 Files are written atomically (a temporary file in the destination's folder, then
 ``os.replace``); the source file is never the destination.
@@ -29,14 +31,13 @@ from ..load.pipeline import plan_source, read_source, validate
 from ..load.presets import get_preset, rename_keys
 from ..files.reader import read_checkpoint
 from ..files.writer import check_destination, plain_metadata, save_checkpoint
-from ..load.repairs.spconv_layout import (LAYOUT_VERSION, LAYOUTS, MMCV, SPCONV2, convert_kernel,
-                                    layout_of_version, module_layout, module_pointwise)
-from ..sparse.layouts import LAYOUT_DEFS, volume
+from ..load.repairs.spconv_layout import (LAYOUT_VERSION, LAYOUTS, convert_kernel, module_layout,
+                                          module_pointwise)
+from ..sparse.decide import MAX_KERNEL, decide_layout, file_kernels, file_readings
+from ..sparse.layouts import LAYOUT_DEFS, check_layout_option, volume
 from ..report import SourceReport
 from ..load.source import parse_source
 
-# Largest kernel extent taken for a sparse-conv kernel dim when there is no model.
-MAX_KERNEL = 7
 Progress = Optional[Callable[[str, int], Callable[[], None]]]
 
 
@@ -50,85 +51,15 @@ class Converted:
         report (SourceReport, optional): The plan's report (with a model).
         sparse (dict): Key -> (layout in the file, layout written) of sparse kernels.
         notes (list[str]): Remarks for the user.
+        layout_evidence (str): Why the file's sparse kernels are in the layout read
+            (without a model).
     """
     state: 'OrderedDict[str, torch.Tensor]'
     meta: Dict[str, Any]
     report: Optional[SourceReport] = None
     sparse: Dict[str, tuple] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)
-
-
-def _sparse_readings(shape: Sequence[int]) -> List[str]:
-    """Layouts under which a tensor reads as a sparse kernel whose kernel dims are
-    all in ``1..MAX_KERNEL`` (2-D, 3-D and 4-D kernels: 4-, 5- and 6-D tensors)."""
-    if len(shape) not in (4, 5, 6):
-        return []
-    return [lay for lay in LAYOUTS
-            if all(1 <= d <= MAX_KERNEL for d in LAYOUT_DEFS[lay].geometry(shape).kernel)]
-
-
-def _dense_conv2d(shape: Sequence[int]) -> bool:
-    """Whether a 4-D tensor also reads as a dense ``Conv2d`` weight ``[out, in, kh, kw]``."""
-    return len(shape) == 4 and all(1 <= d <= MAX_KERNEL for d in shape[2:])
-
-
-def sparse_kernels_without_model(keys_shapes: Dict[str, Tuple[int, ...]]) -> Dict[str, List[str]]:
-    """Which ``*.weight`` tensors are sparse kernels, without a model: key -> readings.
-
-    5-D and 6-D weights are sparse (3-D, 4-D) kernels (BEVFusion and
-    MMDetection3D's LiDAR encoders hold no dense ``Conv3d``; torch has no
-    ``Conv4d``). A 4-D weight is a 2-D sparse kernel when it cannot be a dense
-    ``Conv2d`` weight, or when it also reads as one but sits under the same
-    top-level module as a certain sparse kernel.
-    """
-    readings = {k: _sparse_readings(s) for k, s in keys_shapes.items()
-                if k.endswith('.weight') and _sparse_readings(s)}
-    sure = {k.split('.', 1)[0] for k, s in keys_shapes.items()
-            if k in readings and not _dense_conv2d(s)}
-    return {k: r for k, r in readings.items()
-            if not _dense_conv2d(keys_shapes[k]) or k.split('.', 1)[0] in sure}
-
-
-def decide_layout_without_model(kernels: Dict[str, Tuple[int, ...]],
-                                readings: Dict[str, List[str]],
-                                versions: Dict[str, Optional[int]], option: str,
-                                filename: str) -> Tuple[Optional[str], List[str]]:
-    """The layout of a file's sparse kernels, without a model.
-
-    ``option`` wins; otherwise the kernels that read in one layout only and
-    ``_metadata`` version 2 decide for the whole file. Two kernels proving
-    different layouts are an error naming both.
-
-    Returns:
-        tuple: ``(layout or None, keys that fit both layouts)``.
-
-    Raises:
-        FusionLoadError: The option does not fit a kernel, or two kernels disagree.
-    """
-    if option in LAYOUTS:
-        bad = [k for k in kernels if option not in readings[k]]
-        if bad:
-            raise FusionLoadError(
-                [f'{filename}: {k}: shape {list(kernels[k])} is not a {option} sparse kernel '
-                 f'({LAYOUT_DEFS[option].stored} with kernel dims <= {MAX_KERNEL}); pass '
-                 '--config to let the model decide' for k in bad[:5]], 'bad layout')
-        return option, []
-    proof: Dict[str, str] = {}
-    for k, shape in kernels.items():
-        if layout_of_version(versions.get(k)) == SPCONV2 and SPCONV2 in readings[k]:
-            proof.setdefault(SPCONV2, f'{k} has _metadata version 2')
-        if len(readings[k]) == 1:
-            only = readings[k][0]
-            proof.setdefault(only, f'{k} {list(shape)} reads only as {only} '
-                                   f'{LAYOUT_DEFS[only].stored}')
-    if len(proof) == 2:
-        raise FusionLoadError(
-            [f'{filename}: the sparse kernels of this file disagree on their layout: '
-             f'{proof[SPCONV2]}, but {proof[MMCV]}; pass --spconv-layout or --config'],
-            'ambiguous layout')
-    if proof:
-        return next(iter(proof)), []
-    return None, [k for k in kernels if len(readings[k]) > 1]
+    layout_evidence: str = ''
 
 
 def convert_state(ckpt: Unwrapped,
@@ -146,7 +77,8 @@ def convert_state(ckpt: Unwrapped,
         strip_prefix (str, optional): Removed from the keys that start with it.
         add_prefix (str, optional): Prepended to every key (after stripping).
         spconv_layout (str): Layout of the file's sparse kernels: ``'auto'`` (the
-            preset's, else ``_metadata``, else the shape), ``'spconv2'`` or ``'mmcv'``.
+            preset's, else what the file shows) or one of
+            :data:`~mmfusionload.sparse.layouts.LAYOUTS`.
         to_layout (str, optional): Layout to write (default: as in the file).
         filename (str): For messages.
 
@@ -157,8 +89,10 @@ def convert_state(ckpt: Unwrapped,
     state: Mapping[str, torch.Tensor] = ckpt.state
     if p is not None and p.convert is not None:
         state = p.convert(dict(state))
+    said_by = ''
     if spconv_layout == 'auto' and p is not None and p.spconv_layout:
         spconv_layout = p.spconv_layout
+        said_by = f'preset {preset!r}: spconv_layout={spconv_layout!r}'
     mapping = rename_keys(list(state), (), p, filename)  # new -> file key
     if strip_prefix and not any(k.startswith(strip_prefix) for k in mapping):
         raise FusionLoadError([f'{filename}: no key starts with {strip_prefix!r} '
@@ -188,20 +122,36 @@ def convert_state(ckpt: Unwrapped,
             metadata[mod] = dict(src_meta[old_mod])
     result = Converted(out, {})
     shapes = {k: tuple(t.shape) for k, t in out.items()}
-    readings = sparse_kernels_without_model(shapes)
-    kernels = {k: shapes[k] for k in readings}
-    versions = {k: (src_meta.get(file_key[k].rpartition('.')[0]) or {}).get('version')
-                for k in kernels}
-    src, undecided = decide_layout_without_model(kernels, readings, versions, spconv_layout,
-                                                 filename)
-    if undecided and to_layout:
+    mod_versions = {}
+    for key in shapes:
+        mod = key.rpartition('.')[0]
+        if mod not in mod_versions:
+            mod_versions[mod] = (src_meta.get(file_key[key].rpartition('.')[0])
+                                 or {}).get('version')
+    facts = file_kernels(shapes, mod_versions)
+    kernels = [k.key for k in facts]
+    decision = decide_layout(facts, spconv_layout, said_by)
+    src = decision.layout
+    result.layout_evidence = decision.evidence
+    choices = '|'.join(LAYOUTS)
+    if decision.misfits:
         raise FusionLoadError(
-            [f'{filename}: cannot tell the layout of {len(undecided)} sparse kernel(s) '
-             f'({", ".join(undecided[:3])}) from the shape, and no kernel of the file decides; '
-             'pass --spconv-layout spconv2|mmcv or --config'], 'ambiguous layout')
-    if undecided:
-        result.notes.append(f'{len(undecided)} sparse kernel(s) of unknown layout written as '
-                            'they are, without a layout version')
+            [f'{filename}: {k}: shape {list(shapes[k])} is not a {src} sparse kernel '
+             f'({LAYOUT_DEFS[src].stored} with kernel dims <= {MAX_KERNEL}); pass '
+             '--config to let the model decide' for k in decision.misfits[:5]], 'bad layout')
+    if decision.conflict:
+        raise FusionLoadError(
+            [f'{filename}: {decision.evidence}; pass --spconv-layout {choices} or --config'],
+            'ambiguous layout')
+    if decision.undecided and to_layout:
+        raise FusionLoadError(
+            [f'{filename}: cannot tell the layout of {len(decision.undecided)} sparse '
+             f'kernel(s) ({", ".join(decision.undecided[:3])}): {decision.evidence}; pass '
+             f'--spconv-layout {choices} or --config'], 'ambiguous layout')
+    if decision.undecided:
+        result.notes.append(f'{len(decision.undecided)} sparse kernel(s) of unknown layout '
+                            f'written as they are, without a layout version '
+                            f'({", ".join(decision.undecided[:3])})')
     pointwise = 0
     for key in kernels if src is not None else ():
         t, mod = out[key], key.rpartition('.')[0]
@@ -216,11 +166,12 @@ def convert_state(ckpt: Unwrapped,
             f'{pointwise} volume-1 kernel(s) converted as spconv 2.x reads a submanifold or '
             'stride-1 one (its conv1x1 path); for a volume-1 conv with stride > 1 pass --config')
     dense = [k for k, s in shapes.items() if k.endswith('.weight') and k not in kernels
-             and _dense_conv2d(s) and _sparse_readings(s)]
+             and len(s) in (4, 5, 6) and file_readings(s)]
     if dense and to_layout:
         result.notes.append(
-            f'{len(dense)} 4-D weight(s) read as dense Conv2d weights and left as they are '
-            f'({", ".join(dense[:3])}); if they are 2-D sparse kernels, pass --config')
+            f'{len(dense)} weight(s) that could be sparse kernels were read as dense conv '
+            f'weights and left as they are ({", ".join(dense[:3])}); if they are sparse '
+            'kernels, pass --config')
     out._metadata = metadata  # type: ignore[attr-defined]
     return result
 
@@ -310,9 +261,11 @@ def convert_checkpoint(src: str,
     Returns:
         Converted: What was written.
     """
-    if to_layout is not None and to_layout not in LAYOUTS:
-        raise FusionLoadError([f'--to-layout must be spconv2 or mmcv, got {to_layout!r}'],
-                              'bad option')
+    bad = [p for p in (check_layout_option(spconv_layout, '--spconv-layout'),
+                       check_layout_option(to_layout, '--to-layout', auto=False)
+                       if to_layout is not None else None) if p]
+    if bad:
+        raise FusionLoadError(bad, 'bad option')
     check_destination(dst, [src])
     if model is not None:
         source = dict(source_options or {}, checkpoint=src, spconv_layout=spconv_layout,

@@ -44,7 +44,7 @@ from ..sparse.axis_order import kernel_order
 from ..errors import FusionLoadError
 from ..checkpoint.identify import Fingerprint, having, register_fingerprint
 from ..load.presets import KeyPreset, register_preset
-from ..sparse.layouts import ZYX
+from ..sparse.layouts import LAYOUT_DEFS, ZYX
 
 SRC_3D, SRC_2D = 'backbone_3d.', 'backbone_2d.'
 DST_3D, DST_2D, DST_NECK = 'pts_middle_encoder.', 'pts_backbone.', 'pts_neck.'
@@ -234,12 +234,13 @@ OPENPCDET_BEV = ("OpenPCDet's map_to_bev (HeightCompression, PointPillarScatter)
 
 def _kernel_order(shape: Tuple[int, ...], out: Optional[int]) -> Optional[str]:
     """The order a 3-D sparse kernel's shape shows: z is the odd extent. Read in
-    both layouts (spconv 2.x ``[out, *k, in]``, spconv 1.x/MMCV ``[*k, in, out]``)
-    whose output channels agree with the following BatchNorm's (``out``); None
-    unless exactly one order comes out."""
+    every layout (spconv 2.x ``[out, *k, in]``, spconv 1.x/MMCV ``[*k, in, out]``,
+    spconv 2.0/2.1 Native ``[*k, out, in]``) whose output channels agree with the
+    following BatchNorm's (``out``); None unless exactly one order comes out."""
     if len(shape) != 5:
         return None
-    readings = ((shape[0], shape[1:4]), (shape[4], shape[0:3]))
+    readings = [(g.cout, g.kernel)
+                for g in (d.geometry(shape) for d in LAYOUT_DEFS.values())]
     found = {kernel_order(k) for c, k in readings if out is None or c == out} - {None}
     return found.pop() if len(found) == 1 else None
 

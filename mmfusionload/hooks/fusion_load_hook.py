@@ -8,6 +8,7 @@ from mmengine.logging import print_log
 from mmengine.registry import HOOKS
 
 from ..errors import FusionLoadError
+from ..sparse.layouts import check_layout_option
 from ..load.load_from import fill_targets_of, repair_checkpoint
 from ..load.pipeline import load_sources, unwrap_model
 from ..files.reader import install_checkpoint_loader
@@ -33,7 +34,8 @@ class FusionLoadHook(Hook):
         repair_load_from (bool): Repair the ``load_from`` checkpoint.
             Defaults to True.
         load_from_spconv_layout (str): Sparse-kernel layout of the
-            ``load_from`` checkpoint (``'auto'``, ``'spconv2'``, ``'mmcv'``).
+            ``load_from`` checkpoint (``'auto'`` or one of
+            :data:`~mmfusionload.sparse.layouts.LAYOUTS`).
         load_from_weights (str): Which copy of the ``load_from`` checkpoint the
             model gets: ``'auto'`` (what MMEngine deploys: ``state_dict``, the
             averaged weights when ``EMAHook`` wrote the file), ``'ema'`` or ``'raw'``.
@@ -82,9 +84,9 @@ class FusionLoadHook(Hook):
                  broadcast: Union[bool, str] = 'auto',
                  load_from_strict: bool = False,
                  verify: Union[bool, str] = 'auto'):
-        if load_from_spconv_layout not in ('auto', 'spconv2', 'mmcv'):
-            raise FusionLoadError([f"load_from_spconv_layout must be 'auto', 'spconv2' or "
-                                   f"'mmcv', got {load_from_spconv_layout!r}"], 'bad option')
+        bad_layout = check_layout_option(load_from_spconv_layout, 'load_from_spconv_layout')
+        if bad_layout:
+            raise FusionLoadError([bad_layout], 'bad option')
         if broadcast not in (True, False, 'auto'):
             raise FusionLoadError([f"broadcast must be 'auto', True or False, got {broadcast!r}"],
                                   'bad option')

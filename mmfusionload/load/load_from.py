@@ -13,6 +13,7 @@ from .pipeline import SourcePlan, plan_mapping, verify_plan
 from .repairs import SourceContext, may_be_absent
 from .repairs.spconv_layout import LAYOUT_VERSION, module_layout
 from ..report import SourceReport
+from ..sparse.layouts import check_layout_option
 from .source import SourceSpec
 
 
@@ -55,9 +56,9 @@ def repair_checkpoint(checkpoint: MutableMapping[str, Any],
     Returns:
         SourceReport: What was repaired.
     """
-    if spconv_layout not in ('auto', 'spconv2', 'mmcv'):
-        raise FusionLoadError([f"spconv_layout must be 'auto', 'spconv2' or 'mmcv', "
-                               f'got {spconv_layout!r}'], 'bad option')
+    bad_layout = check_layout_option(spconv_layout)
+    if bad_layout:
+        raise FusionLoadError([bad_layout], 'bad option')
     ckpt = unwrap(checkpoint, filename, weights=weights)
     report = SourceReport(filename, 'load_from', targets=['<model>'],
                           container=ckpt.container, prefix='identity',

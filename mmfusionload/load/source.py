@@ -4,6 +4,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..errors import FusionLoadError
+from ..sparse.layouts import check_layout_option
 
 
 @dataclass
@@ -17,7 +18,9 @@ class SourceSpec:
         prefix (str | dict): ``'auto'`` or ``{checkpoint_prefix: model_prefix}``.
         rename (list[tuple[str, str]]): ``(regex, replacement)`` pairs.
         preset (str, optional): A registered key-mapping preset.
-        spconv_layout (str): ``'auto'``, ``'spconv2'`` or ``'mmcv'``.
+        spconv_layout (str): ``'auto'`` or one of
+            :data:`~mmfusionload.sparse.layouts.LAYOUTS` (``'spconv2'``, ``'mmcv'``,
+            ``'spconv2_rskc'``).
         exclude (list[str]): Regexes of model keys to leave as they are.
         strict (bool | str): True, False or ``'all'``.
         prefer_ema (bool): The same as ``weights='ema'`` (kept for old configs).
@@ -118,9 +121,9 @@ def parse_source(cfg: Union[SourceSpec, Dict[str, Any]]) -> SourceSpec:
         _regex(pattern, f'{where} exclude', problems)
     if spec.preset is not None and not isinstance(spec.preset, str):
         problems.append(f'{where} preset must be a name, got {spec.preset!r}')
-    if spec.spconv_layout not in ('auto', 'spconv2', 'mmcv'):
-        problems.append(f"{where} spconv_layout must be 'auto', 'spconv2' or 'mmcv', "
-                        f'got {spec.spconv_layout!r}')
+    bad_layout = check_layout_option(spec.spconv_layout)
+    if bad_layout:
+        problems.append(f'{where} {bad_layout}')
     if spec.spatial_order not in ('auto', 'zyx', 'xyz'):
         problems.append(f"{where} spatial_order must be 'auto', 'zyx' or 'xyz', "
                         f'got {spec.spatial_order!r}')

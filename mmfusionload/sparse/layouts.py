@@ -35,17 +35,37 @@ The readings, from the libraries' forward code:
   ``[*k, in, out]`` and is ``K`` itself on every path (the volume-1 path is
   ``torch.mm(features, weight.view(in, out))``).
 
+- spconv 2.0 and 2.1 as allocated by their Native algorithm (read from spconv
+  2.1.25, ``spconv/pytorch/conv.py`` and ``ops.indice_conv``;
+  ``SPCONV_FILTER_HWIO`` unset): the weight is ``[*k, out, in]`` ("RSKC") and
+  the general path reads ``K[k] = weight[k].T``. spconv 2.0 allocates every
+  conv so; spconv 2.1 every conv that runs the Native algorithm (every
+  CPU-only build, every kernel of volume > 32, ``algo=Native``), while its
+  implicit-GEMM convs hold ``[out, *k, in]`` (``spconv2``); spconv 2.2.0 made
+  every weight ``[out, *k, in]`` (CHANGELOG 2.2.0;
+  ``docs/SPCONV_2_BREAKING_CHANGEs.md``). No version writes a marker of which.
+  The ``conv1x1`` path is ``torch.mm(features, weight.view(in, out))`` as in
+  later versions: the memory read as ``[in, out]``. It is taken when the
+  kernel volume is 1 and, from 2.1.11 on, the conv is submanifold or of stride
+  1 (2.0 to 2.1.10 took it for every volume-1 conv, strided ones too, keeping
+  the input's sites: a function no later spconv module computes; the reading
+  here is 2.1.11's).
+
 MMCV's and spconv 1.x's volume-1 path keeps the input's sites whatever the
 stride; spconv 2.x's ``conv1x1`` path too (it is only taken with stride 1).
 """
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
 SPCONV2 = 'spconv2'
 MMCV = 'mmcv'
-LAYOUTS = (SPCONV2, MMCV)
+SPCONV2_RSKC = 'spconv2_rskc'
+#: Every layout name: the values of the ``spconv_layout`` / ``--to-layout`` options.
+LAYOUTS = (SPCONV2, MMCV, SPCONV2_RSKC)
+#: The layouts a spconv 2.x module holds (what ``_metadata`` version 2 is evidence of).
+SPCONV2_LAYOUTS = (SPCONV2, SPCONV2_RSKC)
 ZYX, XYZ = 'zyx', 'xyz'
 ORDERS = (ZYX, XYZ)
 
@@ -100,6 +120,20 @@ def _identity(t: torch.Tensor, pointwise: bool) -> torch.Tensor:
     return t
 
 
+def _rskc_decode(w: torch.Tensor, pointwise: bool) -> torch.Tensor:
+    kernel, cout, cin = tuple(w.shape[:-2]), w.shape[-2], w.shape[-1]
+    if pointwise:  # conv1x1: mm(features, weight.view(in, out))
+        return w.reshape(*kernel, cin, cout)
+    return w.transpose(-1, -2).contiguous()  # general path: weight[k].T for every offset k
+
+
+def _rskc_encode(kern: torch.Tensor, pointwise: bool) -> torch.Tensor:
+    kernel, cin, cout = tuple(kern.shape[:-2]), kern.shape[-2], kern.shape[-1]
+    if pointwise:
+        return kern.reshape(*kernel, cout, cin)
+    return kern.transpose(-1, -2).contiguous()
+
+
 def is_pointwise(kernel: Sequence[int], stride: Sequence[int] = (1, ), subm: bool = True) -> bool:
     """Whether spconv 2.x computes a conv as a per-site ``mm`` (its ``conv1x1`` path):
     kernel volume 1, and submanifold or stride volume 1 (spconv 2.3.8)."""
@@ -111,7 +145,7 @@ class Layout:
     """One library's sparse-kernel layout.
 
     Args:
-        name (str): ``'spconv2'`` or ``'mmcv'``.
+        name (str): One of :data:`LAYOUTS`.
         libraries (str): Who stores it, with the version the reading is from.
         stored (str): The stored weight's shape.
         computes (str): What the stored weight computes.
@@ -119,6 +153,8 @@ class Layout:
             ``[*k, in, out]``; ``pointwise``: see :func:`is_pointwise`.
         encode (Callable): ``(function kernel, pointwise)`` -> stored weight.
         version (int): ``_metadata`` version MMDetection3D writes for it.
+        axes (str): Where the stored dims are: ``'o*i'`` (``[out, *k, in]``),
+            ``'*io'`` (``[*k, in, out]``) or ``'*oi'`` (``[*k, out, in]``).
     """
     name: str
     libraries: str
@@ -127,18 +163,23 @@ class Layout:
     decode: Callable[[torch.Tensor, bool], torch.Tensor]
     encode: Callable[[torch.Tensor, bool], torch.Tensor]
     version: int
+    axes: str
 
     def shape(self, geom: Geometry) -> Tuple[int, ...]:
         """The stored shape of a kernel of ``geom``."""
-        if self.name == SPCONV2:
+        if self.axes == 'o*i':
             return (geom.cout, *geom.kernel, geom.cin)
+        if self.axes == '*oi':
+            return (*geom.kernel, geom.cout, geom.cin)
         return (*geom.kernel, geom.cin, geom.cout)
 
     def geometry(self, shape: Sequence[int]) -> Geometry:
         """The geometry a stored shape stands for in this layout."""
         shape = tuple(int(s) for s in shape)
-        if self.name == SPCONV2:
+        if self.axes == 'o*i':
             return Geometry(shape[1:-1], shape[-1], shape[0])
+        if self.axes == '*oi':
+            return Geometry(shape[:-2], shape[-1], shape[-2])
         return Geometry(shape[:-2], shape[-2], shape[-1])
 
 
@@ -147,10 +188,17 @@ LAYOUT_DEFS: Dict[str, Layout] = {
         SPCONV2, 'spconv 2.x (read from 2.3.8)', '[out, *k, in]',
         'general path: K[k] = weight[:, k, :].T; conv1x1 path (kernel volume 1, '
         'submanifold or stride 1): K = weight.view(in, out), the same memory read as [in, out]',
-        _spconv2_decode, _spconv2_encode, 2),
+        _spconv2_decode, _spconv2_encode, 2, 'o*i'),
     MMCV: Layout(
         MMCV, "MMCV's SparseConvolution (read from 2.1.0), spconv 1.x (read from 1.2.1)",
-        '[*k, in, out]', 'K[k] = weight[k] on every path', _identity, _identity, 1),
+        '[*k, in, out]', 'K[k] = weight[k] on every path', _identity, _identity, 1, '*io'),
+    # MMDetection3D's override writes version 2 on every spconv 2.x module, these included
+    SPCONV2_RSKC: Layout(
+        SPCONV2_RSKC, 'spconv 2.0, and spconv 2.1 convs run by its Native algorithm '
+        '(read from 2.1.25)', '[*k, out, in]',
+        'general path: K[k] = weight[k].T; conv1x1 path (kernel volume 1, submanifold or '
+        'stride 1): K = weight.view(in, out), the same memory read as [in, out]',
+        _rskc_decode, _rskc_encode, 2, '*oi'),
 }
 LAYOUT_VERSION = {name: d.version for name, d in LAYOUT_DEFS.items()}
 
@@ -166,7 +214,7 @@ def decode(w: torch.Tensor, layout: str, pointwise: Optional[bool] = None) -> to
 
     Args:
         w (Tensor): The stored weight.
-        layout (str): ``'spconv2'`` or ``'mmcv'``.
+        layout (str): One of :data:`LAYOUTS`.
         pointwise (bool, optional): Whether the module takes spconv 2.x's
             ``conv1x1`` path (:func:`is_pointwise`); None: when the kernel
             volume is 1 (a submanifold or stride-1 conv).
@@ -212,12 +260,25 @@ def stored_shape(geom: Geometry, layout: str) -> Tuple[int, ...]:
     return LAYOUT_DEFS[layout].shape(geom)
 
 
-def layout_of_version(version: Optional[int]) -> Optional[str]:
-    """The layout a sparse-conv module's ``_metadata`` version is evidence of.
+def layout_of_version(version: Optional[int]) -> Optional[Tuple[str, ...]]:
+    """The layouts a sparse-conv module's ``_metadata`` version is evidence of, or None.
 
     Version 2 is written only by MMDetection3D's spconv 2.x override
-    (``SparseModule._version = 2``): spconv 2.x. Version 1 is the default of
-    every ``nn.Module`` (a plain spconv 2.x model saves it too), so it is no
-    evidence of any layout: None.
+    (``SparseModule._version = 2``): a spconv 2.x module, which holds
+    ``spconv2`` or, under spconv 2.0/2.1's Native algorithm, ``spconv2_rskc``
+    (:data:`SPCONV2_LAYOUTS`). Version 1 is the default of every ``nn.Module``
+    (a plain spconv 2.x model saves it too), so it is no evidence of any
+    layout: None.
     """
-    return SPCONV2 if version is not None and int(version) >= 2 else None
+    return SPCONV2_LAYOUTS if version is not None and int(version) >= 2 else None
+
+
+def check_layout_option(value: Any, name: str = 'spconv_layout',
+                        auto: bool = True) -> Optional[str]:
+    """The problem with a layout option's value (``'auto'`` or one of
+    :data:`LAYOUTS`), or None when it is one of them."""
+    allowed = (('auto', ) if auto else ()) + LAYOUTS
+    if value in allowed:
+        return None
+    names = ', '.join(repr(a) for a in allowed)
+    return f'{name} must be one of {names}, got {value!r}'

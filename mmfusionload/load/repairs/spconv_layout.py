@@ -5,19 +5,23 @@ defined in :mod:`mmfusionload.sparse.layouts`. Here the repairs decide, for one
 source, which layout its sparse kernels are in and whether an encoder's
 spatial axes are reversed with respect to the live model:
 
-- **layout, per file**: an explicit ``spconv_layout`` wins; otherwise the
-  kernels whose shape fits one layout only, and ``_metadata`` version 2
-  (written only by MMDetection3D's spconv 2.x override; version 1 is every
-  ``nn.Module``'s default and proves nothing), decide for the whole file,
-  ambiguous kernels included. Two kernels proving different layouts are an
-  error naming both.
+- **layout, per file**: :func:`~mmfusionload.sparse.decide.decide_layout`, the
+  one decider ``identify`` and ``convert`` call too: an explicit
+  ``spconv_layout`` wins; otherwise the file's shapes, output widths and
+  ``_metadata`` version 2 (version 1 is every ``nn.Module``'s default and
+  proves nothing), then the live modules' geometry, decide for the whole file,
+  ambiguous kernels included. Kernels allowing no common layout are an error
+  naming them; a file they leave undecided (e.g. every kernel ``in == out``,
+  which reads as ``mmcv`` and ``spconv2_rskc`` alike) is refused naming the
+  option to set.
 - **axis order, per encoder** (:mod:`mmfusionload.sparse.axis_order`).
 """
 from typing import Dict, List, Optional, Tuple
 
 from ...sparse.axis_order import decide_axis_order, encoder_of, source_order_option
 from ...registry import REPAIRS
-from ...sparse.layouts import (LAYOUT_DEFS, LAYOUT_VERSION, LAYOUTS, MMCV, SPCONV2, convert,
+from ...sparse.decide import KernelFacts, decide_layout, model_readings, out_width
+from ...sparse.layouts import (LAYOUT_VERSION, LAYOUTS, MMCV, SPCONV2, convert,
                                layout_of_version, reverse_axes, stored_shape, volume)
 from ...sparse.modules import (convert_kernel, kernel_shape, module_geometry, module_layout,
                                module_pointwise)
@@ -43,11 +47,13 @@ class SparseDecision:
         orders (dict): Encoder name -> (checkpoint order, model order), when known.
         encoder (dict): Model key -> encoder name.
         problems (dict): Model key -> the message its entry raises.
+        decision (LayoutDecision, optional): The layout decision with its evidence.
     """
 
     def __init__(self):
         self.layout: Optional[str] = None
         self.why = ''
+        self.decision = None
         self.reversed: Dict[str, bool] = {}
         self.orders: Dict[str, Tuple[Optional[str], Optional[str]]] = {}
         self.encoder: Dict[str, str] = {}
@@ -56,53 +62,33 @@ class SparseDecision:
 
 def _fits(m: Mapped) -> List[Tuple[str, bool]]:
     """(layout, axes reversed) pairs under which the checkpoint shape fits the module."""
-    g = module_geometry(m.module)
-    out = []
-    for lay in LAYOUTS:
-        for rev in (False, True):
-            if rev and g.ndim < 2:
-                continue
-            if stored_shape(g.reversed() if rev else g, lay) == tuple(m.shape):
-                out.append((lay, rev))
-    return out
+    return list(model_readings(m.shape, module_geometry(m.module)))
 
 
-def _decide_layout(ctx: SourceContext, kernels: List[Mapped], fits: Dict[str, list],
-                   d: SparseDecision) -> None:
+def _decide_layout(ctx: SourceContext, kernels: List[Mapped], d: SparseDecision) -> None:
     option = getattr(ctx.options, 'spconv_layout', 'auto') or 'auto'
     fname = ctx.filename
-    if option != 'auto':
-        d.layout, d.why = option, f'spconv_layout={option!r}'
-        return
-    proof: Dict[str, Tuple[str, str]] = {}  # layout -> (key, why)
+    shapes = {m.file_key: m.shape for m in ctx.mapped if len(m.shape) == 1}
+    facts = []
     for m in kernels:
-        layouts = {lay for lay, _ in fits[m.key]}
-        if layout_of_version(m.file_version) == SPCONV2 and SPCONV2 in layouts:
-            proof.setdefault(SPCONV2, (m.key, f'{m.file_key} has _metadata version 2'))
-        if len(layouts) == 1:
-            lay = next(iter(layouts))
-            proof.setdefault(lay, (m.key, f'{m.file_key} {list(m.shape)} fits only the {lay} '
-                                          f'layout {LAYOUT_DEFS[lay].stored}'))
-    if len(proof) == 2:
-        msg = (f'{fname}: the sparse kernels of this file disagree on their layout: '
-               f'{proof[SPCONV2][1]}, but {proof[MMCV][1]}; a file holds one layout '
-               "(set spconv_layout='spconv2' or 'mmcv' on this source if you know it)")
+        width = out_width(m.file_key, shapes)
+        facts.append(KernelFacts(m.file_key, tuple(m.shape), m.file_version,
+                                 width[0] if width else None, module_geometry(m.module),
+                                 m.module_name, width[1] if width else ''))
+    decision = decide_layout(facts, option)
+    d.decision, d.layout, d.why = decision, decision.layout, decision.evidence
+    choices = ' or '.join(repr(lay) for lay in LAYOUTS)
+    if decision.conflict:
+        msg = (f'{fname}: {decision.evidence}; a file holds one layout (set spconv_layout='
+               f'{choices} on this source if you know it)')
         for m in kernels:
             d.problems[m.key] = msg
-        return
-    if proof:
-        d.layout = next(iter(proof))
-        d.why = proof[d.layout][1]
-        return
-    ambiguous = [m for m in kernels if len({lay for lay, _ in fits[m.key]}) > 1]
-    if ambiguous:
-        m = ambiguous[0]
-        msg = (f'{fname}: {m.file_key}: shape {list(m.shape)} fits both the spconv2 '
-               '[out,*k,in] and the mmcv [*k,in,out] kernel layout, and nothing in the '
-               'file decides (no _metadata version 2, no sparse kernel whose shape fits '
-               f"one layout only); set spconv_layout='spconv2' or 'mmcv' on this source")
-        for a in ambiguous:
-            d.problems[a.key] = msg
+    elif decision.layout is None and decision.undecided:
+        msg = f'{fname}: {decision.evidence}; set spconv_layout={choices} on this source'
+        undecided = set(decision.undecided)
+        for m in kernels:
+            if m.file_key in undecided:
+                d.problems[m.key] = msg
 
 
 def decide_sparse(ctx: SourceContext) -> SparseDecision:
@@ -117,12 +103,12 @@ def decide_sparse(ctx: SourceContext) -> SparseDecision:
         if not fits[m.key]:
             g = module_geometry(m.module)
             d.problems[m.key] = (
-                f'{ctx.filename}: {m.file_key} -> {m.key}: shape {list(m.shape)} is neither the '
-                f'spconv2 layout {list(stored_shape(g, SPCONV2))} nor the mmcv layout '
-                f'{list(stored_shape(g, MMCV))} of this module (nor either with the spatial '
-                'axes reversed)')
+                f'{ctx.filename}: {m.file_key} -> {m.key}: shape {list(m.shape)} is none of '
+                'the layouts of this module ('
+                + ', '.join(f'{lay} {list(stored_shape(g, lay))}' for lay in LAYOUTS)
+                + '), nor any with the spatial axes reversed')
     kernels = [m for m in kernels if fits[m.key]]
-    _decide_layout(ctx, kernels, fits, d)
+    _decide_layout(ctx, kernels, d)
     if d.layout is None:
         return d
     groups: Dict[str, List[Mapped]] = {}
