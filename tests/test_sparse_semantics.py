@@ -297,13 +297,17 @@ def test_verify_catches_a_wrong_registered_repair(tmp_path):
             assert f'-> {name} (' in msg
         after = dst.state_dict()
         assert all(torch.equal(after[k], v) for k, v in before.items())
-        # the load_from repair leaves such a kernel out, and says why
+        # the load_from repair refuses the whole file before touching it (d's flip along
+        # its size-1 axes leaves its values as they are: nothing to prove there)
         from mmfusionload.load.load_from import repair_checkpoint
-        ckpt = {'state_dict': OrderedDict(src.state_dict())}
-        rep = repair_checkpoint(ckpt, dst)
-        assert 'c.weight' not in ckpt['state_dict'] and 'd.weight' in ckpt['state_dict']
-        assert any('computes another function' in m for m in rep.mismatched)
-        assert rep.verified == 5
+        sd = OrderedDict(src.state_dict())
+        ckpt = {'state_dict': sd}
+        with pytest.raises(FusionLoadError, match='computes another function') as e:
+            repair_checkpoint(ckpt, dst)
+        assert str(e.value).count('computes another function') == 5  # title + a, b, c, e
+        assert '-> d (' not in str(e.value) and '-> c (' in str(e.value)
+        assert ckpt['state_dict'] is sd and list(sd) == list(src.state_dict())
+        assert all(torch.equal(sd[k], v) for k, v in src.state_dict().items())
         # verify=False trusts the repair (and loads its wrong result)
         load_sources(dst, [dict(checkpoint=str(tmp_path / 'p.pth'), verify=False)], logger=None)
         assert torch.equal(dst.c.weight, src.c.weight.flip(1))
@@ -358,3 +362,69 @@ def test_hook_verify_option_is_every_source_default():
     from mmfusionload.cli.commands import parse_source_arg
     assert parse_source_arg('checkpoint=a.pth,verify=false,spatial_order=zyx') == dict(
         checkpoint='a.pth', verify=False, spatial_order='zyx')
+
+
+@pytest.mark.parametrize('kind', ['subm3', 'conv3_s2', 'conv1'])
+def test_biased_spconv_conv_in_eval_mode_is_verified_and_loaded(kind, tmp_path):
+    """A biased spconv 2.x conv in eval mode (spconv 2.3.8 refuses its bias on CPU in
+    eval: "cpu don't support act and bias") is proven and loaded; its output, bias
+    included, equals the dense reference of the MMCV checkpoint's weight and bias."""
+    src = _make(kind, 'mmcv')
+    g = torch.Generator().manual_seed(7)
+    w, b = torch.randn(src.weight.shape, generator=g), torch.randn(COUT, generator=g)
+    sd = OrderedDict([('enc.weight', w), ('enc.bias', b)])
+    sd._metadata = OrderedDict([('enc', {'version': 1})])
+    torch.save({'state_dict': sd}, tmp_path / 'mmcv.pth')
+    live = Holder(_make(kind, 'spconv')).eval()
+    assert live.enc.bias is not None and not live.enc.training
+    report = load_sources(live, [dict(checkpoint=str(tmp_path / 'mmcv.pth'), modules=['enc'],
+                                      spconv_layout='mmcv')], logger=None)
+    s = report.sources[0]
+    assert s.verified == 1 and s.verify_error < 1e-5 and not s.mismatched
+    assert torch.equal(live.enc.bias.detach(), b)
+    ic, ifeats, ishape, oc, ofeats, pair = run_spconv(kind, live.enc.train())
+    ref = reference(kind, w, b, ic, ifeats, ishape, oc, pair)
+    torch.testing.assert_close(ofeats.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_repair_named_cast_that_permutes_a_kernel_is_verified_and_refused(tmp_path):
+    """Hostile: a registered repair calls its step ``cast`` and permutes sparse kernels
+    (same shape for a cube kernel). Exemption from ``verify='auto'`` follows what the
+    step does (values equal to the checkpoint's, cast), not its name: refused, the model
+    unchanged; a true cast (float16 file into a float32 model) is still exempt."""
+    from mmfusionload.registry import REPAIRS
+    from mmfusionload.load.repairs import Repair, module_layout
+
+    class SwapChannels(Repair):
+        name = 'cast'
+        priority = 16
+
+        def __call__(self, entry):
+            w = entry.source
+            if module_layout(entry.module) and entry.param_name == 'weight' \
+                    and w.shape[0] == w.shape[-1]:  # the shape stays: in == out
+                entry.add_step(self.name, lambda t: t.transpose(0, -1).contiguous())
+
+    src = Plain()
+    torch.save(src.state_dict(), tmp_path / 'p.pth')
+    dst = Plain()
+    before = snapshot(dst)
+    REPAIRS.register_module(module=SwapChannels)
+    try:
+        with pytest.raises(FusionLoadError, match='computes another function') as e:
+            load_sources(dst, [dict(checkpoint=str(tmp_path / 'p.pth'))], logger=None)
+        msg = str(e.value)
+        assert 'p.pth' in msg and 'repairs: cast' in msg
+        for name in ('a', 'c', 'd'):  # the kernels with in == out ([3, 3, 3, 3, 3], ...)
+            assert f'-> {name} (' in msg
+        assert msg.count('computes another function') == 3
+        after = dst.state_dict()
+        assert all(torch.equal(after[k], v) for k, v in before.items())
+    finally:
+        REPAIRS.module_dict.pop('SwapChannels')
+    half = OrderedDict((k, v.half()) for k, v in src.state_dict().items())
+    torch.save(half, tmp_path / 'half.pth')
+    report = load_sources(dst, [dict(checkpoint=str(tmp_path / 'half.pth'))], logger=None)
+    s = report.sources[0]
+    assert len(s.adapted['cast']) == len(half) and s.verified == 0
+    assert torch.equal(dst.c.weight.detach(), half['c.weight'].float())

@@ -45,8 +45,8 @@ def repair_checkpoint(checkpoint: MutableMapping[str, Any],
             ``'auto'`` (the one the file's trainer deploys), ``'ema'`` or ``'raw'``
             (see :func:`~mmfusionload.checkpoint.trainers.choose_copy`).
         verify (bool | str): Check converted sparse kernels by function
-            (:mod:`mmfusionload.sparse.verify`); a kernel that fails is left out of
-            the checkpoint and its problem reported under ``mismatched``.
+            (:mod:`mmfusionload.sparse.verify`); a kernel that fails raises
+            :class:`FusionLoadError` before ``checkpoint`` is modified.
 
     Returns:
         SourceReport: What was repaired.
@@ -112,10 +112,12 @@ def repair_checkpoint(checkpoint: MutableMapping[str, Any],
             info = dict(metadata.get(mod_name) or {})
             info['version'] = LAYOUT_VERSION[layout]
             metadata[mod_name] = info
-    for key, problem in verify_entries(loaded, verify, report).items():
-        problems.append(problem)
-        del state[key]  # never applied: MMEngine reports it missing
-        report.loaded.remove(key)
+    failed = verify_entries(loaded, verify, report)
+    if failed:  # before the checkpoint is touched: MMEngine applies nothing
+        raise FusionLoadError(
+            list(failed.values()),
+            'a converted sparse kernel computes another function than the checkpoint\'s; '
+            'nothing applied (verify=False loads it unchecked)')
     fill = [t for t in fill_targets if t]
     if fill:
         for key, value in model_state.items():
