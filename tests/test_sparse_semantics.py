@@ -23,6 +23,7 @@ KINDS = {
     'subm3': (3, 'SubMConv3d', dict(kernel_size=3)),
     'subm1': (3, 'SubMConv3d', dict(kernel_size=1)),
     'conv1': (3, 'SparseConv3d', dict(kernel_size=1)),
+    'conv1_s2': (3, 'SparseConv3d', dict(kernel_size=1, stride=2)),
     'conv3_s2': (3, 'SparseConv3d', dict(kernel_size=3, stride=2, padding=1)),
     'conv113_s112': (3, 'SparseConv3d', dict(kernel_size=(1, 1, 3), stride=(1, 1, 2))),
     'conv311_s211': (3, 'SparseConv3d', dict(kernel_size=(3, 1, 1), stride=(2, 1, 1))),
@@ -146,12 +147,19 @@ def _mmcv_runs(kind):
     return all(s == 1 for s in _make(kind, 'spconv').kernel_size)
 
 
-def _run_mmcv(kind, module, coords, feats, shape):
+def _run_mmcv(kind, module, coords, feats, shape, out_coords):
+    """MMCV's own forward, read at spconv's output sites: MMCV's volume-1 path keeps the
+    input's sites whatever the stride (mmcv/ops/sparse_conv.py, ``conv1x1``), where
+    spconv's strided path puts input site ``o * stride`` at output site ``o``."""
     import mmcv.ops as ops
     idx = torch.cat([torch.zeros(len(coords), 1, dtype=torch.long), coords], 1).int()
     x = ops.SparseConvTensor(feats, idx, list(shape), 1)
     with torch.no_grad():
-        return module(x).features
+        out = module(x)
+    assert torch.equal(out.indices, idx)
+    sites = out_coords * torch.tensor(module.stride) - torch.tensor(module.padding)
+    row = {tuple(c): i for i, c in enumerate(coords.tolist())}
+    return out.features[[row[tuple(c)] for c in sites.tolist()]]
 
 
 def _mmcv_kernel_of(weight):
@@ -182,7 +190,7 @@ def test_mmcv_checkpoint_into_spconv2_computes_the_source_function(kind, tmp_pat
         with torch.no_grad():
             src.weight.copy_(w)
             src.bias.copy_(b)
-        mm = _run_mmcv(kind, src, ic, ifeats, ishape)
+        mm = _run_mmcv(kind, src, ic, ifeats, ishape, oc)
         torch.testing.assert_close(ofeats, mm, rtol=1e-5, atol=1e-5)
 
 
@@ -209,7 +217,7 @@ def test_spconv2_checkpoint_into_mmcv_computes_the_source_function(kind, tmp_pat
                     oc, pair)
     torch.testing.assert_close(ref, ofeats.double(), rtol=1e-5, atol=1e-5)
     if _mmcv_runs(kind):
-        mm = _run_mmcv(kind, live.enc, ic, ifeats, ishape)
+        mm = _run_mmcv(kind, live.enc, ic, ifeats, ishape, oc)
         torch.testing.assert_close(mm, ofeats, rtol=1e-5, atol=1e-5)
 
 
@@ -428,3 +436,29 @@ def test_a_repair_named_cast_that_permutes_a_kernel_is_verified_and_refused(tmp_
     s = report.sources[0]
     assert len(s.adapted['cast']) == len(half) and s.verified == 0
     assert torch.equal(dst.c.weight.detach(), half['c.weight'].float())
+
+
+def test_verify_of_an_mmcv_target_does_not_trust_the_layout_definitions(tmp_path, monkeypatch):
+    """A spconv 2.x kernel-1 stride-2 conv takes spconv's general path (its weight read
+    transposed), not the ``conv1x1`` one. With the package's reading of that fact broken
+    (the stride ignored, so the conversion and the definition agree on the wrong kernel),
+    verify on an MMCV target still refuses the load: it runs the source through spconv
+    and reads the target as MMCV does, densely."""
+    from mmfusionload.sparse import layouts, modules
+    monkeypatch.setattr(modules, 'is_pointwise',
+                        lambda kernel, stride=(1, ), subm=True: layouts.volume(kernel) == 1)
+    src = _make('conv1_s2', 'spconv')
+    assert not src.conv1x1  # spconv itself: general path
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        src.weight.copy_(torch.randn(src.weight.shape, generator=g))
+    sd = OrderedDict((f'enc.{k}', v) for k, v in src.state_dict().items())
+    sd._metadata = OrderedDict([('enc', {'version': 2})])
+    torch.save({'state_dict': sd}, tmp_path / 'spconv2.pth')
+    live = Holder(_make('conv1_s2', 'mmcv'))
+    before = snapshot(live)
+    with pytest.raises(FusionLoadError, match='computes another function') as e:
+        load_sources(live, [dict(checkpoint=str(tmp_path / 'spconv2.pth'), modules=['enc'])],
+                     logger=None)
+    assert 'spconv2 -> mmcv' in str(e.value) and 'spconv ran the source' in str(e.value)
+    assert all(torch.equal(live.state_dict()[k], v) for k, v in before.items())
