@@ -196,3 +196,20 @@ def test_explicit_order_decides_when_the_kernels_cannot_tell(centerpoint, tmp_pa
             spconv.SparseConvTensor(feats, coors[:, [0, 3, 2, 1]], SHAPE_ZYX[::-1], 1))
     assert torch.equal(a.indices[:, [0, 3, 2, 1]], b.indices) and a.features.abs().sum() > 0
     torch.testing.assert_close(b.features, a.features, rtol=1e-5, atol=1e-5)
+
+
+def test_centerpoint_into_an_mmcv_bevfusion_encoder_is_verified_without_definitions(
+        centerpoint):
+    """z-y-x spconv 2.x kernels into MMCV x-y-z convs: layout and axis order both change;
+    verify runs the CenterPoint kernels in spconv and reads MMCV's kernels densely, and the
+    stored MMCV kernels are the spconv ones as [x, y, z, in, out]."""
+    from builders import mmcv_sparse_copy
+    src, path = centerpoint
+    dst = mmcv_sparse_copy(Holder(bevfusion_encoder()))
+    report = load_sources(dst, [dict(modality='lidar', checkpoint=path)], logger=None)
+    s = report.sources[0]
+    assert len(s.adapted['axis_order']) == len(s.adapted['spconv_layout']) == 21
+    assert s.verified == 21 and s.verify_error < 1e-5
+    w_src = src.pts_middle_encoder.conv_input[0].weight           # [16, z, y, x, 5]
+    w_dst = dst.pts_middle_encoder.conv_input[0].weight           # [x, y, z, 5, 16]
+    assert torch.equal(w_dst, w_src.permute(3, 2, 1, 4, 0))
