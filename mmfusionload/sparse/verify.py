@@ -3,9 +3,9 @@
 Before anything is written into the model, every sparse-conv module whose
 kernel a repair changed in more than its dtype (layout, axis order, any other
 registered repair: a step is exempt only when the values after it equal the
-checkpoint's cast, checked, whatever it is called) is run on a small random probe with the
-converted weight — a functional call, the live module itself is not modified —
-and its output is compared with a reference computed here from the
+checkpoint's cast, checked, whatever it is called) is run on a small random
+probe with the converted weight — a functional call, the live module itself is
+not modified — and its output is compared with a reference computed here from the
 **checkpoint's** weight under the source's semantics: the function kernel
 :func:`~mmfusionload.sparse.layouts.decode` reads from the source layout,
 applied on the source's axis order by an explicit sum over kernel offsets
@@ -31,11 +31,13 @@ configuration (a spconv 2.x source), or read as MMCV reads it (an MMCV source).
 Only where no such reference exists (spconv absent, 4-D) is it checked by the
 layout's definition.
 """
+import copy
 import itertools
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..files.pages import release_pages
 from .modules import module_geometry, module_layout, module_pointwise
@@ -374,7 +376,6 @@ def mmcv_forward(conf: dict, weight: torch.Tensor, coords: torch.Tensor, feats: 
         return padded[rows] @ w.reshape(conf['cin'], conf['cout'])
     if n not in (1, 2, 3):
         raise NotImplementedError(f'no dense {n}-D conv in torch.nn.functional')
-    import torch.nn.functional as F
     grow = 1 if conf['inverse'] or conf['transposed'] else 0  # outputs up to the last k
     dense = x64.new_zeros(1, x64.shape[1], *[int(e) + grow for e in shape])
     dense[(0, slice(None), *coords.t())] = x64.t()
@@ -418,7 +419,7 @@ def _spconv_twin(conf: dict) -> nn.Module:
 
 
 def _reversed_probe(probe: _Probe) -> _Probe:
-    import copy
+    """The probe on the reversed spatial axes (sites flipped, geometry reversed)."""
     out = copy.copy(probe)
     out.coords = probe.coords.flip(1)
     for name in ('shape', 'kernel', 'stride', 'padding', 'dilation', 'out_padding',
