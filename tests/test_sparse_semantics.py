@@ -1,6 +1,7 @@
 """Sparse-conv loads proven by function: every kind, both directions, against references
 that do not use this package's conversions (dense ``torch.nn.functional.conv*`` from the
 source weights, spconv 2.x itself, MMCV's own module where it runs on CPU)."""
+import contextlib
 import itertools
 from collections import OrderedDict
 
@@ -279,8 +280,28 @@ def test_one_layout_per_file_names_both_kernels(tmp_path):
     assert all(torch.equal(after[k], v) for k, v in before.items())
 
 
-def test_verify_catches_a_wrong_registered_repair(tmp_path):
+@contextlib.contextmanager
+def registered(repair: type):
+    """``repair`` registered for the block, unregistered after."""
     from mmfusionload.registry import REPAIRS
+    REPAIRS.register_module(module=repair)
+    try:
+        yield
+    finally:
+        REPAIRS.module_dict.pop(repair.__name__)
+
+
+def _refused(dst: nn.Module, path: str) -> str:
+    """The message of the load of ``path`` that verify refuses; ``dst`` unchanged."""
+    before = snapshot(dst)
+    with pytest.raises(FusionLoadError, match='computes another function') as e:
+        load_sources(dst, [dict(checkpoint=path)], logger=None)
+    after = dst.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    return str(e.value)
+
+
+def test_verify_catches_a_wrong_registered_repair(tmp_path):
     from mmfusionload.load.repairs import Repair, module_layout
 
     class FlipKernel(Repair):
@@ -294,17 +315,11 @@ def test_verify_catches_a_wrong_registered_repair(tmp_path):
     src = Plain()
     torch.save(src.state_dict(), tmp_path / 'p.pth')
     dst = Plain()
-    before = snapshot(dst)
-    REPAIRS.register_module(module=FlipKernel)
-    try:
-        with pytest.raises(FusionLoadError, match='computes another function') as e:
-            load_sources(dst, [dict(checkpoint=str(tmp_path / 'p.pth'))], logger=None)
-        msg = str(e.value)
+    with registered(FlipKernel):
+        msg = _refused(dst, str(tmp_path / 'p.pth'))
         assert 'p.pth' in msg and 'flip_kernel' in msg and 'spconv2 -> spconv2' in msg
         for name in ('a', 'b', 'c', 'e'):
             assert f'-> {name} (' in msg
-        after = dst.state_dict()
-        assert all(torch.equal(after[k], v) for k, v in before.items())
         # the load_from repair refuses the whole file before touching it (d's flip along
         # its size-1 axes leaves its values as they are: nothing to prove there)
         from mmfusionload.load.load_from import repair_checkpoint
@@ -319,8 +334,6 @@ def test_verify_catches_a_wrong_registered_repair(tmp_path):
         # verify=False trusts the repair (and loads its wrong result)
         load_sources(dst, [dict(checkpoint=str(tmp_path / 'p.pth'), verify=False)], logger=None)
         assert torch.equal(dst.c.weight, src.c.weight.flip(1))
-    finally:
-        REPAIRS.module_dict.pop('FlipKernel')
 
 
 def test_convert_without_model_converts_2d_3d_4d_kernels_by_function(tmp_path):
@@ -400,7 +413,6 @@ def test_a_repair_named_cast_that_permutes_a_kernel_is_verified_and_refused(tmp_
     (same shape for a cube kernel). Exemption from ``verify='auto'`` follows what the
     step does (values equal to the checkpoint's, cast), not its name: refused, the model
     unchanged; a true cast (float16 file into a float32 model) is still exempt."""
-    from mmfusionload.registry import REPAIRS
     from mmfusionload.load.repairs import Repair, module_layout
 
     class SwapChannels(Repair):
@@ -416,20 +428,12 @@ def test_a_repair_named_cast_that_permutes_a_kernel_is_verified_and_refused(tmp_
     src = Plain()
     torch.save(src.state_dict(), tmp_path / 'p.pth')
     dst = Plain()
-    before = snapshot(dst)
-    REPAIRS.register_module(module=SwapChannels)
-    try:
-        with pytest.raises(FusionLoadError, match='computes another function') as e:
-            load_sources(dst, [dict(checkpoint=str(tmp_path / 'p.pth'))], logger=None)
-        msg = str(e.value)
-        assert 'p.pth' in msg and 'repairs: cast' in msg
-        for name in ('a', 'c', 'd'):  # the kernels with in == out ([3, 3, 3, 3, 3], ...)
-            assert f'-> {name} (' in msg
-        assert msg.count('computes another function') == 3
-        after = dst.state_dict()
-        assert all(torch.equal(after[k], v) for k, v in before.items())
-    finally:
-        REPAIRS.module_dict.pop('SwapChannels')
+    with registered(SwapChannels):
+        msg = _refused(dst, str(tmp_path / 'p.pth'))
+    assert 'p.pth' in msg and 'repairs: cast' in msg
+    for name in ('a', 'c', 'd'):  # the kernels with in == out ([3, 3, 3, 3, 3], ...)
+        assert f'-> {name} (' in msg
+    assert msg.count('computes another function') == 3
     half = OrderedDict((k, v.half()) for k, v in src.state_dict().items())
     torch.save(half, tmp_path / 'half.pth')
     report = load_sources(dst, [dict(checkpoint=str(tmp_path / 'half.pth'))], logger=None)
