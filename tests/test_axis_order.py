@@ -135,7 +135,11 @@ def test_order_undecidable_is_an_axis_order_error(tmp_path):
                      logger=None)
     # without the option nothing says the orders differ: loaded as it is
     m = Cube()
-    load_sources(m, [dict(checkpoint=str(tmp_path / 'cube.pth'))], logger=None)
+    saved = torch.load(tmp_path / 'cube.pth', weights_only=True)
+    report = load_sources(m, [dict(checkpoint=str(tmp_path / 'cube.pth'))], logger=None)
+    assert 'axis_order' not in report.sources[0].adapted
+    assert torch.equal(m.enc.weight.detach(), saved['enc.weight'])
+    assert torch.equal(m.enc.bias.detach(), saved['enc.bias'])
 
 
 def test_live_order_of_both_conventions():
@@ -158,3 +162,54 @@ def test_order_from_the_checkpoint_config_when_kernels_cannot_tell(centerpoint, 
     assert len(report.sources[0].adapted['axis_order']) == 20
     w_src = src.pts_middle_encoder.conv_input[0].weight
     assert torch.equal(dst.pts_middle_encoder.conv_input[0].weight, w_src.permute(0, 3, 2, 1, 4))
+
+
+@pytest.mark.parametrize('option', ['zyx', 'xyz'])
+def test_explicit_order_decides_when_the_kernels_cannot_tell(centerpoint, tmp_path, option):
+    """Cube kernels only (no conv_out in the file, no config in its meta): the user's
+    spatial_order alone decides. 'zyx' into BEVFusion's x-y-z encoder reverses every
+    kernel's spatial axes, and the loaded conv_input computes, on the reversed grid,
+    what the CenterPoint one computes (both run by spconv); 'xyz' loads them as they are."""
+    src, _ = centerpoint
+    sd = {k: v for k, v in src.state_dict().items() if '.conv_out.' not in k}
+    torch.save({'state_dict': sd, 'meta': {}}, tmp_path / 'cubes.pth')
+    dst = Holder(bevfusion_encoder()).eval()
+    report = load_sources(dst, [dict(modality='lidar', checkpoint=str(tmp_path / 'cubes.pth'),
+                                     exclude=['conv_out'], spatial_order=option)],
+                          logger=None)
+    s = report.sources[0]
+    kernels = [k for k in sd if k.endswith('.weight') and sd[k].dim() == 5]
+    assert len(kernels) == 20
+    got = dst.state_dict()
+    if option == 'xyz':
+        assert 'axis_order' not in s.adapted
+        assert all(torch.equal(got[k], sd[k]) for k in kernels)
+        return
+    assert len(s.adapted['axis_order']) == 20
+    assert all(torch.equal(got[k], sd[k].permute(0, 3, 2, 1, 4)) for k in kernels)
+    import spconv.pytorch as spconv
+    feats, coors = points()
+    with torch.no_grad():
+        a = src.pts_middle_encoder.conv_input(
+            spconv.SparseConvTensor(feats, coors, SHAPE_ZYX, 1))
+        b = dst.pts_middle_encoder.conv_input(
+            spconv.SparseConvTensor(feats, coors[:, [0, 3, 2, 1]], SHAPE_ZYX[::-1], 1))
+    assert torch.equal(a.indices[:, [0, 3, 2, 1]], b.indices) and a.features.abs().sum() > 0
+    torch.testing.assert_close(b.features, a.features, rtol=1e-5, atol=1e-5)
+
+
+def test_centerpoint_into_an_mmcv_bevfusion_encoder_is_verified_without_definitions(
+        centerpoint):
+    """z-y-x spconv 2.x kernels into MMCV x-y-z convs: layout and axis order both change;
+    verify runs the CenterPoint kernels in spconv and reads MMCV's kernels densely, and the
+    stored MMCV kernels are the spconv ones as [x, y, z, in, out]."""
+    from builders import mmcv_sparse_copy
+    src, path = centerpoint
+    dst = mmcv_sparse_copy(Holder(bevfusion_encoder()))
+    report = load_sources(dst, [dict(modality='lidar', checkpoint=path)], logger=None)
+    s = report.sources[0]
+    assert len(s.adapted['axis_order']) == len(s.adapted['spconv_layout']) == 21
+    assert s.verified == 21 and s.verify_error < 1e-5
+    w_src = src.pts_middle_encoder.conv_input[0].weight           # [16, z, y, x, 5]
+    w_dst = dst.pts_middle_encoder.conv_input[0].weight           # [x, y, z, 5, 16]
+    assert torch.equal(w_dst, w_src.permute(3, 2, 1, 4, 0))

@@ -15,6 +15,8 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.nn as nn
+from mmengine.evaluator import BaseMetric
+from mmengine.model import BaseModel
 
 import mmfusionload  # noqa: F401
 from mmfusionload import FusionLoadError, load_sources
@@ -65,6 +67,58 @@ def _write_sources(d: str) -> dict:
         f.write(data[:len(data) // 2])
     torch.save(sd, osp.join(d, 'expected.pt'))
     return paths
+
+
+class SmallRun(BaseModel):
+    """:class:`Small`'s layers (same keys) as an MMEngine model a Runner tests."""
+
+    def __init__(self):
+        super().__init__()
+        small = Small()
+        self.pts_backbone, self.img_backbone = small.pts_backbone, small.img_backbone
+        self.fusion_layer = small.fusion_layer
+
+    def forward(self, inputs, data_samples=None, mode='tensor'):
+        x = self.pts_backbone(torch.stack(inputs))
+        return [dict(score=float(v)) for v in x.mean(dim=(1, 2, 3))]
+
+
+class MeanScore(BaseMetric):
+    default_prefix = 'small'
+
+    def process(self, data_batch, data_samples):
+        self.results += [s['score'] for s in data_samples]
+
+    def compute_metrics(self, results):
+        return dict(score=sum(results) / len(results))
+
+
+def _runner_test(rank: int, d: str, sources: list, broadcast) -> dict:
+    """``FusionLoadHook(broadcast=...)`` in a real MMEngine Runner (``launcher='pytorch'``
+    in the process group already set up), through ``runner.test()``."""
+    from mmengine.evaluator import Evaluator
+    from mmengine.runner import Runner
+    os.environ.setdefault('LOCAL_RANK', str(rank))
+    torch.manual_seed(0)  # the same initial weights on both ranks
+    data = [dict(inputs=torch.randn(4, 6, 6)) for _ in range(4)]
+    runner = Runner(
+        model=SmallRun(), work_dir=osp.join(d, f'runner_{broadcast}'),
+        experiment_name=f'broadcast_{broadcast}', launcher='pytorch',
+        # CPU processes: DistributedDataParallel takes no device_ids there
+        cfg=dict(model_wrapper_cfg=dict(type='MMDistributedDataParallel', device_ids=None)),
+        test_dataloader=dict(dataset=data, batch_size=1, num_workers=0,
+                             sampler=dict(type='DefaultSampler', shuffle=False),
+                             collate_fn=dict(type='pseudo_collate')),
+        test_cfg=dict(), test_evaluator=Evaluator(MeanScore()),
+        custom_hooks=[dict(type='FusionLoadHook', sources=sources, broadcast=broadcast)],
+        env_cfg=dict(dist_cfg=dict(backend='gloo')), default_hooks=dict(logger=None))
+    metrics = runner.test()
+    hook = next(h for h in runner.hooks if type(h).__name__ == 'FusionLoadHook')
+    torch.save(runner.model.module.state_dict(),
+               osp.join(d, f'runner_{broadcast}_rank{rank}.pt'))
+    return dict(metrics=metrics, world=runner.world_size,
+                wrapper=type(runner.model).__name__,
+                loaded=sorted(k for s in hook.report.sources for k in s.loaded))
 
 
 def _sources(paths: dict, rank: int, lidar: str = 'lidar', camera: str = 'camera') -> list:
@@ -158,7 +212,16 @@ def _worker(rank: int, world: int, port: int, d: str, paths: dict) -> None:
                            keys=[list(r.state) for r in res])
         dist.barrier()
 
-        # 6. rank 1 leaves without loading: rank 0 gets a FusionLoadError, not a hang
+        # 6. the hook in a real Runner: broadcast='auto' (rank 1 without the files) and
+        # broadcast=False (every rank reads the files, which both have here)
+        out['runner'] = {}
+        for broadcast, srcs in (('auto', _sources(paths, rank)), (False, _sources(paths, 0))):
+            opened.clear()
+            out['runner'][str(broadcast)] = _runner_test(rank, d, srcs, broadcast)
+            out['runner'][str(broadcast)]['opened'] = list(opened)
+            dist.barrier()
+
+        # 7. rank 1 leaves without loading: rank 0 gets a FusionLoadError, not a hang
         if rank == 0:
             t0 = time.perf_counter()
             try:
@@ -291,27 +354,26 @@ def test_no_process_group():
         should_broadcast('yes')
 
 
-def test_hook_passes_broadcast_through(monkeypatch):
-    from mmfusionload.hooks import fusion_load_hook
-    seen = {}
-
-    def fake_load_sources(model, sources, **kwargs):
-        seen.update(kwargs)
-        from mmfusionload.report import LoadReport
-        return LoadReport()
-
-    monkeypatch.setattr(fusion_load_hook, 'load_sources', fake_load_sources)
-    hook = fusion_load_hook.FusionLoadHook(sources=[dict(checkpoint='x.pth')], broadcast=False,
-                                           report_file=None)
-
-    class FakeRunner:
-        model = Small()
-        hooks = []
-        work_dir = None
-
-    hook.before_test(FakeRunner())
-    assert seen['broadcast'] is False
-    assert fusion_load_hook.FusionLoadHook().broadcast == 'auto'
+def test_hook_broadcast_in_a_real_runner(two_ranks):
+    """FusionLoadHook in MMEngine Runners of two gloo processes (``runner.test()``):
+    with broadcast='auto' rank 1, whose paths do not exist, ends with rank 0's weights
+    and opens nothing; with broadcast=False each rank reads the files itself."""
+    d, (r0, r1) = two_ranks['dir'], two_ranks['results']
+    expected = torch.load(osp.join(d, 'expected.pt'))
+    for broadcast, reads in (('auto', (2, 0)), ('False', (2, 2))):
+        a, b = r0['runner'][broadcast], r1['runner'][broadcast]
+        assert a['world'] == b['world'] == 2
+        assert a['wrapper'] == b['wrapper'] == 'MMDistributedDataParallel'
+        assert (len(a['opened']), len(b['opened'])) == reads
+        assert a['loaded'] == b['loaded'] and len(a['loaded']) == 12
+        assert a['metrics'] == b['metrics'] and 'small/score' in a['metrics']
+        w0 = torch.load(osp.join(d, f'runner_{broadcast}_rank0.pt'))
+        w1 = torch.load(osp.join(d, f'runner_{broadcast}_rank1.pt'))
+        for k in a['loaded']:
+            assert torch.equal(w0[k], expected[k]) and torch.equal(w1[k], expected[k]), k
+    assert r1['runner']['auto']['opened'] == []
+    from mmfusionload.hooks.fusion_load_hook import FusionLoadHook
+    assert FusionLoadHook().broadcast == 'auto'
 
 
 def test_rank0_keeps_what_it_sends():

@@ -154,3 +154,41 @@ def test_hook_rejects_bad_source_at_build():
     from mmfusionload import FusionLoadError
     with pytest.raises(FusionLoadError, match='unknown source option'):
         HOOKS.build(dict(type='FusionLoadHook', sources=[dict(checkpoint='x', modalty='lidar')]))
+
+
+def test_load_from_kernel_failing_verify_stops_the_run_before_anything_is_applied(
+        tmp_path, sources):
+    """A converted kernel that computes another function (a wrong registered repair)
+    stops the Runner with a FusionLoadError naming module, layouts and error, before
+    MMEngine applies any tensor of the load_from file: no partial load."""
+    from mmfusionload import FusionLoadError
+    from mmfusionload.load.repairs import Repair, module_layout
+    from mmfusionload.registry import REPAIRS
+
+    class RollKernel(Repair):
+        name = 'roll_kernel'
+        priority = 60  # after the layout conversion
+
+        def __call__(self, entry):
+            if module_layout(entry.module) and entry.key.endswith('conv_input.0.weight'):
+                entry.add_step(self.name, lambda t: t.roll(1, dims=1).contiguous())
+
+    REPAIRS.register_module(module=RollKernel)
+    try:
+        runner = _runner(tmp_path, 'refused', [dict(type='FusionLoadHook')],
+                         load_from=sources['lidar'])
+        with pytest.raises(FusionLoadError, match='computes another function') as e:
+            runner.train()
+    finally:
+        REPAIRS.module_dict.pop('RollKernel')
+    msg = str(e.value)
+    assert sources['lidar'] in msg and 'pts_middle_encoder.conv_input.0 (' in msg
+    assert 'layout mmcv -> spconv2' in msg and 'roll_kernel' in msg
+    assert 'largest relative error' in msg
+    assert runner.iter == 0
+    got = runner.model.state_dict()
+    loadable = [k for k, v in sources['src'].items()
+                if not k.startswith('img_backbone.') and v.is_floating_point() and v.numel() > 1]
+    assert len(loadable) > 40
+    for k in loadable:  # every tensor keeps its initial value
+        assert not torch.equal(got[k], sources['src'][k]), k

@@ -295,9 +295,20 @@ def test_overlapping_sources(source_model, model, tmp_path):
     b = lidar_ckpt(source_model, tmp_path, 'mmcv', name='b.pth')
     _fails(model, [dict(modality='lidar', checkpoint=a), dict(modules=['pts_neck'], checkpoint=b)],
            '12 tensors (', 'are written by both', 'pts_neck.deblocks.{0,1}.{0,1}.weight')
-    load_sources(model, [dict(modality='lidar', checkpoint=a), dict(modules=['pts_neck'],
-                                                                    checkpoint=b)],
-                 allow_overlap=True, logger=None)
+    before = snapshot(model)
+    other = randomize(BEVFusionLike(), seed=3).eval()  # b's neck differs from a's
+    b = lidar_ckpt(other, tmp_path, 'mmcv', name='b.pth')
+    report = load_sources(model, [dict(modality='lidar', checkpoint=a),
+                                  dict(modules=['pts_neck'], checkpoint=b)],
+                          allow_overlap=True, logger=None)
+    got, first, second = model.state_dict(), source_model.state_dict(), other.state_dict()
+    neck = [k for k in got if k.startswith('pts_neck.')]
+    lidar = [k for k in got if k.startswith('pts_') and not k.startswith('pts_neck.')]
+    assert len(neck) == 12 and not torch.equal(first[neck[0]], second[neck[0]])
+    assert_same(second, got, neck)   # the later source wins where both write
+    assert_same(first, got, lidar)
+    assert_same(before, got, [k for k in got if not k.startswith('pts_')])
+    assert len(report.sources[1].loaded) == len(neck)
 
 
 def test_mismatched_shape_names_both(source_model, model, tmp_path):

@@ -1,6 +1,7 @@
 """Sparse-conv loads proven by function: every kind, both directions, against references
 that do not use this package's conversions (dense ``torch.nn.functional.conv*`` from the
 source weights, spconv 2.x itself, MMCV's own module where it runs on CPU)."""
+import contextlib
 import itertools
 from collections import OrderedDict
 
@@ -23,6 +24,7 @@ KINDS = {
     'subm3': (3, 'SubMConv3d', dict(kernel_size=3)),
     'subm1': (3, 'SubMConv3d', dict(kernel_size=1)),
     'conv1': (3, 'SparseConv3d', dict(kernel_size=1)),
+    'conv1_s2': (3, 'SparseConv3d', dict(kernel_size=1, stride=2)),
     'conv3_s2': (3, 'SparseConv3d', dict(kernel_size=3, stride=2, padding=1)),
     'conv113_s112': (3, 'SparseConv3d', dict(kernel_size=(1, 1, 3), stride=(1, 1, 2))),
     'conv311_s211': (3, 'SparseConv3d', dict(kernel_size=(3, 1, 1), stride=(2, 1, 1))),
@@ -146,12 +148,19 @@ def _mmcv_runs(kind):
     return all(s == 1 for s in _make(kind, 'spconv').kernel_size)
 
 
-def _run_mmcv(kind, module, coords, feats, shape):
+def _run_mmcv(kind, module, coords, feats, shape, out_coords):
+    """MMCV's own forward, read at spconv's output sites: MMCV's volume-1 path keeps the
+    input's sites whatever the stride (mmcv/ops/sparse_conv.py, ``conv1x1``), where
+    spconv's strided path puts input site ``o * stride`` at output site ``o``."""
     import mmcv.ops as ops
     idx = torch.cat([torch.zeros(len(coords), 1, dtype=torch.long), coords], 1).int()
     x = ops.SparseConvTensor(feats, idx, list(shape), 1)
     with torch.no_grad():
-        return module(x).features
+        out = module(x)
+    assert torch.equal(out.indices, idx)
+    sites = out_coords * torch.tensor(module.stride) - torch.tensor(module.padding)
+    row = {tuple(c): i for i, c in enumerate(coords.tolist())}
+    return out.features[[row[tuple(c)] for c in sites.tolist()]]
 
 
 def _mmcv_kernel_of(weight):
@@ -182,7 +191,7 @@ def test_mmcv_checkpoint_into_spconv2_computes_the_source_function(kind, tmp_pat
         with torch.no_grad():
             src.weight.copy_(w)
             src.bias.copy_(b)
-        mm = _run_mmcv(kind, src, ic, ifeats, ishape)
+        mm = _run_mmcv(kind, src, ic, ifeats, ishape, oc)
         torch.testing.assert_close(ofeats, mm, rtol=1e-5, atol=1e-5)
 
 
@@ -209,7 +218,7 @@ def test_spconv2_checkpoint_into_mmcv_computes_the_source_function(kind, tmp_pat
                     oc, pair)
     torch.testing.assert_close(ref, ofeats.double(), rtol=1e-5, atol=1e-5)
     if _mmcv_runs(kind):
-        mm = _run_mmcv(kind, live.enc, ic, ifeats, ishape)
+        mm = _run_mmcv(kind, live.enc, ic, ifeats, ishape, oc)
         torch.testing.assert_close(mm, ofeats, rtol=1e-5, atol=1e-5)
 
 
@@ -271,8 +280,28 @@ def test_one_layout_per_file_names_both_kernels(tmp_path):
     assert all(torch.equal(after[k], v) for k, v in before.items())
 
 
-def test_verify_catches_a_wrong_registered_repair(tmp_path):
+@contextlib.contextmanager
+def registered(repair: type):
+    """``repair`` registered for the block, unregistered after."""
     from mmfusionload.registry import REPAIRS
+    REPAIRS.register_module(module=repair)
+    try:
+        yield
+    finally:
+        REPAIRS.module_dict.pop(repair.__name__)
+
+
+def _refused(dst: nn.Module, path: str) -> str:
+    """The message of the load of ``path`` that verify refuses; ``dst`` unchanged."""
+    before = snapshot(dst)
+    with pytest.raises(FusionLoadError, match='computes another function') as e:
+        load_sources(dst, [dict(checkpoint=path)], logger=None)
+    after = dst.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    return str(e.value)
+
+
+def test_verify_catches_a_wrong_registered_repair(tmp_path):
     from mmfusionload.load.repairs import Repair, module_layout
 
     class FlipKernel(Repair):
@@ -286,34 +315,32 @@ def test_verify_catches_a_wrong_registered_repair(tmp_path):
     src = Plain()
     torch.save(src.state_dict(), tmp_path / 'p.pth')
     dst = Plain()
-    before = snapshot(dst)
-    REPAIRS.register_module(module=FlipKernel)
-    try:
-        with pytest.raises(FusionLoadError, match='computes another function') as e:
-            load_sources(dst, [dict(checkpoint=str(tmp_path / 'p.pth'))], logger=None)
-        msg = str(e.value)
+    with registered(FlipKernel):
+        msg = _refused(dst, str(tmp_path / 'p.pth'))
         assert 'p.pth' in msg and 'flip_kernel' in msg and 'spconv2 -> spconv2' in msg
         for name in ('a', 'b', 'c', 'e'):
             assert f'-> {name} (' in msg
         # each kernel that failed is a record of its source, no longer counted loaded
+        with pytest.raises(FusionLoadError) as e:
+            load_sources(dst, [dict(checkpoint=str(tmp_path / 'p.pth'))], logger=None)
         rep = e.value.report.sources[0]
         failed = [m.key for m in rep.mismatched if m.kind == 'verify']
         assert sorted(failed) == ['a.weight', 'b.weight', 'c.weight', 'e.weight']
         assert not set(failed) & set(rep.loaded) and 'd.weight' in rep.loaded
-        after = dst.state_dict()
-        assert all(torch.equal(after[k], v) for k, v in before.items())
-        # the load_from repair leaves such a kernel out, and says why
+        # the load_from repair refuses the whole file before touching it (d's flip along
+        # its size-1 axes leaves its values as they are: nothing to prove there)
         from mmfusionload.load.load_from import repair_checkpoint
-        ckpt = {'state_dict': OrderedDict(src.state_dict())}
-        rep = repair_checkpoint(ckpt, dst)
-        assert 'c.weight' not in ckpt['state_dict'] and 'd.weight' in ckpt['state_dict']
-        assert any('computes another function' in m.reason for m in rep.mismatched)
-        assert rep.verified == 5
+        sd = OrderedDict(src.state_dict())
+        ckpt = {'state_dict': sd}
+        with pytest.raises(FusionLoadError, match='computes another function') as e:
+            repair_checkpoint(ckpt, dst)
+        assert str(e.value).count('computes another function') == 5  # title + a, b, c, e
+        assert '-> d (' not in str(e.value) and '-> c (' in str(e.value)
+        assert ckpt['state_dict'] is sd and list(sd) == list(src.state_dict())
+        assert all(torch.equal(sd[k], v) for k, v in src.state_dict().items())
         # verify=False trusts the repair (and loads its wrong result)
         load_sources(dst, [dict(checkpoint=str(tmp_path / 'p.pth'), verify=False)], logger=None)
         assert torch.equal(dst.c.weight, src.c.weight.flip(1))
-    finally:
-        REPAIRS.module_dict.pop('FlipKernel')
 
 
 def test_convert_without_model_converts_2d_3d_4d_kernels_by_function(tmp_path):
@@ -363,3 +390,86 @@ def test_hook_verify_option_is_every_source_default():
     from mmfusionload.cli.commands import parse_source_arg
     assert parse_source_arg('checkpoint=a.pth,verify=false,spatial_order=zyx') == dict(
         checkpoint='a.pth', verify=False, spatial_order='zyx')
+
+
+@pytest.mark.parametrize('kind', ['subm3', 'conv3_s2', 'conv1'])
+def test_biased_spconv_conv_in_eval_mode_is_verified_and_loaded(kind, tmp_path):
+    """A biased spconv 2.x conv in eval mode (spconv 2.3.8 refuses its bias on CPU in
+    eval: "cpu don't support act and bias") is proven and loaded; its output, bias
+    included, equals the dense reference of the MMCV checkpoint's weight and bias."""
+    src = _make(kind, 'mmcv')
+    g = torch.Generator().manual_seed(7)
+    w, b = torch.randn(src.weight.shape, generator=g), torch.randn(COUT, generator=g)
+    sd = OrderedDict([('enc.weight', w), ('enc.bias', b)])
+    sd._metadata = OrderedDict([('enc', {'version': 1})])
+    torch.save({'state_dict': sd}, tmp_path / 'mmcv.pth')
+    live = Holder(_make(kind, 'spconv')).eval()
+    assert live.enc.bias is not None and not live.enc.training
+    report = load_sources(live, [dict(checkpoint=str(tmp_path / 'mmcv.pth'), modules=['enc'],
+                                      spconv_layout='mmcv')], logger=None)
+    s = report.sources[0]
+    assert s.verified == 1 and s.verify_error < 1e-5 and not s.mismatched
+    assert torch.equal(live.enc.bias.detach(), b)
+    ic, ifeats, ishape, oc, ofeats, pair = run_spconv(kind, live.enc.train())
+    ref = reference(kind, w, b, ic, ifeats, ishape, oc, pair)
+    torch.testing.assert_close(ofeats.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_repair_named_cast_that_permutes_a_kernel_is_verified_and_refused(tmp_path):
+    """Hostile: a registered repair calls its step ``cast`` and permutes sparse kernels
+    (same shape for a cube kernel). Exemption from ``verify='auto'`` follows what the
+    step does (values equal to the checkpoint's, cast), not its name: refused, the model
+    unchanged; a true cast (float16 file into a float32 model) is still exempt."""
+    from mmfusionload.load.repairs import Repair, module_layout
+
+    class SwapChannels(Repair):
+        name = 'cast'
+        priority = 16
+
+        def __call__(self, entry):
+            w = entry.source
+            if module_layout(entry.module) and entry.param_name == 'weight' \
+                    and w.shape[0] == w.shape[-1]:  # the shape stays: in == out
+                entry.add_step(self.name, lambda t: t.transpose(0, -1).contiguous())
+
+    src = Plain()
+    torch.save(src.state_dict(), tmp_path / 'p.pth')
+    dst = Plain()
+    with registered(SwapChannels):
+        msg = _refused(dst, str(tmp_path / 'p.pth'))
+    assert 'p.pth' in msg and 'repairs: cast' in msg
+    for name in ('a', 'c', 'd'):  # the kernels with in == out ([3, 3, 3, 3, 3], ...)
+        assert f'-> {name} (' in msg
+    assert msg.count('computes another function') == 3
+    half = OrderedDict((k, v.half()) for k, v in src.state_dict().items())
+    torch.save(half, tmp_path / 'half.pth')
+    report = load_sources(dst, [dict(checkpoint=str(tmp_path / 'half.pth'))], logger=None)
+    s = report.sources[0]
+    assert len(s.adapted['cast']) == len(half) and s.verified == 0
+    assert torch.equal(dst.c.weight.detach(), half['c.weight'].float())
+
+
+def test_verify_of_an_mmcv_target_does_not_trust_the_layout_definitions(tmp_path, monkeypatch):
+    """A spconv 2.x kernel-1 stride-2 conv takes spconv's general path (its weight read
+    transposed), not the ``conv1x1`` one. With the package's reading of that fact broken
+    (the stride ignored, so the conversion and the definition agree on the wrong kernel),
+    verify on an MMCV target still refuses the load: it runs the source through spconv
+    and reads the target as MMCV does, densely."""
+    from mmfusionload.sparse import layouts, modules
+    monkeypatch.setattr(modules, 'is_pointwise',
+                        lambda kernel, stride=(1, ), subm=True: layouts.volume(kernel) == 1)
+    src = _make('conv1_s2', 'spconv')
+    assert not src.conv1x1  # spconv itself: general path
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        src.weight.copy_(torch.randn(src.weight.shape, generator=g))
+    sd = OrderedDict((f'enc.{k}', v) for k, v in src.state_dict().items())
+    sd._metadata = OrderedDict([('enc', {'version': 2})])
+    torch.save({'state_dict': sd}, tmp_path / 'spconv2.pth')
+    live = Holder(_make('conv1_s2', 'mmcv'))
+    before = snapshot(live)
+    with pytest.raises(FusionLoadError, match='computes another function') as e:
+        load_sources(live, [dict(checkpoint=str(tmp_path / 'spconv2.pth'), modules=['enc'])],
+                     logger=None)
+    assert 'spconv2 -> mmcv' in str(e.value) and 'spconv ran the source' in str(e.value)
+    assert all(torch.equal(live.state_dict()[k], v) for k, v in before.items())

@@ -1,12 +1,21 @@
-"""spconv layout repair proven by forward equivalence on a real spconv 2.x SparseEncoder."""
+"""spconv layout repair proven by forward equivalence on a real spconv 2.x SparseEncoder.
+
+The MMCV-layout checkpoints here are written without this package: every kernel of the
+encoder is turned into MMCV's ``[*k, in, out]`` by a plain permute, and that MMCV kernel
+is proven, module by module, to compute what spconv computes with the original weight
+(spconv's own forward against a dense ``torch.nn.functional.conv3d`` of the MMCV kernel
+read as MMCV 2.1.0 reads it: ``weight[k]`` is the ``[in, out]`` matrix of offset ``k``).
+"""
 import copy
+import itertools
 from collections import OrderedDict
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from builders import build, mmcv_sparse_copy, randomize, sparse_conv_names, to_mmcv_layout
+from builders import build, mmcv_sparse_copy, randomize, sparse_conv_names
 from mmfusionload import load_sources
 
 pytest.importorskip('spconv')
@@ -42,8 +51,53 @@ def src():
     return randomize(Lidar(), seed=5).eval()
 
 
+def _dense_check(module, kmm: torch.Tensor) -> None:
+    """spconv's forward of ``module`` equals a dense F.conv3d with the MMCV kernel ``kmm``
+    ``[*k, in, out]`` (as ``[out, in, *k]``), read at spconv's output sites."""
+    import spconv.pytorch as spconv
+    g = torch.Generator().manual_seed(11)
+    grid = [7, 7, 7]
+    allc = torch.tensor(list(itertools.product(*[range(e) for e in grid])))
+    coords = allc[torch.rand(len(allc), generator=g) < 0.4]
+    feats = torch.randn(len(coords), module.in_channels, generator=g, dtype=torch.float64)
+    idx = torch.cat([torch.zeros(len(coords), 1, dtype=torch.long), coords], 1).int()
+    with torch.no_grad():
+        out = module(spconv.SparseConvTensor(feats.float(), idx, grid, 1))
+    dense = torch.zeros(1, module.in_channels, *grid, dtype=torch.float64)
+    dense[(0, slice(None), *coords.t())] = feats.t()
+    tw = kmm.double().permute(4, 3, 0, 1, 2)
+    if module.subm:
+        pad = [k // 2 * d for k, d in zip(module.kernel_size, module.dilation)]
+        y = F.conv3d(dense, tw, padding=pad, dilation=list(module.dilation))
+    else:
+        y = F.conv3d(dense, tw, stride=list(module.stride), padding=list(module.padding),
+                     dilation=list(module.dilation))
+    oc = out.indices[:, 1:].long()
+    assert len(oc) > 0
+    ref = y[(0, slice(None), *oc.t())].t()
+    err = float((out.features.double() - ref).abs().max() / ref.abs().max())
+    assert err < 1e-5, (module, err)  # float32 rounding; a wrong kernel reading gives ~1
+
+
+def mmcv_state(src: nn.Module) -> 'OrderedDict':
+    """``src``'s state dict with its sparse kernels in MMCV's layout, by a plain permute
+    ``[out, *k, in] -> [*k, in, out]`` each proven by :func:`_dense_check`."""
+    from spconv.pytorch.conv import SparseConvolution
+    sd = OrderedDict(src.state_dict())
+    n = 0
+    for name, m in src.named_modules():
+        if isinstance(m, SparseConvolution):
+            assert not m.conv1x1  # every kernel of this encoder takes the general path
+            kmm = m.weight.detach().permute(1, 2, 3, 4, 0).contiguous()
+            _dense_check(m, kmm)
+            sd[f'{name}.weight'] = kmm
+            n += 1
+    assert n == 21
+    return sd
+
+
 def _ckpt(src, tmp_path, metadata):
-    sd = to_mmcv_layout(src.state_dict(), src)
+    sd = mmcv_state(src)
     if metadata:
         sd._metadata = OrderedDict((n, {'version': 1}) for n in sparse_conv_names(src))
     path = tmp_path / f'mmcv_{metadata}.pth'
@@ -77,7 +131,7 @@ def test_mmcv_model_gets_exactly_permuted_tensors(src, tmp_path, device):
     assert tuple(mm.state_dict()[names[0] + '.weight'].shape) == (3, 3, 3, 5, 16)
     load_sources(mm, [dict(modality='lidar', checkpoint=str(tmp_path / 'spconv2.pth'))],
                  logger=None)
-    want = to_mmcv_layout(src.state_dict(), src)
+    want = mmcv_state(src)
     got = mm.state_dict()
     for k in got:
         assert torch.equal(got[k].cpu(), want[k]), k

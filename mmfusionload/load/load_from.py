@@ -1,6 +1,6 @@
 """Repair a checkpoint dict in place before MMEngine applies it (``load_from``)."""
 from collections import OrderedDict
-from typing import Any, Container, Dict, MutableMapping, Sequence, Union
+from typing import Any, Dict, MutableMapping, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -50,8 +50,8 @@ def repair_checkpoint(checkpoint: MutableMapping[str, Any],
             ``'auto'`` (the one the file's trainer deploys), ``'ema'`` or ``'raw'``
             (see :func:`~mmfusionload.checkpoint.trainers.choose_copy`).
         verify (bool | str): Check converted sparse kernels by function
-            (:mod:`mmfusionload.sparse.verify`); a kernel that fails is left out of
-            the checkpoint and reported under ``mismatched``.
+            (:mod:`mmfusionload.sparse.verify`); a kernel that fails raises
+            :class:`FusionLoadError` before ``checkpoint`` is modified.
 
     Returns:
         SourceReport: What was repaired.
@@ -80,33 +80,35 @@ def repair_checkpoint(checkpoint: MutableMapping[str, Any],
     if not plan.entries:  # _account found nothing provided: MMEngine warns about all
         report.kept = []
         report.missing = [k for k in targeted if not may_be_absent(k)]
-    removed = verify_plan(plan, verify)  # never applied: MMEngine reports them missing
-    state = _write_back(ckpt, plan, removed)
+    failed = verify_plan(plan, verify)
+    if failed:  # before the checkpoint is touched: MMEngine applies nothing
+        raise FusionLoadError(
+            list(failed.values()),
+            'a converted sparse kernel computes another function than the checkpoint\'s; '
+            'nothing applied (verify=False loads it unchecked)')
+    state = _write_back(ckpt, plan)
     for key, value in model_state.items():
         if key not in state and any(key.startswith(t + '.') for t in fill):
             state[key] = value.detach()
             report.new.append(key)
-    missing = set(report.missing)  # and the kernels left out above, unless filled
-    report.missing = [k for k in model_state if k in missing or k in removed and k not in state]
     if ckpt.container == '<bare>':
         checkpoint.clear()
     checkpoint['state_dict'] = state
     return report
 
 
-def _write_back(ckpt: Unwrapped, plan: SourcePlan, removed: Container[str]
-                ) -> 'OrderedDict[str, torch.Tensor]':
+def _write_back(ckpt: Unwrapped, plan: SourcePlan) -> 'OrderedDict[str, torch.Tensor]':
     """The state dict MMEngine gets, in the checkpoint's order: each planned tensor as
     the model takes it (``_metadata`` versions of converted sparse modules set to their
     new layout), a regenerated one as the model holds it, one that cannot be placed or
-    is off the model as it is (MMEngine reports it), ``removed`` ones left out."""
+    is off the model as it is (MMEngine reports it)."""
     entries = {e.key: e for e in plan.entries}
     bad = {m.key for m in plan.report.mismatched}
     metadata: Dict[str, dict] = OrderedDict(ckpt.metadata)
     state: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
     for key, tensor in ckpt.state.items():
         e = entries.get(key)
-        if e is None or key in bad and key not in removed:
+        if e is None or key in bad:
             state[key] = tensor
         elif e.skip:
             state[key] = e.target.detach()
@@ -116,8 +118,7 @@ def _write_back(ckpt: Unwrapped, plan: SourcePlan, removed: Container[str]
                 info = dict(metadata.get(e.module_name) or {})
                 info['version'] = LAYOUT_VERSION[layout]
                 metadata[e.module_name] = info
-            if key not in removed:
-                state[key] = e.materialize() if e.steps else tensor
+            state[key] = e.materialize() if e.steps else tensor
     state._metadata = metadata  # type: ignore[attr-defined]
     return state
 

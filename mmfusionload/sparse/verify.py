@@ -1,10 +1,11 @@
 """``verify``: prove a converted sparse-conv kernel by what the module computes.
 
 Before anything is written into the model, every sparse-conv module whose
-kernel a function-changing repair touched (layout, axis order, or any other
-registered repair except a dtype cast) is run on a small random probe with the
-converted weight — a functional call, the live module itself is not modified —
-and its output is compared with a reference computed here from the
+kernel a repair changed in more than its dtype (layout, axis order, any other
+registered repair: a step is exempt only when the values after it equal the
+checkpoint's cast, checked, whatever it is called) is run on a small random
+probe with the converted weight — a functional call, the live module itself is
+not modified — and its output is compared with a reference computed here from the
 **checkpoint's** weight under the source's semantics: the function kernel
 :func:`~mmfusionload.sparse.layouts.decode` reads from the source layout,
 applied on the source's axis order by an explicit sum over kernel offsets
@@ -18,22 +19,30 @@ channel takes part; features are random (a fixed seed). The reference is
 computed at a few output sites that together use every offset (a complete
 check for random inputs). spconv modules of one class, config and input width
 run once with their converted weights stacked along the output channels, with
-one CPU thread (spconv's CPU kernels race with several). A module that cannot
-run where it lives (MMCV's sparse conv on CPU) is checked by its layout's
-definition instead.
+one CPU thread (spconv's CPU kernels race with several). The probe runs without
+the module's bias (not converted; spconv 2.3.8 refuses it on CPU in eval mode).
+
+MMCV's sparse conv does not run on CPU, and a check through the layout
+definitions would share any error of the conversion. An MMCV target is checked
+without them: its converted weight computes what MMCV 2.1.0 computes with it
+(:func:`mmcv_forward`, dense ``torch.nn.functional``), compared with the
+checkpoint weight run by spconv itself in a module of the same kind and
+configuration (a spconv 2.x source), or read as MMCV reads it (an MMCV source).
+Only where no such reference exists (spconv absent, 4-D) is it checked by the
+layout's definition.
 """
+import copy
 import itertools
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..files.pages import release_pages
 from .modules import module_geometry, module_layout, module_pointwise
-from .layouts import SPCONV2, decode, volume
+from .layouts import MMCV, SPCONV2, decode, volume
 
-# Steps that keep the function a kernel computes (up to rounding).
-PLAIN_STEPS = ('cast', )
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-4}
 TOLERANCE_LOW = 2e-2  # float16 / bfloat16 targets
 
@@ -55,13 +64,28 @@ def _kind(module: nn.Module) -> str:
     return 'conv'
 
 
+def is_plain_cast(entry) -> bool:
+    """Whether ``entry``'s planned steps only change its dtype: the values after
+    them equal the checkpoint's values cast to the resulting dtype, element by
+    element and in the same shape (checked, whatever the steps are called)."""
+    if tuple(entry.shape) != tuple(entry.source.shape):
+        return False
+    after = entry.materialize().detach()
+    before = entry.source.detach().to(after.device).to(after.dtype)
+    plain = after.shape == before.shape and torch.equal(after, before)
+    release_pages(entry.source)
+    return plain
+
+
 def wants_verify(entry, mode) -> bool:
-    """Whether ``entry`` (a planned tensor) is checked under ``verify=mode``."""
+    """Whether ``entry`` (a planned tensor) is checked under ``verify=mode``:
+    ``True``: every sparse kernel; ``'auto'``: those whose planned steps do more
+    than cast the dtype (:func:`is_plain_cast`)."""
     if mode is False or entry.skip is not None:
         return False
     if module_layout(entry.module) is None or entry.param_name != 'weight':
         return False
-    return mode is True or any(name not in PLAIN_STEPS for name, _ in entry.steps)
+    return mode is True or (bool(entry.steps) and not is_plain_cast(entry))
 
 
 class _Probe:
@@ -236,9 +260,11 @@ def _spconv_run(module: nn.Module, weight: torch.Tensor, probe: _Probe
         shape = tuple(int(s) for s in y.spatial_shape)
         feats = torch.randn(len(coords), probe.feats.shape[1], generator=probe.gen)
         x = y.replace_feature(feats.to(dev))
+    # without its bias: the bias is not converted, and spconv 2.3.8 refuses a bias
+    # on CPU in eval mode ("cpu don't support act and bias", ``bias_for_infer``)
     params = {'weight': weight.float()}
     if getattr(module, 'bias', None) is not None:
-        params['bias'] = weight.new_zeros(weight.shape[0], dtype=torch.float32)
+        params['bias'] = None
     with torch.no_grad():
         out = functional_call(module, params, (x, ))
     return (out.indices[:, 1:].long().cpu(), out.features.float().cpu(),
@@ -307,6 +333,158 @@ def _source_error(entry, probe: _Probe, oc, live, oshape, ic, ifeats, ishape) ->
     return float((live[sel] - ref).abs().max()) / scale
 
 
+def _conf(module: nn.Module, probe: _Probe, rev: bool) -> dict:
+    """A sparse conv's configuration, its spatial axes reversed when ``rev``."""
+    rv = (lambda t: tuple(reversed(t))) if rev else tuple
+    return dict(n=probe.n, kernel=rv(probe.kernel), stride=rv(probe.stride),
+                padding=rv(probe.padding), dilation=rv(probe.dilation),
+                out_padding=rv(probe.out_padding),
+                pair_stride=rv(getattr(probe, 'pair_stride', (1, ) * probe.n)),
+                pair_padding=rv(getattr(probe, 'pair_padding', (0, ) * probe.n)),
+                subm=bool(getattr(module, 'subm', False)),
+                transposed=bool(getattr(module, 'transposed', False)),
+                inverse=bool(getattr(module, 'inverse', False)),
+                cin=int(module.in_channels), cout=int(module.out_channels),
+                indice_key=getattr(module, 'indice_key', None))
+
+
+def mmcv_forward(conf: dict, weight: torch.Tensor, coords: torch.Tensor, feats: torch.Tensor,
+                 shape: Sequence[int], out_coords: torch.Tensor) -> torch.Tensor:
+    """What MMCV's ``SparseConvolution`` computes at ``out_coords`` with its weight,
+    written from MMCV 2.1.0 (``mmcv/ops/sparse_conv.py``, ``sparse_ops.py``) and
+    computed densely with ``torch.nn.functional``, without this package's layouts.
+
+    MMCV holds ``weight`` as ``[*k, in, out]``. Kernel volume 1 (``conv1x1``,
+    whatever the stride and kind): ``mm(features, weight.view(in, out))`` at the
+    input's own sites. Otherwise ``indice_conv`` views the weight as ``[kv, in, out]``
+    and adds ``x[i] @ weight[k]`` over the pairs of offset ``k`` (C order):
+    ``i = o * stride - padding + k * dilation`` (submanifold: stride 1, padding
+    ``k // 2 * dilation``), transposed and inverse convs the other way round
+    (an inverse conv with the paired conv's stride and padding): a correlation,
+    ``F.conv{n}d`` with the weight as ``[out, in, *k]`` (``F.conv_transpose{n}d``
+    with ``[in, out, *k]``). 1-, 2- and 3-D.
+
+    Returns:
+        Tensor: ``[M, out]`` in float64.
+    """
+    n = conf['n']
+    w = weight.detach().cpu().double()
+    x64 = feats.detach().cpu().double()
+    if w.shape[:n].numel() == 1:  # conv1x1: the input's sites, stride ignored
+        rows = _rows(_lookup(coords, shape), out_coords, shape)
+        padded = torch.cat([x64, x64.new_zeros(1, x64.shape[1])])
+        return padded[rows] @ w.reshape(conf['cin'], conf['cout'])
+    if n not in (1, 2, 3):
+        raise NotImplementedError(f'no dense {n}-D conv in torch.nn.functional')
+    grow = 1 if conf['inverse'] or conf['transposed'] else 0  # outputs up to the last k
+    dense = x64.new_zeros(1, x64.shape[1], *[int(e) + grow for e in shape])
+    dense[(0, slice(None), *coords.t())] = x64.t()
+    tw = w.permute(n + 1, n, *range(n))  # [out, in, *k]
+    conv = getattr(F, f'conv{n}d')
+    if conf['subm']:
+        pad = tuple(k // 2 * d for k, d in zip(conf['kernel'], conf['dilation']))
+        y = conv(dense, tw, padding=pad, dilation=conf['dilation'])
+    elif conf['inverse'] or conf['transposed']:
+        stride, padding = ((conf['pair_stride'], conf['pair_padding']) if conf['inverse'] else
+                           (conf['stride'], conf['padding']))
+        y = getattr(F, f'conv_transpose{n}d')(dense, tw.transpose(0, 1), stride=stride,
+                                              padding=padding, dilation=conf['dilation'])
+    else:
+        y = conv(dense, tw, stride=conf['stride'], padding=conf['padding'],
+                 dilation=conf['dilation'])
+    ext = [max(int(y.shape[2 + j]), int(out_coords[:, j].max()) + 1 if len(out_coords) else 0)
+           for j in range(n)]
+    full = y.new_zeros(*y.shape[:2], *ext)
+    full[(slice(None), slice(None), *[slice(0, e) for e in y.shape[2:]])] = y
+    return full[(0, slice(None), *out_coords.t())].t()
+
+
+def _spconv_twin(conf: dict) -> nn.Module:
+    """The spconv 2.x module of ``conf``'s kind and configuration (no bias)."""
+    import spconv.pytorch as spconv
+    n, k = conf['n'], list(conf['kernel'])
+    common = dict(bias=False, indice_key=conf['indice_key'])
+    if conf['subm']:
+        return getattr(spconv, f'SubMConv{n}d')(conf['cin'], conf['cout'], k,
+                                                dilation=list(conf['dilation']), **common)
+    if conf['inverse']:
+        return getattr(spconv, f'SparseInverseConv{n}d')(conf['cin'], conf['cout'], k,
+                                                         **common)
+    geo = dict(stride=list(conf['stride']), padding=list(conf['padding']),
+               dilation=list(conf['dilation']))
+    if conf['transposed']:
+        return getattr(spconv, f'SparseConvTranspose{n}d')(conf['cin'], conf['cout'], k,
+                                                           **geo, **common)
+    return getattr(spconv, f'SparseConv{n}d')(conf['cin'], conf['cout'], k, **geo, **common)
+
+
+def _reversed_probe(probe: _Probe) -> _Probe:
+    """The probe on the reversed spatial axes (sites flipped, geometry reversed)."""
+    out = copy.copy(probe)
+    out.coords = probe.coords.flip(1)
+    for name in ('shape', 'kernel', 'stride', 'padding', 'dilation', 'out_padding',
+                 'pair_stride', 'pair_padding'):
+        if hasattr(probe, name):
+            setattr(out, name, tuple(reversed(getattr(probe, name))))
+    return out
+
+
+def _mmcv_sites(probe: _Probe):
+    """Input sites and features, and output sites, of an MMCV module's probe."""
+    if probe.kind == 'inverse':
+        ic, ishape = _out_sites('conv', probe.coords, probe.shape, probe.kernel,
+                                probe.pair_stride, probe.pair_padding, probe.dilation,
+                                probe.out_padding)
+        feats = torch.randn(len(ic), probe.feats.shape[1], generator=probe.gen)
+        return ic, feats, ishape, probe.coords
+    oc, _ = _out_sites(probe.kind, probe.coords, probe.shape, probe.kernel, probe.stride,
+                       probe.padding, probe.dilation, probe.out_padding)
+    return probe.coords, probe.feats, probe.shape, oc
+
+
+def _mmcv_target_error(entry, probe: _Probe) -> Optional[Tuple[float, str]]:
+    """An MMCV target checked without this package's layout definitions: the converted
+    weight's function by MMCV's reading (:func:`mmcv_forward`) against the checkpoint
+    weight's function, run by spconv itself for a spconv 2.x source (a module of the
+    same kind and configuration, on the source's axis order), by MMCV's reading for an
+    MMCV one. None when no such reference exists here (spconv absent, 4-D)."""
+    src = entry.facts.get('spconv_layout', (MMCV, ) * 2)[0]
+    rev = bool(entry.facts.get('axis_order', (False, None))[0])
+    live_conf = _conf(entry.module, probe, False)
+    src_conf = _conf(entry.module, probe, rev)
+    flip = (lambda c: c.flip(1)) if rev else (lambda c: c)
+    try:
+        if src == SPCONV2:
+            from .compat import spconv_available
+            if not spconv_available():
+                return None
+            sp = _reversed_probe(probe) if rev else probe
+            oc, ref, _, ic, ifeats, ishape = _run_one_thread(
+                _spconv_twin(src_conf), entry.source.detach().cpu().float(), sp)
+            oc, ic = flip(oc), flip(ic)
+            ishape = tuple(reversed(ishape)) if rev else tuple(ishape)
+            if volume(probe.kernel) == 1 and not live_conf['subm']:
+                # MMCV keeps the input's sites; spconv's strided path maps o <- o*s - p
+                st = torch.tensor(live_conf['stride'])
+                pd = torch.tensor(live_conf['padding'])
+                oc = (torch.div(oc + pd, st, rounding_mode='floor')
+                      if live_conf['transposed'] else oc * st - pd)
+            how = 'spconv ran the source; MMCV\'s reading, dense'
+        else:
+            ic, ifeats, ishape, oc = _mmcv_sites(probe)
+            ref = mmcv_forward(src_conf, entry.source, flip(ic), ifeats,
+                               tuple(reversed(ishape)) if rev else ishape, flip(oc))
+            how = 'MMCV\'s reading, dense'
+        live = mmcv_forward(live_conf, entry.materialize(), ic, ifeats, ishape, oc)
+    except NotImplementedError:
+        return None
+    ref = ref.double()
+    if live.shape != ref.shape or not ref.numel():  # no output to compare: not proven
+        return float('inf'), how
+    scale = max(float(ref.abs().max()), 1.0)
+    return float((live - ref).abs().max()) / scale, how
+
+
 def _run_one_thread(module, weight, probe):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -350,11 +528,14 @@ def verify_group(entries: Sequence) -> List[Tuple[float, str]]:
             release_pages(e.source)
         return out
     for e in entries:
-        kern_live = decode(e.materialize().detach().cpu().float(), module_layout(e.module),
-                           module_pointwise(e.module))
-        oc, live, oshape, ic, ifeats, ishape = _by_definition(probe, kern_live)
-        out.append((_source_error(e, probe, oc, live, oshape, ic, ifeats, ishape),
-                    'definition'))
+        found = _mmcv_target_error(e, probe) if module_layout(e.module) == MMCV else None
+        if found is None:  # no independent reference here: the layout's definition
+            kern_live = decode(e.materialize().detach().cpu().float(),
+                               module_layout(e.module), module_pointwise(e.module))
+            oc, live, oshape, ic, ifeats, ishape = _by_definition(probe, kern_live)
+            found = (_source_error(e, probe, oc, live, oshape, ic, ifeats, ishape),
+                     'definition')
+        out.append(found)
         release_pages(e.source)
     return out
 

@@ -7,6 +7,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from mmfusionload.files.writer import META_NODES, atomic_write, plain_metadata
 
@@ -60,8 +61,23 @@ def test_temporary_file_removed_on_error(tmp_path):
             f.write(b'partial')
         raise ValueError('disk full')
 
-    try:
+    with pytest.raises(ValueError, match='disk full'):
         atomic_write(dst, writer)
-    except ValueError:
-        pass
     assert os.listdir(tmp_path) == []
+
+
+def test_atomic_write_replaces_the_file_whole(tmp_path):
+    dst = tmp_path / 'out.pth'
+    dst.write_bytes(b'old contents')
+    os.chmod(dst, 0o640)
+
+    def writer(tmp):
+        assert osp.dirname(tmp) == str(tmp_path) and tmp != str(dst)
+        assert dst.read_bytes() == b'old contents'  # the old file stays until the end
+        with open(tmp, 'wb') as f:
+            f.write(b'new contents')
+
+    atomic_write(str(dst), writer)
+    assert dst.read_bytes() == b'new contents'
+    assert os.stat(dst).st_mode & 0o777 == 0o640  # the replaced file's permissions
+    assert os.listdir(tmp_path) == ['out.pth']
