@@ -132,9 +132,6 @@ class SafetensorsState(LazyState):
                 raise CheckpointValueError(f'{key}: shape {shape} of {name} needs '
                                            f'{numel * itemsize} bytes, data_offsets span '
                                            f'{offsets[1] - offsets[0]}')
-            if (start + offsets[0]) % itemsize:
-                raise CheckpointValueError(f'{key}: data at byte {start + offsets[0]}, not '
-                                           f'aligned to its {itemsize}-byte {name} elements')
             self._info[key] = (name, tuple(shape), start + offsets[0], numel)
             spans.append((offsets[0], offsets[1], key))
         spans.sort()
@@ -157,8 +154,13 @@ class SafetensorsState(LazyState):
                 raise KeyError(key)
             name, shape, offset, numel = self._info[key]
             dtype = safetensors_dtypes()[name]
-            t = torch.empty((0, ), dtype=dtype).set_(self._data, offset // dtype.itemsize,
-                                                     shape)
+            if offset % dtype.itemsize:  # a header not padded to 8 bytes: an aligned copy
+                raw = torch.empty((0, ), dtype=torch.uint8).set_(
+                    self._data, offset, (numel * dtype.itemsize, ))
+                t = raw.clone().view(dtype).reshape(shape)
+            else:
+                t = torch.empty((0, ), dtype=dtype).set_(self._data, offset // dtype.itemsize,
+                                                         shape)
             self._cache[key] = t
         return t
 

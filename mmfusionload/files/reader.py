@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 import torch
 from mmengine.runner.checkpoint import CheckpointLoader
 
-from ..errors import FusionLoadError
+from ..errors import FusionLoadError, describe
 from .remote import is_local, local_copy, mmengine_schemes, users_loader
 from .lazy import SafetensorsState, is_safetensors, read_safetensors
 from .sharded import is_sharded_index, read_sharded
@@ -115,7 +115,7 @@ class _FileStorages(Storages):
         location = _text(saved_id[3], 'storage location')
         numel = saved_id[4]
         if type(numel) is not int or numel < 0:
-            raise CheckpointValueError(f'storage {key}: {numel!r} elements')
+            raise CheckpointValueError(f'storage {key}: {describe(numel)} elements')
         return kind, key, location, numel
 
     def _place(self, rec: _Storage, location: str) -> None:
