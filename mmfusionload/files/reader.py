@@ -331,7 +331,12 @@ class _Finisher:
         if isinstance(obj, Invalid):
             raise CheckpointValueError(f'{_where(path)}: {obj.reason}')
         if isinstance(obj, _Deferred):
-            out = self.tensor(self.storages.build(obj), path)  # type: ignore[attr-defined]
+            try:
+                built = self.storages.build(obj)  # type: ignore[attr-defined]
+            except (RuntimeError, TypeError, ValueError, OverflowError) as e:
+                raise CheckpointValueError(f'{_where(path)}: {obj.storage.name}: '
+                                           f'{type(e).__name__}: {str(e)[:120]}') from None
+            out = self.tensor(built, path)
         elif torch.is_tensor(obj):
             out = self.tensor(obj, path)
         elif isinstance(obj, (NumpyArray, NumpyDtype)):

@@ -55,6 +55,8 @@ from .pickle_ops import (CheckpointValueError, CorruptFileError, OpcodeBudget,
 
 #: Most dimensions of a tensor or array.
 MAX_DIMS = 64
+#: Sizes, strides and offsets are int64 in torch.
+_INT64 = 1 << 63
 #: Longest history a HistoryBuffer may keep (MMEngine's default is 1e6).
 MAX_HISTORY = 10_000_000
 #: HistoryBuffer's built-in statistics (mmengine 0.10.7 ``_set_default_statistics``).
@@ -250,7 +252,7 @@ def _numbers(value: Any, what: str) -> List[float]:
 
 def _short(value: Any) -> str:
     if type(value) is tuple and len(value) < 20 and all(type(v) is int for v in value):
-        return describe(value) if any(v.bit_length() > 64 for v in value) else repr(value)
+        return '(' + ', '.join(map(describe, value)) + (',)' if len(value) == 1 else ')')
     return describe(value)
 
 
@@ -494,7 +496,15 @@ class Storages:
         if offset > capacity:
             raise CheckpointValueError(f'{rec.name}: storage offset {offset} past its '
                                        f'{capacity} elements')
-        return self.view(rec, offset, size, stride, dtype)
+        if any(v >= _INT64 for v in size) or any(v >= _INT64 for v in stride):
+            raise CheckpointValueError(f'{rec.name}: a size or stride beyond int64 (size '
+                                       f'{_short(size)}, stride {_short(stride)})')
+        try:
+            return self.view(rec, offset, size, stride, dtype)
+        except (RuntimeError, TypeError, ValueError, OverflowError) as e:  # torch refused
+            raise CheckpointValueError(f'{rec.name}: a view of size {_short(size)}, stride '
+                                       f'{_short(stride)} at offset {offset}: '
+                                       f'{type(e).__name__}: {str(e)[:120]}') from None
 
     def record(self, storage: Any) -> Any:
         raise CheckpointValueError('a tensor of something that is not a storage of this file')
