@@ -380,3 +380,35 @@ def test_all_finite_agrees_with_isfinite():
                 x.view(-1)[i] = v
             for t in (x, x.t(), x[:, ::2]):
                 assert all_finite(t) == bool(torch.isfinite(t).all()), (dt, trial)
+
+
+def test_gc_paused_while_a_pickle_becomes_objects(tmp_path, monkeypatch):
+    """The cyclic GC is off while the pickle is turned into objects, and restored after,
+    on errors too; a caller that had it off keeps it off."""
+    import gc
+    import mmfusionload.files.reader as reader
+    from mmfusionload import FusionLoadError
+    path = str(tmp_path / 'm.pth')
+    torch.save({'state_dict': nn.Linear(2, 2).state_dict(), 'meta': {'a': [1, 2]}}, path)
+    seen = []
+    real = reader.unpickle
+
+    def spy(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(reader, 'unpickle', spy)
+    assert gc.isenabled()
+    read_checkpoint(path)
+    assert seen == [False] and gc.isenabled()
+    bad = str(tmp_path / 'bad.pth')
+    torch.save({'x': torch.ones(2), 'f': nn.Linear}, bad)  # a global outside the table
+    with pytest.raises(FusionLoadError):
+        read_checkpoint(bad)
+    assert seen == [False, False] and gc.isenabled()
+    gc.disable()
+    try:
+        read_checkpoint(path)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
