@@ -1,12 +1,17 @@
 """Read checkpoint files safely: ``.pth`` through a restricted unpickler, ``.safetensors`` lazily.
 
+Every local file is read as one version of it (:mod:`mmfusionload.files.snapshot`):
+through one descriptor, into private memory, never mapped; a file replaced,
+truncated or rewritten during the read gives that version whole or a
+``FusionLoadError`` saying it changed while being read.
+
 A ``.pth`` file is read without running anything it asks for
 (:mod:`mmfusionload.files.safe_unpickle` says exactly what is admitted and why) and
 without trusting its zip directory: every member must be stored (not
 compressed), unique, inside the file and apart from the others, with a name
 that stays inside the archive; every storage must fit in its member, and every
-tensor's offset, sizes and strides inside its storage, before a view of the
-file exists. Objects a weight load does not need (``message_hub`` buffers,
+tensor's offset, sizes and strides inside its storage, before a view of its
+bytes exists. Objects a weight load does not need (``message_hub`` buffers,
 ``argparse`` arguments, dates) become inert placeholders; MMEngine's
 ``HistoryBuffer`` is rebuilt from checked numbers only when a run resumes
 (``bookkeeping=True``, what :func:`install_checkpoint_loader` asks for). Pass
@@ -15,7 +20,6 @@ unpickling.
 """
 import gc
 import io
-import os
 import os.path as osp
 import re
 import struct
@@ -23,23 +27,22 @@ import sys
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from mmengine.runner.checkpoint import CheckpointLoader
 
 from ..errors import FusionLoadError, describe
 from .remote import is_local, local_copy, mmengine_schemes, users_loader
-from .lazy import SafetensorsState, is_safetensors, read_safetensors
+from .lazy import is_safetensors, read_safetensors
 from .sharded import is_sharded_index, read_sharded
 from .zipdir import LOCAL_SIG, Member, read_member, zip_members
-from .pages import release_pages
 from .snapshot import FileChangedError, Snapshot
 from .safe_unpickle import (CheckpointValueError, CorruptFileError, HistoryBufferState, Invalid,
                             NumpyArray, NumpyDtype, OpcodeBudget, Storages, UnsafeGlobalError,
                             opcode_limit, unpickle)
 
-__all__ = ['read_checkpoint', 'release_pages', 'install_checkpoint_loader', 'load_local']
+__all__ = ['read_checkpoint', 'install_checkpoint_loader', 'load_local']
 
 #: Deepest nesting of containers a checkpoint may have.
 MAX_DEPTH = 64

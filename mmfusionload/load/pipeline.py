@@ -120,10 +120,10 @@ def _submodule(model: nn.Module, name: str) -> nn.Module:
 
 
 def read_source(spec: SourceSpec) -> Unwrapped:
-    """Read and unwrap one source's checkpoint (on CPU, memory-mapped when possible).
+    """Read and unwrap one source's checkpoint (on CPU, read once into private memory).
 
     Inside :func:`reading_once`, a file another source already read is not read again
-    (nor mapped again), and sources with the same unwrapping options (``weights``)
+    (nor copied again), and sources with the same unwrapping options (``weights``)
     share one unwrapped state: their tensors are the same objects.
     """
     files = _FILES.get()

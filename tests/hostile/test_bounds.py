@@ -5,7 +5,6 @@ make and checked dict keys, each took minutes, gigabytes or the process (SIGSEGV
 """
 import os
 import os.path as osp
-import struct
 import subprocess
 import sys
 import time
