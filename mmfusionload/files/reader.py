@@ -20,6 +20,7 @@ unpickling.
 """
 import gc
 import io
+import os
 import os.path as osp
 import re
 import struct
@@ -598,9 +599,10 @@ def _read_snapshot(snap: Snapshot, path: str, map_location: Any, trust_checkpoin
     head = snap.pread(0, min(9, snap.size))
     if is_safetensors(path, head):
         return read_safetensors(snap)
-    if trust_checkpoint:  # plain unpickling, from the same descriptor
-        with objects_being_built():
-            return torch.load(snap.file(), map_location=map_location, weights_only=False)
+    if trust_checkpoint:  # plain unpickling, from the same open file (torch moves its offset)
+        with os.fdopen(os.dup(snap.fd), 'rb') as f, objects_being_built():
+            f.seek(0)
+            return torch.load(f, map_location=map_location, weights_only=False)
     return _read_pth(snap, map_location, bookkeeping)
 
 
