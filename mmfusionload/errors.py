@@ -1,5 +1,5 @@
-"""Errors raised while loading checkpoints."""
-from typing import Iterable, List
+"""Errors raised while loading checkpoints, and how a file's values are named in them."""
+from typing import Any, Iterable, List
 
 
 class FusionLoadError(RuntimeError):
@@ -26,3 +26,26 @@ class FusionLoadError(RuntimeError):
                  f'{"s" if len(self.problems) != 1 else ""}):']
         lines += [f'  - {p}' for p in self.problems]
         super().__init__('\n'.join(lines))
+
+
+def describe(value: Any, limit: int = 60) -> str:
+    """A short text for a value read from a checkpoint, in time bounded by ``limit``.
+
+    Never calls ``str``/``repr`` of a container or an object the file built (a
+    tuple of 40 shared levels prints 2**40 leaves; a deep one overflows the C
+    stack): strings and bytes are cut before ``repr``, numbers of at most 64 bits
+    are shown, anything else is named by its type (and length).
+    """
+    kind = type(value)
+    if kind is str or kind is bytes:
+        text = repr(value[:limit])
+        return text + ('...' if len(value) > limit else '')
+    if kind is bool or value is None:
+        return repr(value)
+    if kind is int:
+        return repr(value) if value.bit_length() <= 64 else f'<int of {value.bit_length()} bits>'
+    if kind is float:
+        return repr(value)
+    if kind in (tuple, list, dict, set, frozenset):
+        return f'<{kind.__name__} of {len(value)} items>'
+    return f'<{kind.__name__}>'

@@ -1,4 +1,4 @@
-"""Fast paths: memory-mapped reads, lazy safetensors, page release, repairs on the target device."""
+"""Fast paths: one private read per file, lazy safetensors, repairs on the target device."""
 import os.path as osp
 from collections import OrderedDict
 
@@ -9,7 +9,7 @@ import torch.nn as nn
 import mmfusionload.load.pipeline as loading
 from mmfusionload import load_sources
 from mmfusionload.files.lazy import SafetensorsState
-from mmfusionload.files.reader import is_tracked, read_checkpoint, release_pages
+from mmfusionload.files.reader import read_checkpoint
 from mmfusionload.load.values import all_finite
 
 safetensors_torch = pytest.importorskip('safetensors.torch')
@@ -139,53 +139,13 @@ def test_one_modality_load_creates_only_its_tensors(tmp_path, monkeypatch):
     assert not any(k.startswith('pts_') for k in state.materialized)
 
 
-def _mapped_rss_kb(path: str) -> int:
-    """Resident kB of this process's mappings of ``path`` (from /proc/self/smaps)."""
-    real, total, inside = osp.realpath(path), 0, False
-    with open('/proc/self/smaps') as f:
-        for line in f:
-            head = line.split()
-            if head and '-' in head[0] and len(head) >= 5 and ':' in head[3]:
-                inside = len(head) >= 6 and head[5] == real
-            elif inside and head and head[0] == 'Rss:':
-                total += int(head[1])
-    return total
-
-
-@pytest.mark.skipif(not osp.exists('/proc/self/smaps'), reason='needs Linux /proc')
-@pytest.mark.parametrize('ext', ['.safetensors', '.pth'])
-def test_camera_only_load_never_reads_lidar_data(tmp_path, monkeypatch, ext):
-    """One file with a 16 MiB LiDAR part; loading only the camera reads none of it."""
-    big = 2048
-    _, paths = _files(str(tmp_path), big=big)
-    kept = []
-
-    def spy(spec):
-        kept.append(real_read(spec))  # keep the mapping alive to look at it afterwards
-        return kept[-1]
-
-    real_read = loading.read_source
-    monkeypatch.setattr(loading, 'read_source', spy)
-    model = FastModel(big)
-    report = load_sources(model, [dict(modality='camera', checkpoint=paths['both' + ext])],
-                          logger=None)
-    assert report.sources[0].loaded and kept
-    lidar_kb = big * big * 4 // 1024
-    assert _mapped_rss_kb(paths['both' + ext]) < lidar_kb // 8
-
-
-def test_release_pages_and_all_finite(tmp_path):
+def test_all_finite(tmp_path):
     sd, paths = _files(str(tmp_path), big=1024)
     for ext in ('.pth', '.safetensors'):
         state = read_checkpoint(paths['lidar' + ext])['state_dict']
         t = state['pts_middle_encoder.2.weight']
         want = sd['pts_middle_encoder.2.weight']
         assert all_finite(t) and torch.equal(t, want)
-        assert release_pages(t)  # 4 MiB: whole pages to give back
-        assert torch.equal(t, want)  # read again from the page cache
-        t.add_(0)  # written in place: its pages are no longer the file's
-        assert not release_pages(t)
-    assert not release_pages(torch.ones(4096))  # not from a file
     for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         x = torch.ones(1000, dtype=dt)
         assert all_finite(x)
@@ -198,50 +158,6 @@ def test_release_pages_and_all_finite(tmp_path):
     assert all_finite(torch.full((64, ), 3e38))  # the sum overflows, the values are finite
     assert all_finite(torch.full((64, ), 6e4, dtype=torch.float16))
     assert all_finite(torch.arange(10)) and all_finite(torch.empty(0))
-
-
-class _CopyingFile:
-    """A ``safe_open`` handle that hands out a private copy for some keys (as a reader
-    does for a byte-swapped or misaligned tensor): memory not backed by the file."""
-
-    def __init__(self, real, copied):
-        self.real, self.copied = real, set(copied)
-
-    def get_tensor(self, key):
-        t = self.real.get_tensor(key)
-        return t.clone() if key in self.copied else t
-
-    def __getattr__(self, name):
-        return getattr(self.real, name)
-
-
-@pytest.mark.skipif(not osp.exists('/proc/self/maps'), reason='needs Linux /proc')
-def test_only_tensors_inside_the_file_mapping_are_released(tmp_path):
-    """A tensor that is not a view of the file's mapping is never tagged: releasing its
-    (anonymous) pages would turn its values into zeros."""
-    sd, paths = _files(str(tmp_path), big=1024)
-    big = 'pts_middle_encoder.2.weight'  # 4 MiB: whole pages to give back
-    state = read_checkpoint(paths['lidar.safetensors'])['state_dict']
-    state._file = _CopyingFile(state._file, [big])
-    first = state['pts_middle_encoder.2.bias']  # from the mapping: tagged
-    assert is_tracked(first)
-    t = state[big]  # a private copy, read after a mapped one
-    assert not is_tracked(t)
-    assert not release_pages(t) and torch.equal(t, sd[big])
-
-    # the zip reader: only a tensor whose bytes lie inside the file's mapping is tracked
-    from mmfusionload.files.pages import track
-    path = paths['lidar.pth']
-    whole = torch.UntypedStorage.from_file(path, False, osp.getsize(path))
-    bounds = [(whole.data_ptr(), whole.data_ptr() + whole.nbytes())]
-    inside = torch.empty(0, dtype=torch.uint8).set_(whole[:64], 0, (64, ), (1, ))
-    assert track(inside, bounds) and is_tracked(inside)
-    other = torch.arange(1 << 22, dtype=torch.int32).view(torch.uint8)
-    assert not track(other, bounds) and not is_tracked(other)
-    assert not release_pages(other) and other.view(torch.int32)[-1] == (1 << 22) - 1
-    # an attribute a file could set changes nothing
-    other._mmfl_mapped = other._version
-    assert not release_pages(other) and other.view(torch.int32)[-1] == (1 << 22) - 1
 
 
 def test_repairs_run_on_the_target_device_bit_for_bit(tmp_path, device):
@@ -300,8 +216,8 @@ def _same(a, b, path='ckpt'):
         assert a == b, path
 
 
-def test_mapped_zip_reader_matches_torch_load(tmp_path):
-    """The memory-mapped ``.pth`` reader rebuilds what ``torch.load`` rebuilds."""
+def test_zip_reader_matches_torch_load(tmp_path):
+    """The ``.pth`` reader rebuilds what ``torch.load`` rebuilds."""
     import numpy as np
     m = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
     base = torch.arange(24.).reshape(4, 6)
@@ -316,7 +232,6 @@ def test_mapped_zip_reader_matches_torch_load(tmp_path):
     _same(torch.load(path, weights_only=False), got)
     views = got['views']  # one storage, as saved
     assert len({v.untyped_storage().data_ptr() for v in views}) == 1
-    assert is_tracked(got['state_dict']['0.weight'])
     restricted = read_checkpoint(path)  # the restricted unpickler, same tensors
     _same(got['state_dict'], restricted['state_dict'])
 
@@ -330,7 +245,7 @@ def _mappings(path: str) -> int:
 
 @pytest.mark.skipif(not osp.exists('/proc/self/maps'), reason='needs Linux /proc')
 @pytest.mark.parametrize('ext', ['.pth', '.safetensors'])
-def test_sources_naming_one_file_read_and_map_it_once(tmp_path, monkeypatch, ext):
+def test_sources_naming_one_file_read_it_once(tmp_path, monkeypatch, ext):
     """Two sources of one file (spelled two ways): one read, one mapping, shared tensors;
     each source still loads its own part, repaired."""
     import os
@@ -355,7 +270,7 @@ def test_sources_naming_one_file_read_and_map_it_once(tmp_path, monkeypatch, ext
     report = load_sources(model, [dict(modality='lidar', checkpoint=path),
                                   dict(modality='camera', checkpoint=link)], logger=None)
     assert reads == [path] and len(kept) == 2
-    assert _mappings(path) == 1  # mapped once, for both sources
+    assert _mappings(path) == 0  # read into private memory, never mapped
     assert all(kept[0].state[k] is kept[1].state[k] for k in kept[0].state)
     got = model.state_dict()
     lidar, camera = report.sources[0].loaded, report.sources[1].loaded
@@ -467,40 +382,33 @@ def test_all_finite_agrees_with_isfinite():
                 assert all_finite(t) == bool(torch.isfinite(t).all()), (dt, trial)
 
 
-def test_track_views_records_what_track_records():
-    """The reader's batch recorder keeps the same facts as :func:`track` for
-    contiguous, strided, expanded, empty and outside tensors."""
-    from mmfusionload.files import pages
-    if pages.madvise() is None:  # pragma: no cover - not Linux
-        pytest.skip('no madvise')
-    page = pages._MADVISE['page']
-    base = torch.zeros(4 * page, dtype=torch.uint8)
-    lo = base.data_ptr()
-    hi = lo + base.numel()
-    flat = base.view(torch.float32)
-    views = [
-        base[: 3 * page + 5],  # contiguous, several pages
-        base[7:20],  # no whole page inside
-        flat[: 2 * page // 4].view(-1, 8).t(),  # transposed
-        flat[:3].as_strided((4, 3), (0, 1)),  # expanded (stride 0)
-        flat[:0],  # empty: never recorded
-        base[page:].view(torch.int64)[:-1],  # ends inside the mapping
-    ]
-    outside = torch.zeros(page, dtype=torch.uint8)
-    expected = {}
-    for t in views + [outside]:
-        expected[id(t)] = pages.track(t, [(lo, hi)]) and pages._TRACKED.pop(id(t))
-    assert pages.track_views(views + [outside], lo, hi) == sum(map(bool, expected.values()))
-    for t in views + [outside]:
-        got = pages._TRACKED.get(id(t))
-        if not expected[id(t)]:
-            assert got is None and not pages.is_tracked(t)
-            continue
-        assert got[1:] == expected[id(t)][1:] and got.ref() is t and pages.is_tracked(t)
-    assert pages._TRACKED[id(views[0])].pages == (-(-lo // page) * page,
-                                                  (lo + 3 * page + 5) // page * page
-                                                  - -(-lo // page) * page)
-    # a tensor's entry goes when the tensor goes
-    key = id(views[1])
-    del views[1]
-    assert key not in pages._TRACKED
+def test_gc_paused_while_a_pickle_becomes_objects(tmp_path, monkeypatch):
+    """The cyclic GC is off while the pickle is turned into objects, and restored after,
+    on errors too; a caller that had it off keeps it off."""
+    import gc
+    import mmfusionload.files.reader as reader
+    from mmfusionload import FusionLoadError
+    path = str(tmp_path / 'm.pth')
+    torch.save({'state_dict': nn.Linear(2, 2).state_dict(), 'meta': {'a': [1, 2]}}, path)
+    seen = []
+    real = reader.unpickle
+
+    def spy(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(reader, 'unpickle', spy)
+    assert gc.isenabled()
+    read_checkpoint(path)
+    assert seen == [False] and gc.isenabled()
+    bad = str(tmp_path / 'bad.pth')
+    torch.save({'x': torch.ones(2), 'f': nn.Linear}, bad)  # a global outside the table
+    with pytest.raises(FusionLoadError):
+        read_checkpoint(bad)
+    assert seen == [False, False] and gc.isenabled()
+    gc.disable()
+    try:
+        read_checkpoint(path)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

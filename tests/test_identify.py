@@ -193,3 +193,20 @@ def test_literal_head_is_a_prefix_of_every_match():
             key = ''.join(rng.choice('ab.c2') for _ in range(rng.randint(0, 8)))
             if r.search(key):
                 assert key.startswith(head), (pattern, head, key)
+
+
+def test_int_key_names_the_file_and_the_key(tmp_path, capsys):
+    """A state dict with an int key: ``identify`` reports the file and the key (it printed
+    an ``AttributeError`` without the file)."""
+    for i, obj in enumerate(({'state_dict': OrderedDict([('a.weight', torch.ones(2)),
+                                                         (3, torch.ones(2))])},
+                             OrderedDict([('a.weight', torch.ones(2)), (3, torch.ones(2))]))):
+        path = str(tmp_path / f'intkey{i}.pth')
+        torch.save(obj, path)
+        with pytest.raises(FusionLoadError, match='state dict key 3 is not a string') as e:
+            identify(path)
+        assert path in str(e.value)
+        assert main(['identify', path]) == 1
+        got = capsys.readouterr()
+        text = ' '.join((got.out + got.err).split())
+        assert path in text and 'key 3' in text and 'AttributeError' not in text

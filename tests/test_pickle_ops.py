@@ -332,7 +332,7 @@ def test_opcode_budget_for_bytes_and_files():
     f = io.BytesIO(pkl * 3)
     assert len(unpickle(f, MemStorages(), budget)) == 1000
     assert len(unpickle(f, MemStorages(), budget)) == 1000
-    with pytest.raises(CheckpointValueError, match='more than 2010 opcodes'):
+    with pytest.raises(CheckpointValueError, match='more than 2010 steps'):
         unpickle(f, MemStorages(), budget)
     # MARK nesting is bounded by the budget too
     with pytest.raises(CheckpointValueError, match='opcodes'):

@@ -6,7 +6,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Tuple
 
 import torch
 
-from ..errors import FusionLoadError
+from ..errors import FusionLoadError, describe
 from ..files.lazy import LazyState, is_lazy
 from .trainers import choose_copy
 
@@ -126,9 +126,13 @@ def find_state_dict(ckpt: Any, filename: str, prefer_ema: bool = False,
 
 
 def _short(value: Any) -> str:
-    text = repr(value) if isinstance(value, (str, int, float, bytes, tuple)) else \
-        f'of type {type(value).__name__}'
-    return text if len(text) <= 80 else text[:77] + '...'
+    return describe(value) if type(value) in (str, bytes, int, float, bool) or value is None \
+        else f'of type {type(value).__name__}'
+
+
+def _key_text(key: Any) -> str:
+    """A state dict key as text: a string as it is, an int in digits, else described."""
+    return key if type(key) is str else str(key) if type(key) is int else describe(key)
 
 
 def _checked_metadata(meta: Any, filename: str) -> Dict[str, dict]:
@@ -200,12 +204,13 @@ def unwrap(ckpt: Any, filename: str, prefer_ema: bool = False,
     # a lazy state dict holds tensors only: go by its keys, create no tensor
     for k, v in ((k, None) for k in keys) if lazy else state.items():
         if not lazy and not torch.is_tensor(v):
-            skipped.append(str(k))
+            skipped.append(_key_text(k))
             continue
-        new = fix(str(k))
+        new = fix(_key_text(k))
         if new in names:
             raise FusionLoadError(
-                [f'{filename}: keys {names[new]!r} and {k!r} both become {new!r} '
+                [f'{filename}: keys {describe(names[new])} and {describe(k)} both become '
+                 f'{describe(new)} '
                  f'after removing {stripped}'], 'key collision')
         names[new] = k
         if not lazy:

@@ -18,7 +18,7 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from ..errors import FusionLoadError
+from ..errors import FusionLoadError, describe
 from ..registry import KEY_PRESETS
 from ..sparse.decide import decide_layout, file_kernels
 from ..sparse.layouts import LAYOUT_DEFS, LAYOUTS
@@ -314,10 +314,13 @@ class Identity:
                     options=self.options, notes=self.notes)
 
 
-def _shapes(state: Mapping) -> 'OrderedDict[str, Tuple[int, ...]]':
+def _shapes(state: Mapping, path: str = '') -> 'OrderedDict[str, Tuple[int, ...]]':
     lazy = is_lazy(state)
     out: 'OrderedDict[str, Tuple[int, ...]]' = OrderedDict()
     for k in state:
+        if type(k) is not str:
+            raise FusionLoadError([f'{path}: state dict key {describe(k)} is not a string'],
+                                  'not a checkpoint')
         if lazy:
             out[k] = tuple(state.shape(k))
         else:
@@ -349,7 +352,7 @@ def identify_checkpoint(ckpt: Any, path: str) -> Identity:
     fam: Family = family_of(ckpt, path)
     chosen = fam.copy(fam.auto)
     metadata = dict(getattr(chosen.state, '_metadata', None) or {})
-    ident = identify_state(path, _shapes(chosen.state), metadata,
+    ident = identify_state(path, _shapes(chosen.state, path), metadata,
                            fam.name + (f' {fam.version}' if fam.version else ''))
     ident.copies = describe_copies(fam)
     if fam.name.startswith('timm') and all(
@@ -395,7 +398,13 @@ def identify(path: str, trust_checkpoint: bool = False) -> Identity:
     """
     from ..files.reader import read_checkpoint
     ckpt = read_checkpoint(path, map_location='cpu', trust_checkpoint=trust_checkpoint)
-    return identify_checkpoint(ckpt, path)
+    try:
+        return identify_checkpoint(ckpt, path)
+    except FusionLoadError:
+        raise
+    except Exception as e:  # what the file holds broke an assumption: name the file
+        raise FusionLoadError([f'{path}: cannot identify what it holds: '
+                               f'{type(e).__name__}: {str(e)[:200]}'], 'not a checkpoint') from e
 
 
 def auto_preset(keys: Sequence[str], filename: str) -> Optional[str]:

@@ -33,13 +33,23 @@ from typing import Any, Dict, List, Mapping, Tuple
 
 import torch
 
-from ..errors import FusionLoadError
+from ..errors import FusionLoadError, describe
 from ..files.lazy import is_lazy
 
 WEIGHTS = ('auto', 'ema', 'raw')
 EMA, RAW, ONLY = 'ema', 'raw', 'weights'
 ROLE = {EMA: 'EMA weights', RAW: 'raw weights', ONLY: 'weights'}
 MMCV1_EMA_PREFIX = 'ema_'
+
+
+def version_text(value: Any) -> str:
+    """A version a file stores, as text: a string (its first 64 characters) or a
+    number; anything else gives ``''`` (no ``str()`` of an object the file built)."""
+    if type(value) is str:
+        return value[:64]
+    if type(value) in (int, float):
+        return describe(value)
+    return ''
 
 
 def is_state_dict(obj: Any) -> bool:
@@ -177,19 +187,19 @@ def family_of(ckpt: Any, filename: str = '') -> Family:
     meta = _meta(ckpt)
     sd = ckpt.get('state_dict')
     model_state = ckpt.get('model_state')
-    version = str(ckpt.get('version', '')) if 'version' in ckpt else ''
+    version = version_text(ckpt.get('version', ''))
 
     if is_state_dict(model_state):
         name = 'OpenPCDet' if version.startswith('pcdet') else 'model_state (OpenPCDet-style)'
         return Family(name, [Copy('model_state', ONLY, name, model_state)], 'model_state',
                       'the only copy', version=version)
     if is_state_dict(sd) and 'pytorch-lightning_version' in ckpt:
-        v = str(ckpt['pytorch-lightning_version'])
+        v = version_text(ckpt['pytorch-lightning_version'])
         return Family('PyTorch Lightning', [Copy('state_dict', ONLY, 'PyTorch Lightning', sd)],
                       'state_dict', 'the only copy', version=v)
     if is_state_dict(sd) and is_state_dict(ckpt.get('ema_state_dict')):
         raw = _mmengine_raw(ckpt['ema_state_dict'])
-        v = str(meta.get('mmengine_version') or meta.get('mmengine') or '')
+        v = version_text(meta.get('mmengine_version') or meta.get('mmengine') or '')
         return Family('MMEngine Runner + EMAHook', [
             Copy('state_dict', EMA, 'MMEngine EMAHook', sd),
             Copy('ema_state_dict', RAW, 'MMEngine EMAHook swaps the copies at save', raw)],
@@ -205,9 +215,9 @@ def family_of(ckpt: Any, filename: str = '') -> Family:
         mmcv_v = meta.get('mmcv_version')
         mmengine_v = meta.get('mmengine_version')
         if mmengine_v or 'message_hub' in ckpt:
-            name, v = 'MMEngine Runner', str(mmengine_v or '')
-        elif mmcv_v or any(str(k).startswith('mmdet') for k in meta):
-            name, v = 'MMCV 1.x Runner', str(mmcv_v or '')
+            name, v = 'MMEngine Runner', version_text(mmengine_v or '')
+        elif mmcv_v or any(type(k) is str and k.startswith('mmdet') for k in meta):
+            name, v = 'MMCV 1.x Runner', version_text(mmcv_v or '')
         elif 'arch' in ckpt:
             name, v = 'timm', version
         else:
@@ -242,7 +252,8 @@ def family_of(ckpt: Any, filename: str = '') -> Family:
     if is_state_dict(ckpt):
         return Family('plain state dict', [Copy('<bare>', ONLY, 'plain state dict', ckpt)],
                       '<bare>', 'the only copy')
-    found = ', '.join(sorted(map(str, ckpt.keys()))[:12]) or 'nothing'
+    found = ', '.join(sorted(k if type(k) is str else describe(k) for k in ckpt.keys())[:12]) \
+        or 'nothing'
     raise FusionLoadError(
         [f'{filename}: no state dict found (looked for state_dict, ema_state_dict, '
          f'state_dict_ema, model, model_ema, model_state or a bare dict of tensors; '

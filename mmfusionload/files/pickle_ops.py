@@ -32,7 +32,7 @@ import pickle
 import pickletools
 import struct
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 __all__ = ['OPCODES', 'OpcodeBudget', 'load', 'load_file', 'UnsafeGlobalError',
            'CheckpointValueError', 'CorruptFileError']
@@ -100,25 +100,85 @@ def global_name(module: str, name: str) -> str:
 
 
 class OpcodeBudget:
-    """Opcodes the pickles of one file may still run, shared by all of them.
+    """The work the pickles of one file may still do, shared by all of them.
+
+    Work is counted in steps: an opcode, an item an admitted call makes or copies
+    (a ``set`` of a 250k-item list is 250k steps, each time), an item of a tuple used
+    as a dict key (hashing it). Bytes an admitted call makes (``_codecs.encode``,
+    numpy arrays) are counted on their own, against :data:`BYTES_PER_STEP` bytes per
+    step of the limit.
 
     Args:
-        limit (int): The most opcodes in all.
+        limit (int): The most steps in all.
     """
-    __slots__ = ('limit', 'left')
+    __slots__ = ('limit', 'left', 'bytes_limit', 'bytes_left')
 
     def __init__(self, limit: int):
         self.limit = self.left = limit
+        self.bytes_limit = self.bytes_left = limit * BYTES_PER_STEP
 
     def spend(self, n: int = 1) -> None:
-        """Count ``n`` opcodes, raising once more than ``limit`` ran."""
+        """Count ``n`` steps, raising once more than ``limit`` were taken."""
         self.left -= n
         if self.left < 0:
-            raise CheckpointValueError(f'the pickles run more than {self.limit} opcodes')
+            raise CheckpointValueError(f'the pickles run more than {self.limit} steps '
+                                       '(opcodes and items their calls make)')
+
+    def spend_bytes(self, n: int) -> None:
+        """Count ``n`` bytes made, raising past :attr:`bytes_limit`."""
+        self.bytes_left -= n
+        if self.bytes_left < 0:
+            raise CheckpointValueError(f'the pickles make more than {self.bytes_limit} bytes '
+                                       '(strings encoded, arrays rebuilt)')
+
+
+#: Bytes admitted calls may make per step of a budget (a 1 MB file: about 68 MB).
+BYTES_PER_STEP = 128
+#: Ints a dict key or set item may be: ``hash(n) == n`` for ``0 <= n < 2**61 - 1``
+#: (CPython 3.11 ``_PyHASH_MODULUS``), so distinct keys never hash alike.
+KEY_INT_LIMIT = 1 << 60
+#: Most items of a tuple used as a dict key or set item.
+KEY_TUPLE_ITEMS = 64
+
+
+def _key_refused(key: Any, why: str) -> CheckpointValueError:
+    return CheckpointValueError(f'a dict key or set item that is {why} (keys are strings, '
+                                f'ints below 2**60 or flat tuples of them)')
+
+
+def check_key(key: Any, budget: Optional['OpcodeBudget']) -> None:
+    """Refuse a dict key or set item whose hash could cost more than its bytes.
+
+    Strings and bytes (hashed once, with a random key), ``None``, bools, ints of
+    magnitude below :data:`KEY_INT_LIMIT` (no two hash alike) and tuples of at
+    most :data:`KEY_TUPLE_ITEMS` of those (each use charged to ``budget``) pass;
+    nothing is hashed, compared or printed here.
+    """
+    kind = type(key)
+    if kind is str or kind is bytes or kind is bool or key is None:
+        return
+    if kind is int:
+        if -KEY_INT_LIMIT < key < KEY_INT_LIMIT:
+            return
+        raise _key_refused(key, f'an int of {key.bit_length()} bits')
+    if kind is tuple:
+        if len(key) > KEY_TUPLE_ITEMS:
+            raise _key_refused(key, f'a tuple of {len(key)} items')
+        for item in key:
+            t = type(item)
+            if t is int:
+                if not -KEY_INT_LIMIT < item < KEY_INT_LIMIT:
+                    raise _key_refused(key, 'a tuple holding a large int')
+            elif not (t is str or t is bytes or t is bool or item is None):
+                raise _key_refused(key, f'a tuple holding a {t.__name__}')
+        if budget is not None:
+            budget.spend(1 + len(key))
+        return
+    raise _key_refused(key, f'a {kind.__name__}')
 
 
 def load(data: bytes, table: Dict[str, Any], persistent_load: Callable[[Any], Any],
-         limit: int, pos: int = 0) -> Tuple[Any, int]:
+         limit: int, pos: int = 0, work: Optional[OpcodeBudget] = None) -> Tuple[Any, int]:
     """Run the pickle in ``data`` from ``pos`` to its ``STOP``.
 
     Args:
@@ -128,6 +188,8 @@ def load(data: bytes, table: Dict[str, Any], persistent_load: Callable[[Any], An
         persistent_load (callable): Resolves a ``BINPERSID`` id.
         limit (int): The most opcodes the pickle may run.
         pos (int): Where the pickle starts.
+        work (OpcodeBudget, optional): Charged for the tuples used as dict keys
+            (:func:`check_key`).
 
     Returns:
         tuple: The object and the position after ``STOP``.
@@ -199,6 +261,8 @@ def load(data: bytes, table: Dict[str, Any], persistent_load: Callable[[Any], An
                 target = stack[-1]
                 if type(target) is not dict and type(target) is not OrderedDict:
                     raise _wrong_target(op, target, at)
+                if type(key) is not str:
+                    check_key(key, work)
                 target[key] = value
             elif op == LONG_BINGET:
                 push(memo[_U32(data, pos)[0]])
@@ -255,7 +319,10 @@ def load(data: bytes, table: Dict[str, Any], persistent_load: Callable[[Any], An
                     raise pickle.UnpicklingError(f'SETITEMS at byte {at}: an odd number of '
                                                  'keys and values')
                 for i in range(0, len(items), 2):
-                    target[items[i]] = items[i + 1]
+                    key = items[i]
+                    if type(key) is not str:
+                        check_key(key, work)
+                    target[key] = items[i + 1]
             elif op == BINFLOAT:
                 push(_F64(data, pos)[0])
                 pos += 8
@@ -330,7 +397,7 @@ def load_file(f: Any, table: Dict[str, Any], persistent_load: Callable[[Any], An
         Any: The object.
     """
     data = read_pickle(f, budget)
-    return load(data, table, persistent_load, len(data))[0]
+    return load(data, table, persistent_load, len(data), work=budget)[0]
 
 
 def read_pickle(f: Any, budget: OpcodeBudget) -> bytes:

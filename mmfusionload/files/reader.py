@@ -1,44 +1,49 @@
 """Read checkpoint files safely: ``.pth`` through a restricted unpickler, ``.safetensors`` lazily.
 
+Every local file is read as one version of it (:mod:`mmfusionload.files.snapshot`):
+through one descriptor, into private memory, never mapped; a file replaced,
+truncated or rewritten during the read gives that version whole or a
+``FusionLoadError`` saying it changed while being read.
+
 A ``.pth`` file is read without running anything it asks for
 (:mod:`mmfusionload.files.safe_unpickle` says exactly what is admitted and why) and
 without trusting its zip directory: every member must be stored (not
 compressed), unique, inside the file and apart from the others, with a name
 that stays inside the archive; every storage must fit in its member, and every
-tensor's offset, sizes and strides inside its storage, before a view of the
-file exists. Objects a weight load does not need (``message_hub`` buffers,
+tensor's offset, sizes and strides inside its storage, before a view of its
+bytes exists. Objects a weight load does not need (``message_hub`` buffers,
 ``argparse`` arguments, dates) become inert placeholders; MMEngine's
 ``HistoryBuffer`` is rebuilt from checked numbers only when a run resumes
 (``bookkeeping=True``, what :func:`install_checkpoint_loader` asks for). Pass
 ``trust_checkpoint=True`` to load a file you trust completely with plain
 unpickling.
 """
+import gc
 import io
 import os
 import os.path as osp
 import re
 import struct
 import sys
-import zipfile
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from mmengine.runner.checkpoint import CheckpointLoader
 
-from ..errors import FusionLoadError
+from ..errors import FusionLoadError, describe
 from .remote import is_local, local_copy, mmengine_schemes, users_loader
-from .lazy import SafetensorsState, is_safetensors, read_safetensors
+from .lazy import is_safetensors, read_safetensors
 from .sharded import is_sharded_index, read_sharded
 from .zipdir import LOCAL_SIG, Member, read_member, zip_members
-from .pages import is_tracked, madvise, mark_mapped, release_pages, track_views
+from .snapshot import FileChangedError, Snapshot
 from .safe_unpickle import (CheckpointValueError, CorruptFileError, HistoryBufferState, Invalid,
                             NumpyArray, NumpyDtype, OpcodeBudget, Storages, UnsafeGlobalError,
                             opcode_limit, unpickle)
 
-__all__ = ['read_checkpoint', 'release_pages', 'mark_mapped', 'is_tracked',
-           'install_checkpoint_loader', 'load_local']
+__all__ = ['read_checkpoint', 'install_checkpoint_loader', 'load_local']
 
 #: Deepest nesting of containers a checkpoint may have.
 MAX_DEPTH = 64
@@ -53,7 +58,6 @@ class _Storage:
     numel: int
     nbytes: int
     untyped: Any = None
-    mapped: bool = False
     base: Any = None  # a view's root (old format)
     base_offset: int = 0
 
@@ -83,8 +87,6 @@ class _FileStorages(Storages):
         super().__init__()
         self.restore = restore
         self.storages: Dict[str, _Storage] = {}
-        self.views: List[torch.Tensor] = []  # views of the file's mapping
-        self.view_storages: List[_Storage] = []  # the storage of each
         self.by_ptr: Dict[Tuple[int, int], _Storage] = {}
         self.empty: Dict[torch.dtype, torch.Tensor] = {}  # dtype -> an empty CPU tensor
 
@@ -117,7 +119,7 @@ class _FileStorages(Storages):
         location = _text(saved_id[3], 'storage location')
         numel = saved_id[4]
         if type(numel) is not int or numel < 0:
-            raise CheckpointValueError(f'storage {key}: {numel!r} elements')
+            raise CheckpointValueError(f'storage {key}: {describe(numel)} elements')
         return kind, key, location, numel
 
     def _place(self, rec: _Storage, location: str) -> None:
@@ -126,7 +128,6 @@ class _FileStorages(Storages):
             if not isinstance(moved, torch.UntypedStorage) or moved.nbytes() < rec.nbytes:
                 raise CheckpointValueError(f'{rec.name}: map_location returned no storage '
                                            'of the size read')
-            rec.mapped = rec.mapped and moved.data_ptr() == rec.untyped.data_ptr()
             rec.untyped = moved
         self.by_ptr[rec.untyped.data_ptr(), rec.untyped.nbytes()] = rec
 
@@ -139,25 +140,17 @@ class _FileStorages(Storages):
         else:
             t = torch.empty((0, ), dtype=dtype, device=rec.untyped.device).set_(
                 rec.untyped, offset, size, stride)
-        if rec.mapped:
-            self.views.append(t)
-            self.view_storages.append(rec)
         return t
 
 
-#: ``UntypedStorage`` slicing without ``torch/storage.py``'s wrapper, which only
-#: refuses meta storages (torch 2.13.0); the file's mapping is a CPU storage.
-_slice_storage = torch._C.StorageBase.__getitem__
-
-
 class _ZipStorages(_FileStorages):
-    """Storages of a zip checkpoint: slices of the file's mapping, each checked
-    against its member."""
+    """Storages of a zip checkpoint: each read from its member into private memory,
+    checked against the member first."""
 
-    def __init__(self, f: Any, members: Dict[str, Member], prefix: str, whole: Any,
+    def __init__(self, snap: Snapshot, members: Dict[str, Member], prefix: str,
                  swap: bool, restore: Optional[Callable]):
         super().__init__(restore)
-        self.f, self.members, self.prefix, self.whole, self.swap = f, members, prefix, whole, swap
+        self.snap, self.members, self.prefix, self.swap = snap, members, prefix, swap
 
     def storage(self, saved_id: Any) -> Any:
         try:
@@ -187,19 +180,12 @@ class _ZipStorages(_FileStorages):
         if member.offset % itemsize:
             raise CheckpointValueError(f'{name}: stored at offset {member.offset}, not aligned '
                                        f'to its {itemsize}-byte elements')
-        mapped = self.whole is not None and not self.swap
-        if self.whole is not None:  # a CPU mapping: UntypedStorage.__getitem__'s C part
-            untyped = _slice_storage(self.whole, slice(member.offset, member.offset + nbytes))
-        else:
-            self.f.seek(member.offset)
-            untyped = torch.UntypedStorage(nbytes)
-            buf = torch.empty(0, dtype=torch.uint8).set_(untyped)
-            if nbytes and self.f.readinto(buf.numpy()) != nbytes:
-                raise CorruptFileError(f'{name} is truncated')
-        if self.swap:  # into private memory: the mapped pages stay the file's
-            untyped = untyped.clone() if self.whole is not None else untyped
+        # read once through the file's one descriptor into private memory: the bytes
+        # checked are the bytes loaded, whatever happens to the file afterwards
+        untyped = self.snap.read_storage(member.offset, nbytes)
+        if self.swap:
             untyped.byteswap(kind.dtype)
-        rec = _Storage(name, kind.dtype, numel, nbytes, untyped, mapped)
+        rec = _Storage(name, kind.dtype, numel, nbytes, untyped)
         self._place(rec, location)
         self.storages[key] = rec
         return rec
@@ -262,31 +248,30 @@ class _LegacyStorages(_FileStorages):
     def view(self, rec, offset, size, stride, dtype) -> _Deferred:
         return _Deferred(rec, offset, size, stride, dtype)
 
-    def read_data(self, f: Any, end: int, keys: Any) -> None:
-        """Read the storages' bytes that follow the pickles, each checked against its
-        declaration."""
-        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) or \
+    def read_data(self, snap: Snapshot, pos: int, keys: Any) -> None:
+        """Read the storages' bytes that follow the pickles (from ``pos``), each checked
+        against its declaration."""
+        if not isinstance(keys, list) or not all(type(k) is str for k in keys) or \
                 len(set(keys)) != len(keys):
             raise CheckpointValueError('the list of storages is not a list of distinct names')
+        end = snap.size
         for key in keys:
             rec = self.storages.get(key)
             if rec is None:
                 raise CheckpointValueError(f'storage {key}: data without a declaration')
-            head = f.read(8)
-            if len(head) != 8:
+            if pos + 8 > end:
                 raise CorruptFileError(f'storage {key}: truncated')
-            numel, = struct.unpack('<q', head)
+            numel, = struct.unpack('<q', snap.pread(pos, 8))
+            pos += 8
             if numel != rec.numel:
                 raise CheckpointValueError(f'storage {key}: {numel} elements stored, '
                                            f'{rec.numel} declared')
-            if f.tell() + rec.nbytes > end:
+            if pos + rec.nbytes > end:
                 raise CorruptFileError(f'storage {key}: {rec.nbytes} bytes run past the '
                                        'end of the file')
-            buf = torch.empty(rec.nbytes, dtype=torch.uint8)
-            if rec.nbytes and f.readinto(buf.numpy()) != rec.nbytes:
-                raise CorruptFileError(f'storage {key}: truncated')
             location, rec.base = rec.base, None
-            rec.untyped = buf.untyped_storage()
+            rec.untyped = snap.read_storage(pos, rec.nbytes)
+            pos += rec.nbytes
             self._place(rec, location)
         missing = [k for k, r in self.storages.items() if r.untyped is None]
         if missing:
@@ -350,7 +335,12 @@ class _Finisher:
         if isinstance(obj, Invalid):
             raise CheckpointValueError(f'{_where(path)}: {obj.reason}')
         if isinstance(obj, _Deferred):
-            out = self.tensor(self.storages.build(obj), path)  # type: ignore[attr-defined]
+            try:
+                built = self.storages.build(obj)  # type: ignore[attr-defined]
+            except (RuntimeError, TypeError, ValueError, OverflowError) as e:
+                raise CheckpointValueError(f'{_where(path)}: {obj.storage.name}: '
+                                           f'{type(e).__name__}: {str(e)[:120]}') from None
+            out = self.tensor(built, path)
         elif torch.is_tensor(obj):
             out = self.tensor(obj, path)
         elif isinstance(obj, (NumpyArray, NumpyDtype)):
@@ -447,22 +437,6 @@ def _where(path: Tuple[str, ...]) -> str:
     return text if len(text) < 200 else text[:100] + '...' + text[-80:]
 
 
-def _track_views(storages: _ZipStorages, lo: int, hi: int) -> None:
-    """Record the mapped tensors for :func:`release_pages`: one tensor per storage
-    (releasing one of two views of a storage could drop the other's written pages),
-    with the spans of all the file's members (for :func:`~mmfusionload.files.pages.sweep`)."""
-    recs = storages.view_storages
-    members = [(lo + m.offset, lo + m.offset + m.size) for m in storages.members.values()]
-    if len(set(map(id, recs))) == len(recs):  # the usual case: a storage per tensor
-        track_views(storages.views, lo, hi, members)
-        return
-    count: Dict[int, int] = {}
-    for rec in recs:
-        count[id(rec)] = count.get(id(rec), 0) + 1
-    track_views([t for t, rec in zip(storages.views, recs) if count[id(rec)] == 1], lo, hi,
-                members)
-
-
 def _restore_fn(map_location: Any) -> Optional[Callable]:
     if map_location is None or map_location == 'cpu' or (
             isinstance(map_location, torch.device) and map_location.type == 'cpu'):
@@ -471,41 +445,37 @@ def _restore_fn(map_location: Any) -> Optional[Callable]:
     return torch.serialization._get_restore_location(map_location)
 
 
-def _read_zip(path: str, size: int, map_location: Any, mapped: Optional[bool],
-              bookkeeping: bool) -> Any:
-    with open(path, 'rb') as f:
-        members = zip_members(f, size)
-        pkl = [n for n in members if n.endswith('/data.pkl') and n.count('/') == 1]
-        if len(pkl) != 1:
-            raise CheckpointValueError('the archive has no single <name>/data.pkl member')
-        prefix = pkl[0][:-len('data.pkl')]
-        stray = [n for n in members if not n.startswith(prefix)]
-        if stray:
-            raise CheckpointValueError(f'zip member {stray[0]!r} outside {prefix}')
-        order = sys.byteorder
-        if prefix + 'byteorder' in members:
-            order = read_member(f, members[prefix + 'byteorder']).decode('ascii', 'replace')
-            if order not in ('little', 'big'):
-                raise CheckpointValueError(f'{prefix}byteorder is {order[:16]!r}')
-        swap = order != sys.byteorder
-        use_map = (mapped is None or mapped) and size > 0
-        whole = torch.UntypedStorage.from_file(path, False, size) if use_map else None
-        storages = _ZipStorages(f, members, prefix, whole, swap, _restore_fn(map_location))
-        data = read_member(f, members[pkl[0]])
-        obj = unpickle(data, storages, opcode_limit(size))
-        obj = _Finisher(storages, bookkeeping)(obj)
-    if whole is not None and storages.views and madvise() is not None:
-        lo = whole.data_ptr()
-        _track_views(storages, lo, lo + whole.nbytes())
-    return obj
+def _read_zip(snap: Snapshot, map_location: Any, bookkeeping: bool) -> Any:
+    f = snap.file()
+    members = zip_members(f, snap.size)
+    pkl = [n for n in members if n.endswith('/data.pkl') and n.count('/') == 1]
+    if len(pkl) != 1:
+        raise CheckpointValueError('the archive has no single <name>/data.pkl member')
+    prefix = pkl[0][:-len('data.pkl')]
+    stray = [n for n in members if not n.startswith(prefix)]
+    if stray:
+        raise CheckpointValueError(f'zip member {stray[0]!r} outside {prefix}')
+    order = sys.byteorder
+    if prefix + 'byteorder' in members:
+        order = read_member(f, members[prefix + 'byteorder']).decode('ascii', 'replace')
+        if order not in ('little', 'big'):
+            raise CheckpointValueError(f'{prefix}byteorder is {order[:16]!r}')
+    swap = order != sys.byteorder
+    storages = _ZipStorages(snap, members, prefix, swap, _restore_fn(map_location))
+    data = read_member(f, members[pkl[0]])
+    with objects_being_built():
+        obj = unpickle(data, storages, opcode_limit(snap.size))
+        return _Finisher(storages, bookkeeping)(obj)
 
 
-def _read_legacy(path: str, size: int, map_location: Any, bookkeeping: bool) -> Any:
+def _read_legacy(snap: Snapshot, map_location: Any, bookkeeping: bool) -> Any:
     from torch.serialization import MAGIC_NUMBER, PROTOCOL_VERSION
     storages = _LegacyStorages(_restore_fn(map_location))
-    with open(path, 'rb') as raw:
-        f = _Bounded(raw, size)
-        budget = OpcodeBudget(opcode_limit(size))  # shared by the file's five pickles
+    size = snap.size
+    raw = snap.file()
+    f = _Bounded(raw, size)
+    budget = OpcodeBudget(opcode_limit(size))  # shared by the file's five pickles
+    with objects_being_built():
         if unpickle(f, storages, budget) != MAGIC_NUMBER:
             raise CheckpointValueError('not a torch checkpoint (no magic number)')
         if unpickle(f, storages, budget) != PROTOCOL_VERSION:
@@ -516,35 +486,18 @@ def _read_legacy(path: str, size: int, map_location: Any, bookkeeping: bool) -> 
             raise CheckpointValueError('an old-format file of another byte order')
         obj = unpickle(f, storages, budget)
         keys = unpickle(f, storages, budget)
-        storages.read_data(raw, size, keys)
-    return _Finisher(storages, bookkeeping)(obj)
+        storages.read_data(snap, raw.tell(), keys)
+        return _Finisher(storages, bookkeeping)(obj)
 
 
-def _read_pth(path: str, map_location: Any, mapped: Optional[bool], bookkeeping: bool) -> Any:
-    size = os.path.getsize(path)
-    with open(path, 'rb') as f:
-        head = f.read(4)
+def _read_pth(snap: Snapshot, map_location: Any, bookkeeping: bool) -> Any:
+    head = snap.pread(0, min(4, snap.size))
     if head == LOCAL_SIG:
-        return _read_zip(path, size, map_location, mapped, bookkeeping)
+        return _read_zip(snap, map_location, bookkeeping)
     if head[:1] == b'\x80':
-        return _read_legacy(path, size, map_location, bookkeeping)
+        return _read_legacy(snap, map_location, bookkeeping)
     raise CheckpointValueError('neither a zip nor an old-format torch checkpoint '
                                '(the old .tar format is not read)')
-
-
-def _tensors_in(obj: Any, depth: int = 0, seen: Optional[set] = None) -> Iterable[torch.Tensor]:
-    seen = set() if seen is None else seen
-    if id(obj) in seen:
-        return
-    seen.add(id(obj))
-    if torch.is_tensor(obj):
-        yield obj
-    elif depth < 4 and isinstance(obj, Mapping) and not isinstance(obj, SafetensorsState):
-        for v in obj.values():
-            yield from _tensors_in(v, depth + 1, seen)
-    elif depth < 4 and isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors_in(v, depth + 1, seen)
 
 
 # ----------------------------------------------------------------- entry points
@@ -562,8 +515,9 @@ def read_checkpoint(path: str,
         map_location: As in :func:`torch.load`. Defaults to ``'cpu'``.
         trust_checkpoint (bool): Unpickle arbitrary globals (runs code the file
             asks for). Only for files you trust. Defaults to False.
-        mmap (bool, optional): Memory-map a local zip checkpoint so only the
-            tensors used are read. Defaults to True for local ``.pth`` files.
+        mmap (bool, optional): Accepted for compatibility and ignored: every
+            file is read once, through one descriptor, into private memory
+            (:mod:`~mmfusionload.files.snapshot`), never mapped.
         bookkeeping (bool): Rebuild MMEngine's ``HistoryBuffer`` objects (what
             resuming a run needs) instead of leaving inert placeholders.
             Defaults to False.
@@ -591,22 +545,10 @@ def read_checkpoint(path: str,
     if osp.isdir(path):
         raise FusionLoadError([f'{path}: is a directory, not a checkpoint file'],
                               'cannot read checkpoint')
-    if os.path.getsize(path) == 0:
-        raise FusionLoadError([f'{path}: file is empty'], 'cannot read checkpoint')
     try:
-        if is_sharded_index(path):
+        if is_sharded_index(path):  # an index naming shards, each read like a file
             return read_sharded(path)
-        if is_safetensors(path):
-            return read_safetensors(path)
-        if trust_checkpoint:
-            is_zip = zipfile.is_zipfile(path)
-            mapped = is_zip and (mmap is None or mmap)
-            ckpt = torch.load(path, map_location=map_location, weights_only=False,
-                              mmap=mapped)
-            if mapped:
-                mark_mapped(_tensors_in(ckpt), path)
-            return ckpt
-        return _read_pth(path, map_location, mmap, bookkeeping)
+        return _read_file(path, map_location, trust_checkpoint, bookkeeping)
     except UnsafeGlobalError as e:
         e.__traceback__ = None  # its frames hold what the pickle had built
         raise FusionLoadError([
@@ -615,6 +557,9 @@ def read_checkpoint(path: str,
             'pass trust_checkpoint=True (source option, hook argument or '
             '--trust-checkpoint) only if you trust this file'
         ], 'refusing to read checkpoint') from e
+    except FileChangedError as e:
+        e.__traceback__ = None
+        raise FusionLoadError([f'{path}: {e}'], 'cannot read checkpoint') from e
     except CorruptFileError as e:
         e.__traceback__ = None
         raise FusionLoadError([f'{path}: not a readable checkpoint (truncated or corrupt?): {e}'],
@@ -630,6 +575,50 @@ def read_checkpoint(path: str,
         raise FusionLoadError(
             [f'{path}: not a readable checkpoint (truncated or corrupt?): '
              f'{type(e).__name__}: {msg}'], 'cannot read checkpoint') from e
+
+
+def _read_file(path: str, map_location: Any, trust_checkpoint: bool, bookkeeping: bool) -> Any:
+    """Read one local file as one version of it (:class:`~.snapshot.Snapshot`)."""
+    with Snapshot(path) as snap:
+        if snap.size == 0:
+            raise FusionLoadError([f'{path}: file is empty'], 'cannot read checkpoint')
+        try:
+            ckpt = _read_snapshot(snap, path, map_location, trust_checkpoint, bookkeeping)
+        except FileChangedError:
+            raise
+        except Exception:
+            snap.check()  # a file that changed explains the error better
+            raise
+        snap.check()
+        return ckpt
+
+
+def _read_snapshot(snap: Snapshot, path: str, map_location: Any, trust_checkpoint: bool,
+                   bookkeeping: bool) -> Any:
+    """What the file of ``snap`` holds (safetensors, a trusted or a restricted ``.pth``)."""
+    head = snap.pread(0, min(9, snap.size))
+    if is_safetensors(path, head):
+        return read_safetensors(snap)
+    if trust_checkpoint:  # plain unpickling, from the same open file (torch moves its offset)
+        with os.fdopen(os.dup(snap.fd), 'rb') as f, objects_being_built():
+            f.seek(0)
+            return torch.load(f, map_location=map_location, weights_only=False)
+    return _read_pth(snap, map_location, bookkeeping)
+
+
+@contextmanager
+def objects_being_built() -> Iterator[None]:
+    """Pause the cyclic garbage collector while a pickle becomes objects (restored after,
+    also on error): its allocations would otherwise trigger full collections of every
+    object the process holds (in a process that imported MMEngine, a read of a
+    BEVFusion-size file went from 14 ms to 150 ms)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _read_remote(uri: str, map_location: Any, trust_checkpoint: bool, mmap: Optional[bool],

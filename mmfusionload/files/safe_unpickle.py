@@ -31,20 +31,32 @@ Not admitted, among others: ``range``, ``bytearray``, ``collections.Counter``,
 name)``, quantized, sparse, nested and meta tensors, and torch's own
 ``set``/``bytearray``/``Counter`` entries.
 
-A pickle runs at most :func:`opcode_limit` opcodes (each makes at most one small
-object), so what it builds is bounded by the file's size.
+A pickle runs at most :func:`opcode_limit` steps: each opcode is one, and each
+item an admitted call makes or copies (``set``, ``frozenset``, ``deque``,
+``OrderedDict``, numpy shapes) and each item of a tuple used as a dict key is
+one more, every time; the bytes ``_codecs.encode`` and numpy rebuilds make are
+counted too (:class:`~mmfusionload.files.pickle_ops.OpcodeBudget`). Dict keys and
+set items are strings, ints below 2**60 or flat tuples of them
+(:func:`~mmfusionload.files.pickle_ops.check_key`), so no hash costs more than
+its bytes. No object the file built is passed to ``str``/``repr``
+(:func:`~mmfusionload.errors.describe`). So what a file makes, and the time it
+takes, are bounded by its size.
 """
 import re
 from collections import OrderedDict
+from contextvars import ContextVar
 from typing import Any, Dict, List, Tuple, Union
 
 import torch
 
+from ..errors import describe
 from .pickle_ops import (CheckpointValueError, CorruptFileError, OpcodeBudget,
-                         UnsafeGlobalError, load, load_file)
+                         UnsafeGlobalError, check_key, load, load_file)
 
 #: Most dimensions of a tensor or array.
 MAX_DIMS = 64
+#: Sizes, strides and offsets are int64 in torch.
+_INT64 = 1 << 63
 #: Longest history a HistoryBuffer may keep (MMEngine's default is 1e6).
 MAX_HISTORY = 10_000_000
 #: HistoryBuffer's built-in statistics (mmengine 0.10.7 ``_set_default_statistics``).
@@ -161,6 +173,7 @@ class NumpyArray(Placeholder):
         n = 1
         for d in shape:
             n *= d
+        _spend(len(shape), len(raw))
         if n * dtype.value.itemsize != len(raw):
             raise CheckpointValueError(f'numpy array of shape {list(shape)} and {dtype.value} '
                                        f'needs {n * dtype.value.itemsize} bytes, has {len(raw)}')
@@ -182,7 +195,7 @@ class HistoryBufferState(Placeholder):
     def __setstate__(self, state: Any) -> None:
         if not isinstance(state, dict) or not set(state) <= {
                 'max_length', '_log_history', '_count_history', 'statistics_methods'}:
-            what = sorted(map(repr, state))[:5] if isinstance(state, dict) else \
+            what = sorted(describe(k) for k in list(state)[:5]) if isinstance(state, dict) else \
                 type(state).__name__
             raise CheckpointValueError(f'HistoryBuffer: unexpected state {what}')
         length = state.get('max_length', 1000000)
@@ -232,14 +245,36 @@ def _numbers(value: Any, what: str) -> List[float]:
         return arr.tolist()
     if isinstance(value, (list, tuple)) and all(
             type(v) in (int, float) for v in value):
+        _spend(len(value))
         return list(value)
     raise CheckpointValueError(f'{what} is not a list of numbers')
 
 
 def _short(value: Any) -> str:
-    text = repr(value) if isinstance(value, (int, str, tuple, list)) and \
-        len(value if not isinstance(value, int) else ()) < 20 else type(value).__name__
-    return text[:80]
+    if type(value) is tuple and len(value) < 20 and all(type(v) is int for v in value):
+        return '(' + ', '.join(map(describe, value)) + (',)' if len(value) == 1 else ')')
+    return describe(value)
+
+
+#: The budget of the pickle being read (set by :func:`unpickle`).
+_WORK: ContextVar[OpcodeBudget] = ContextVar('mmfusionload_unpickle_work')
+
+
+def _spend(items: int, nbytes: int = 0) -> None:
+    """Charge what an admitted call makes to the pickle's budget."""
+    work = _WORK.get(None)
+    if work is not None:
+        work.spend(items)
+        if nbytes:
+            work.spend_bytes(nbytes)
+
+
+def _keys(items: Any) -> None:
+    """Check every item used as a set item or dict key (:func:`check_key`)."""
+    work = _WORK.get(None)
+    for k in items:
+        if type(k) is not str:
+            check_key(k, work)
 
 
 # ----------------------------------------------------------------- bounded callables
@@ -256,21 +291,30 @@ def _ordered_dict(*args):
     if len(args) != 1:
         raise CheckpointValueError('OrderedDict with more than one argument')
     items = _sequence(args[0], 'OrderedDict')
-    if not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in items):
+    _spend(len(items))
+    if not all(type(p) in (list, tuple) and len(p) == 2 for p in items):
         raise CheckpointValueError('OrderedDict of items that are not pairs')
+    _keys(p[0] for p in items)
     return OrderedDict(items)
 
 
 def _set(*args):
-    return set(_sequence(args[0], 'set') if args else ())
+    items = _sequence(args[0], 'set') if args else ()
+    _spend(len(items))
+    _keys(items)
+    return set(items)
 
 
 def _frozenset(*args):
-    return frozenset(_sequence(args[0], 'frozenset') if args else ())
+    items = _sequence(args[0], 'frozenset') if args else ()
+    _spend(len(items))
+    _keys(items)
+    return frozenset(items)
 
 
 def _deque(*args):
     items = list(_sequence(args[0], 'deque')) if args else []
+    _spend(len(items))
     maxlen = args[1] if len(args) > 1 else None
     if maxlen is not None and (type(maxlen) is not int or maxlen < 0):
         raise CheckpointValueError(f'deque maxlen {maxlen!r}')
@@ -281,6 +325,7 @@ def _encode(text: Any, encoding: Any = 'utf-8') -> bytes:
     if not isinstance(text, str) or encoding not in ('latin1', 'latin-1'):
         raise CheckpointValueError(f'_codecs.encode with {type(text).__name__} and '
                                    f'{_short(encoding)} (only str and latin1)')
+    _spend(1, len(text))
     return text.encode('latin1')
 
 
@@ -451,7 +496,15 @@ class Storages:
         if offset > capacity:
             raise CheckpointValueError(f'{rec.name}: storage offset {offset} past its '
                                        f'{capacity} elements')
-        return self.view(rec, offset, size, stride, dtype)
+        if any(v >= _INT64 for v in size) or any(v >= _INT64 for v in stride):
+            raise CheckpointValueError(f'{rec.name}: a size or stride beyond int64 (size '
+                                       f'{_short(size)}, stride {_short(stride)})')
+        try:
+            return self.view(rec, offset, size, stride, dtype)
+        except (RuntimeError, TypeError, ValueError, OverflowError) as e:  # torch refused
+            raise CheckpointValueError(f'{rec.name}: a view of size {_short(size)}, stride '
+                                       f'{_short(stride)} at offset {offset}: '
+                                       f'{type(e).__name__}: {str(e)[:120]}') from None
 
     def record(self, storage: Any) -> Any:
         raise CheckpointValueError('a tensor of something that is not a storage of this file')
@@ -542,7 +595,18 @@ def unpickle(data: Any, storages: Storages,
     table = admitted_globals(storages)
     if isinstance(data, (bytes, bytearray, memoryview)):
         data = bytes(data)
-        return load(data, table, storages.storage, limit or opcode_limit(len(data)))[0]
+        steps = limit.left if isinstance(limit, OpcodeBudget) else \
+            limit or opcode_limit(len(data))
+        work = limit if isinstance(limit, OpcodeBudget) else OpcodeBudget(steps)
+        token = _WORK.set(work)
+        try:
+            return load(data, table, storages.storage, steps, work=work)[0]
+        finally:
+            _WORK.reset(token)
     if not isinstance(limit, OpcodeBudget):
         limit = OpcodeBudget(limit or BASE_OPCODES)
-    return load_file(data, table, storages.storage, limit)
+    token = _WORK.set(limit)
+    try:
+        return load_file(data, table, storages.storage, limit)
+    finally:
+        _WORK.reset(token)

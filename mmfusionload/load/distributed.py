@@ -34,7 +34,6 @@ import torch
 
 from ..checkpoint.containers import Unwrapped
 from ..errors import FusionLoadError
-from ..files.reader import release_pages
 
 #: Largest bucket of tensor bytes sent in one broadcast.
 BUCKET_BYTES = 64 << 20
@@ -316,7 +315,6 @@ def _broadcast_tensors(header: Dict[str, Any], results: Optional[List[ReadResult
                 state = results[si].state  # type: ignore[index, union-attr]
                 t = state[header['sources'][si]['tensors'][ti][0]]
                 bucket[off:off + n].copy_(_as_bytes(t))
-                release_pages(t)
         else:
             bucket = torch.empty(size, dtype=torch.uint8, device=device)
             received.append(bucket)

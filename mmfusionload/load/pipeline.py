@@ -7,7 +7,7 @@ several sources name is read once; each source unwraps and plans on its own.
 """
 import os.path as osp
 import re
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import (Any, Callable, Dict, Hashable, Iterable, Iterator, List, Mapping, Optional,
@@ -26,8 +26,7 @@ from ..checkpoint.identify import auto_preset, identify_state
 from .modality import resolve_targets
 from .prefix import Alignment, auto_alignment, explicit_alignment
 from .presets import KeyPreset, get_preset, rename_keys
-from ..files.pages import sweep
-from ..files.reader import read_checkpoint, release_pages
+from ..files.reader import read_checkpoint
 from .repairs import (Entry, Mapped, RepairProblem, SourceContext, may_be_absent,
                       repairs_in_order, run_repairs)
 from ..report import (LoadReport, Mismatch, Placed, SourceReport, compress_keys, mismatch_problems,
@@ -121,10 +120,10 @@ def _submodule(model: nn.Module, name: str) -> nn.Module:
 
 
 def read_source(spec: SourceSpec) -> Unwrapped:
-    """Read and unwrap one source's checkpoint (on CPU, memory-mapped when possible).
+    """Read and unwrap one source's checkpoint (on CPU, read once into private memory).
 
     Inside :func:`reading_once`, a file another source already read is not read again
-    (nor mapped again), and sources with the same unwrapping options (``weights``)
+    (nor copied again), and sources with the same unwrapping options (``weights``)
     share one unwrapped state: their tensors are the same objects.
     """
     files = _FILES.get()
@@ -407,11 +406,6 @@ def verify_plan(plan: SourcePlan, mode: Union[bool, str]) -> Dict[str, str]:
     return found
 
 
-def _source(e: Entry) -> torch.Tensor:
-    """The checkpoint tensor an entry reads."""
-    return e.source
-
-
 def validate(plans: Sequence[SourcePlan], allow_overlap: bool = False) -> List[str]:
     """Check values and overlaps across all plans; return the problems.
 
@@ -425,17 +419,14 @@ def validate(plans: Sequence[SourcePlan], allow_overlap: bool = False) -> List[s
         problems += plan.problems
         allow_nonfinite = plan.spec.allow_nonfinite
         report, refused = plan.report, set()
-        # the values as written, after every step and the cast: read a window at a time
-        # when every float tensor is checked, else only where a step or a cast needs them
-        for e in plan.to_load if allow_nonfinite else sweep(plan.to_load, _source):
+        # the values as written, after every step and the cast
+        for e in plan.to_load:
             problem = entry_problem(e, allow_nonfinite)
             if problem:
                 problems.append(problem)
                 report.mismatched.append(Mismatch(e.key, e.file_key, _shape(e.source),
                                                   e.target.shape, 'value', problem))
                 refused.add(e.key)
-            if allow_nonfinite:
-                release_pages(e.source)
             if e.key in writers and not allow_overlap:
                 pairs.setdefault((writers[e.key], e.filename), []).append(e.key)
             writers[e.key] = e.filename
@@ -482,23 +473,22 @@ def apply(plans: Sequence[SourcePlan], extra_models: Sequence[nn.Module] = ()) -
     extras = [dict(unwrap_model(m).state_dict(keep_vars=True)) for m in extra_models]
     written = 0
     for plan in plans:
-        with closing(sweep(plan.to_load, _source)) as entries:  # its thread joined on errors too
-            for e in entries:
-                try:
-                    # an unrepaired tensor on the target's device goes in as it is
-                    src, dst = e.source, e.target
-                    t = src if not e.steps and (src.is_cpu and dst.is_cpu
-                                                or src.device == dst.device) else e.materialize()
-                    e.target.copy_(t)
-                    for state in extras:
-                        if e.key in state:
-                            state[e.key].copy_(t)
-                except Exception as err:
-                    raise FusionLoadError(
-                        [f'{e.filename}: writing {e.key} failed: {type(err).__name__}: {err}'],
-                        f'checkpoint load failed while writing, after {written} tensor(s); '
-                        'the model is partly loaded') from err
-                written += 1
+        for e in plan.to_load:
+            try:
+                # an unrepaired tensor on the target's device goes in as it is
+                src, dst = e.source, e.target
+                t = src if not e.steps and (src.is_cpu and dst.is_cpu
+                                            or src.device == dst.device) else e.materialize()
+                e.target.copy_(t)
+                for state in extras:
+                    if e.key in state:
+                        state[e.key].copy_(t)
+            except Exception as err:
+                raise FusionLoadError(
+                    [f'{e.filename}: writing {e.key} failed: {type(err).__name__}: {err}'],
+                    f'checkpoint load failed while writing, after {written} tensor(s); '
+                    'the model is partly loaded') from err
+            written += 1
 
 
 def load_sources(model: nn.Module,

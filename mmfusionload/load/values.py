@@ -86,8 +86,38 @@ def _narrows(src: torch.dtype, dst: torch.dtype) -> bool:
     return top > torch.finfo(dst).max
 
 
+#: Dtypes whose values the checks read widened, exactly (torch 2.13.0 has no
+#: ``aminmax``/``isfinite``/``sum`` for them on the CPU): unsigned ints to int64
+#: (uint64 by its bits, values of 2**63 and more refused), float8 to float32.
+WIDENED = {torch.uint16: torch.int64, torch.uint32: torch.int64, torch.uint64: torch.int64,
+           torch.float8_e4m3fn: torch.float32, torch.float8_e4m3fnuz: torch.float32,
+           torch.float8_e5m2: torch.float32, torch.float8_e5m2fnuz: torch.float32}
+
+
+def widened(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with the same values in a dtype the checks can read (:data:`WIDENED`).
+
+    Raises:
+        ValueError: A uint64 value of 2**63 or more (no int64 holds it).
+    """
+    wide = WIDENED.get(t.dtype)
+    if wide is None:
+        return t
+    if t.dtype == torch.uint64:
+        bits = t.contiguous().view(torch.int64)
+        if t.numel() and int(bits.min()) < 0:
+            raise ValueError('holds uint64 values of 2**63 or more, which no int64 holds')
+        return bits
+    return t.to(wide)
+
+
 def cast_problem(t: torch.Tensor, dst: torch.dtype, allow_nonfinite: bool) -> Optional[str]:
     """What goes wrong casting ``t``'s values into ``dst``, or None."""
+    if t.dtype in WIDENED:
+        try:
+            t = widened(t)
+        except ValueError as e:
+            return str(e)
     if t.numel() == 0 or t.dtype == dst and (allow_nonfinite or all_finite(t)):
         return None
     if dst.is_floating_point or dst.is_complex:
@@ -137,7 +167,12 @@ def entry_problem(e: Any, allow_nonfinite: bool = False) -> Optional[str]:
         except Exception as err:
             return f'{e.filename}: {e.file_key}: the planned {sorted(steps)} failed: ' \
                    f'{type(err).__name__}: {err}'
-    problem = cast_problem(t, e.target.dtype, allow_nonfinite)
+    try:
+        problem = cast_problem(t, e.target.dtype, allow_nonfinite)
+    except Exception as err:  # a dtype or layout the checks cannot read: refused by name
+        return (f'{e.filename}: {e.file_key} ({t.dtype}, {list(t.shape)}) cannot be checked '
+                f'for model key {e.key} ({e.target.dtype}): {type(err).__name__}: '
+                f'{str(err)[:200]}')
     if problem is None:
         return None
     hint = ' (allow_nonfinite=True to load anyway)' if 'NaN/Inf value' in problem or \

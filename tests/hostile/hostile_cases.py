@@ -16,7 +16,7 @@ import tarfile
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -70,6 +70,11 @@ class Case:
     wide: bool = False
     source: Dict[str, Any] = field(default_factory=dict)  # extra source options
     pollute: bool = False  # add os.system to torch's safe globals first
+    #: Run on the file's path when a load first reads tensor bytes (the file is put
+    #: back as built before each read): a file replaced, truncated or rewritten
+    #: while it is read.
+    during: Optional[Callable[[str], None]] = None
+    promise: str = ''  # what the case checks, in words
 
 
 CASES: List[Case] = []
@@ -77,9 +82,28 @@ CASES: List[Case] = []
 
 def case(name, family, key=None, expect='error', wide=False, **kw):
     def deco(fn):
-        CASES.append(Case(name, family, fn, key, expect, wide, **kw))
+        promise = kw.pop('promise', '') or (fn.__doc__ or '').strip() or _PROMISES.get(
+            family, '')
+        CASES.append(Case(name, family, fn, key, expect, wide, promise=promise, **kw))
         return fn
     return deco
+
+
+#: The promise each family checks, unless a case says its own.
+_PROMISES = {
+    'code': 'no code the file names runs: FusionLoadError naming the global',
+    'memory': 'time and memory bounded by the file size: FusionLoadError naming the key',
+    'values': 'no silent wrong value: FusionLoadError naming the key, model unchanged',
+    'zip': 'a broken archive is refused with FusionLoadError naming file and member',
+    'legacy': 'a broken old-format file is refused with FusionLoadError',
+    'safetensors': 'a broken safetensors header is refused with FusionLoadError',
+    'control': 'a good file loads its exact values',
+    'bounds': 'no hash or call does more work than the file has bytes: FusionLoadError',
+    'dtype': 'every safetensors dtype loads exactly or is refused by key',
+    'messages': 'a storage-level problem names the tensor key, not only the member',
+    'snapshot': 'a file changed while being read: one version, or "changed while being '
+                'read"; never a signal, never two versions',
+}
 
 
 def _p(d: str, name: str) -> str:
@@ -708,7 +732,7 @@ for _n, _names, _key in [
                 z.writestr('a/byteorder', b'middle')
             return path
         return _zip_names(d, n + '.pth', names)
-    CASES.append(Case(_n, 'zip', _mk, _key))
+    CASES.append(Case(_n, 'zip', _mk, _key, promise=_PROMISES['zip']))
 
 
 @case('zip-duplicate-names', 'zip', 'repeated')
@@ -882,6 +906,232 @@ def _(d):
     path = _p(d, 'good.safetensors')
     save_file(dict(good_state()), path, metadata={'module_versions': '{"bn": 2}'})
     return path
+
+
+# ================================================================ bounded work (hash/amplification)
+def _keyed(key: Any, value: Any = 1) -> Raw:
+    """A dict ``{key: value}`` whose key is an expression (not hashed while building)."""
+    return Raw(b'}(' + pickle_bytes(key)[2:-1] + pickle_bytes(value)[2:-1] + b'u')
+
+
+def _deep_tuple(depth: int) -> Raw:
+    return Raw(b'N' + b'\x85' * depth)
+
+
+def _shared_tuple(levels: int, base: int = 0) -> Put:
+    """A tuple of ``levels`` shared levels (2**levels leaves when hashed or printed)."""
+    expr: Any = Put(('x', 'x'), base)
+    for i in range(1, levels):
+        expr = Put((expr, Get(base + i - 1)), base + i)
+    return expr
+
+
+def _memo_calls(func: G, arg: Any, times: int, extra: Tuple = ()) -> Raw:
+    """``[func(arg), func(arg)...]`` with ``func`` and ``arg`` memoized: each call costs
+    a few bytes of the file."""
+    first = Call(Put(func, 900), (Put(arg, 901), ) + extra)
+    rest = Call(Get(900), (Get(901), ) + extra)
+    return Raw(pickle_bytes([first] + [rest] * times)[2:-1])
+
+
+_MODULUS = (1 << 61) - 1
+
+
+def _colliding_ints(n: int) -> Raw:
+    return Raw(b'}(' + b''.join(pickle_bytes(k * _MODULUS)[2:-1] + b'N'
+                                for k in range(1, n + 1)) + b'u')
+
+
+_BIG_LIST = Raw(b']' + b'(' + b'K\x00' * 250_000 + b'e')
+for _name, _key, _meta in [
+        ('deep-tuple-dict-key', 'dict key', _keyed(_deep_tuple(450_000))),
+        ('deep-tuple-set-item', 'set item', Call(G('builtins', 'set'), ([_deep_tuple(450_000)], ))),
+        ('shared-tuple-dict-key', 'dict key', _keyed(_shared_tuple(40))),
+        ('shared-tuple-frozenset-item', 'set item',
+         Call(G('builtins', 'frozenset'), ([_shared_tuple(40)], ))),
+        ('shared-tuple-od-key', 'dict key', Call(G('collections', 'OrderedDict'),
+                                                 ([(_shared_tuple(40), 1)], ))),
+        ('colliding-int-keys-20k', 'dict key', _colliding_ints(20_000)),
+        ('colliding-int-keys-60k', 'dict key', _colliding_ints(60_000)),
+        ('colliding-int-set-items', 'set item', Call(G('builtins', 'set'), (
+            [k * _MODULUS for k in range(1, 5000)], ))),
+        ('float-dict-key', 'dict key', _keyed(1.5)),
+        ('huge-int-dict-key', 'dict key', _keyed(1 << 200)),
+        ('frozenset-dict-key', 'dict key', _keyed(Call(G('builtins', 'frozenset'), ([1], )))),
+        ('long-tuple-dict-key', 'dict key', _keyed(tuple(range(65)))),
+        ('nested-tuple-dict-key', 'dict key', _keyed((('a', 1), 2))),
+        ('set-of-memoized-list', 'steps', _memo_calls(G('builtins', 'set'), _BIG_LIST, 60_000)),
+        ('frozenset-of-memoized-list', 'steps',
+         _memo_calls(G('builtins', 'frozenset'), _BIG_LIST, 60_000)),
+        ('deque-of-memoized-list', 'steps',
+         _memo_calls(G('collections', 'deque'), _BIG_LIST, 60_000)),
+        ('od-of-memoized-pairs', 'steps', _memo_calls(
+            G('collections', 'OrderedDict'),
+            Raw(pickle_bytes([Put((0, None), 902)] + [Get(902)] * 60_000)[2:-1]), 60_000)),
+        ('codecs-encode-memoized', 'bytes', _memo_calls(G('_codecs', 'encode'), 'a' * (1 << 20),
+                                                        1500, ('latin1', ))),
+]:
+    case(_name, 'bounds', _key)(lambda d, n=_name, m=_meta: zip_with(d, n + '.pth',
+                                                                      meta={'a': m}))
+
+
+@case('numpy-rebuild-memoized', 'bounds', 'bytes')
+def _(d):
+    """One 1 MiB bytes rebuilt into 1,500 numpy arrays: the copies count as bytes."""
+    raw = Put(Call(G('_codecs', 'encode'), ('\x00' * (1 << 20), 'latin1')), 950)
+    dtype = Put(Build(Call(G('numpy', 'dtype'), ('u1', False, True)),
+                      (3, '|', None, None, None, -1, -1, 0)), 951)
+
+    def arr(first):
+        state = (1, (1 << 20, ), dtype if first else Get(951), False, raw if first else Get(950))
+        return Build(Call(G('numpy.core.multiarray', '_reconstruct'),
+                          (G('numpy', 'ndarray'), (0, ), b'b')), state)
+    return zip_with(d, 'np_memo.pth', meta={'a': [arr(True)] + [arr(False)] * 1500})
+
+
+@case('ok-shared-tuple-version', 'control', expect='ok')
+def _(d):
+    """A tuple of 40 shared levels as the top-level ``version`` (str() of it hung): loads."""
+    return zip_with(d, 'version_tuple.pth', extra={'version': _shared_tuple(40)})
+
+
+@case('ok-flat-keys', 'control', expect='ok')
+def _(d):
+    """Keys a checkpoint has: strings, small ints (optimizer state), flat tuples."""
+    return zip_with(d, 'flat_keys.pth', extra={'optimizer': {'state': {0: {'step': 3},
+                                                                        1: {'step': 3}},
+                                                              ('layer', 1): 'x', b'raw': None}})
+
+
+@case('legacy-shared-tuple-dict-key', 'bounds', 'dict key')
+def _(d):
+    return legacy_with(d, 'legacy_key.pth', {'a': _keyed(_shared_tuple(40))})
+
+
+# ================================================================ storage-level messages
+def _zeros3(ck: Checkpoint) -> str:
+    return ck.tensor(torch.zeros(3)).key
+
+
+for _name, _size, _stride in [('size-beyond-int64', (0, 1 << 64), (1, 1)),
+                              ('stride-beyond-int64', (0, 3), (1 << 70, 1)),
+                              ('stride-at-int64', (3, ), (1 << 63, )),
+                              ('size-product-overflows', (1 << 40, 1 << 40), (0, 0))]:
+    case(_name, 'messages', 'fc.bias')(
+        lambda d, n=_name, sz=_size, st=_stride: with_tensor(
+            'fc.bias', lambda ck: T(_zeros3(ck), 'FloatStorage', 3, sz, st))(d, n + '.pth'))
+
+
+@case('legacy-stride-beyond-int64', 'messages', 'fc.bias')
+def _(d):
+    sd = good_state()
+    storages, elem, items = {}, {}, []
+    for i, (k, v) in enumerate(sd.items()):
+        storages[str(i)] = v.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        elem[str(i)] = v.element_size()
+        items.append((k, legacy_tensor(v, str(i), size=(0, 3), stride=(1 << 70, 1))
+                      if k == 'fc.bias' else legacy_tensor(v, str(i))))
+    return write_legacy(_p(d, 'legacy_stride.pth'), pickle_bytes({'state_dict': OD(items)}),
+                        storages, elem)
+
+
+# ================================================================ every safetensors dtype
+def _st_state(key: str, dtype: torch.dtype, values: Optional[torch.Tensor] = None):
+    sd = OrderedDict((k, v.clone()) for k, v in good_state().items())
+    sd[key] = (values if values is not None else sd[key]).to(dtype) if dtype != torch.uint64 \
+        or values is None else values.view(torch.uint64)
+    return sd
+
+
+def _st_dtype_case(name, key, dtype, expect, values=None, promise=''):
+    @case(name, 'dtype', None if expect == 'ok' else key, expect=expect, promise=promise)
+    def build(d):
+        from safetensors.torch import save_file
+        path = _p(d, name + '.safetensors')
+        save_file(dict(_st_state(key, dtype, values)), path)
+        return path
+
+
+def _safetensors_dtypes():
+    from safetensors.torch import _TYPES
+    return sorted(_TYPES.items())
+
+
+for _st_name, _dt in _safetensors_dtypes():
+    _int = not _dt.is_floating_point and not _dt.is_complex and _dt != torch.bool
+    _st_dtype_case(f'st-dtype-{_st_name}-into-int32', 'count', _dt, 'ok' if _int else 'error')
+    _st_dtype_case(f'st-dtype-{_st_name}-into-float32', 'fc.bias', _dt,
+                   'ok' if _dt.is_floating_point else 'error')
+    if _dt.is_floating_point:
+        _st_dtype_case(f'st-dtype-{_st_name}-nan', 'fc.bias', _dt, 'error',
+                       torch.tensor([0.5, float('nan'), 2.5]))
+_st_dtype_case('st-dtype-U64-past-int64', 'count', torch.uint64, 'error',
+               torch.tensor([-1, 4], dtype=torch.int64),
+               promise='uint64 of 2**64-1 is refused by key, not wrapped to -1')
+_st_dtype_case('st-dtype-U32-past-int32', 'count', torch.uint32, 'error',
+               torch.tensor([1 << 31, 4], dtype=torch.int64),
+               promise='uint32 2**31 does not fit int32: refused by key')
+
+
+# ================================================================ files changed while read
+def _replace_with(make: Callable[[str], None]) -> Callable[[str], None]:
+    def during(path: str) -> None:
+        tmp = path + '.other'
+        make(tmp)
+        os.replace(tmp, path)
+    return during
+
+
+def _write_other(path: str) -> None:
+    torch.save({'state_dict': OrderedDict((k, torch.zeros_like(v))
+                                          for k, v in good_state().items())}, path)
+
+
+def _truncate(n: Optional[int]) -> Callable[[str], None]:
+    def during(path: str) -> None:
+        os.truncate(path, os.path.getsize(path) // 2 if n is None else n)
+    return during
+
+
+def _rewrite_in_place(path: str) -> None:
+    """The same bytes with every float replaced by NaN bytes, written over the file."""
+    with open(path, 'r+b') as f:
+        data = bytearray(f.read())
+        f.seek(0)
+        f.write(bytes(data[:len(data) // 2]) + b'\xff' * (len(data) - len(data) // 2))
+
+
+def _append(path: str) -> None:
+    with open(path, 'ab') as f:
+        f.write(b'\x00' * 64)
+
+
+_CHANGES = [
+    ('replaced', _replace_with(_write_other), 'ok',
+     'replaced by rename while read: the file opened is read whole'),
+    ('unlinked', os.unlink, 'ok', 'unlinked while read: the file opened is read whole'),
+    ('truncated-empty', _truncate(0), 'error', ''),
+    ('truncated-half', _truncate(None), 'error', ''),
+    ('truncated-header', _truncate(100), 'error', ''),
+    ('rewritten-in-place', _rewrite_in_place, 'error', ''),
+    ('appended', _append, 'error', ''),
+]
+
+
+def _safetensors_good(d: str, name: str) -> str:
+    from safetensors.torch import save_file
+    path = _p(d, name + '.safetensors')
+    save_file(dict(good_state()), path)
+    return path
+
+
+for _fmt_name, _make in [('zip', lambda d, n: zip_with(d, n + '.pth')),
+                         ('legacy', lambda d, n: legacy_with(d, n + '.pth')),
+                         ('st', _safetensors_good)]:
+    for _chg, _fn, _expect, _promise in _CHANGES:
+        case(f'during-{_fmt_name}-{_chg}', 'snapshot',
+             None if _expect == 'ok' else 'changed while being read', expect=_expect,
+             during=_fn, promise=_promise)(lambda d, m=_make, n=f'{_fmt_name}-{_chg}': m(d, n))
 
 
 def by_name() -> Dict[str, Case]:

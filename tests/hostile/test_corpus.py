@@ -83,7 +83,9 @@ def corpus(tmp_path_factory) -> Dict[Tuple[str, str], dict]:
 
 def test_corpus_covers_every_family():
     families = {c.family for c in CASES}
-    assert {'code', 'memory', 'values', 'zip', 'legacy', 'safetensors', 'control'} <= families
+    assert {'code', 'memory', 'values', 'zip', 'legacy', 'safetensors', 'control', 'bounds',
+            'dtype', 'messages', 'snapshot'} <= families
+    assert len(CASES) >= 250 and all(c.promise for c in CASES)
     assert sum(c.expect == 'error' for c in CASES) >= 100
     assert sum(c.expect == 'ok' for c in CASES) >= 5
     assert sum(c.wide for c in CASES) >= 10

@@ -63,7 +63,7 @@ class Entry:
     Args:
         key (str): Model key.
         file_key (str): Key in the checkpoint (after unwrapping).
-        source (torch.Tensor): The checkpoint tensor (may be memory-mapped).
+        source (torch.Tensor): The checkpoint tensor (in the reader's private memory).
         target (torch.Tensor): The live parameter or buffer.
         module (nn.Module): Module owning ``target``.
         module_name (str): Model name of ``module``.
