@@ -388,9 +388,12 @@ def identify_checkpoint(ckpt: Any, path: str) -> Identity:
         opts['spconv_layout'] = ident.layout
     if fam.has_ema and not fam.fixed:
         by_kind = {c.kind: c.key for c in fam.copies}
+        raw = by_kind.get('raw', by_kind.get('weights'))
         ident.notes.append(f"weights='auto' takes {fam.auto} ({fam.auto_why}); "
-                           f"weights='ema' takes {by_kind['ema']}, weights='raw' takes "
-                           f"{by_kind.get('raw', by_kind.get('weights'))}")
+                           f"weights='ema' takes {by_kind['ema']}, "
+                           + (f"weights='raw' takes {raw}" if raw else
+                              "weights='raw' is refused: the file holds the averaged "
+                              'weights alone'))
     if ident.formats and not ident.ambiguous:
         ident.options = dict(opts)
     fp = {f.name: f for f in FINGERPRINTS}.get(ident.formats[0][0]) \

@@ -26,6 +26,11 @@ were read from the libraries named next to them:
   ``optimizer_state``, ``epoch``, ``it``, ``version='pcdet+<version>'``; no EMA.
 - PyTorch Lightning: ``state_dict`` under the LightningModule's attribute names and
   ``pytorch-lightning_version``; no EMA copy by default.
+- BEVDet family (BEVDet, BEVDepth ports; ``mmdet3d/core/hook/ema.py``,
+  ``MEGVIIEMAHook``): next to the regular checkpoint it writes ``epoch_<n>_ema.pth``
+  (``{'epoch', 'state_dict', 'updates'}``) or ``iter_<n>_ema.pth`` (``'iter'`` instead of
+  ``'epoch'``), whose ``state_dict`` is ``ModelEMA.ema.state_dict()``: the averaged
+  model alone, under the model's own keys. The raw weights are in the other file.
 """
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -40,6 +45,9 @@ WEIGHTS = ('auto', 'ema', 'raw')
 EMA, RAW, ONLY = 'ema', 'raw', 'weights'
 ROLE = {EMA: 'EMA weights', RAW: 'raw weights', ONLY: 'weights'}
 MMCV1_EMA_PREFIX = 'ema_'
+# BEVDet's MEGVIIEMAHook.save_checkpoint / save_checkpoint_iter write exactly these entries.
+BEVDET_EMA_ENTRIES = (frozenset({'epoch', 'state_dict', 'updates'}),
+                      frozenset({'iter', 'state_dict', 'updates'}))
 
 
 def is_state_dict(obj: Any) -> bool:
@@ -200,6 +208,11 @@ def family_of(ckpt: Any, filename: str = '') -> Family:
             Copy('state_dict_ema', EMA, 'timm ModelEma', ckpt['state_dict_ema'])],
             'state_dict_ema', 'timm load_checkpoint(use_ema=True) deploys it',
             version=version)
+    if is_state_dict(sd) and frozenset(map(str, ckpt)) in BEVDET_EMA_ENTRIES:
+        return Family('BEVDet MEGVIIEMAHook', [
+            Copy('state_dict', EMA, 'BEVDet MEGVIIEMAHook *_ema.pth (the averaged model alone; '
+                 'the raw weights are in the regular checkpoint)', sd)],
+            'state_dict', 'the only copy, averaged')
     if is_state_dict(sd) and not is_lazy(sd):
         ema_keys = _mmcv1_ema_keys(sd)
         mmcv_v = meta.get('mmcv_version')
@@ -279,8 +292,12 @@ def choose_copy(ckpt: Any, filename: str, weights: str = 'auto') -> Choice:
         want = [c for c in fam.copies if c.kind == ONLY]
     if not want:
         held = '; '.join(c.describe() for c in fam.copies)
-        raise FusionLoadError([f"{filename}: weights='ema' but this {fam.name} checkpoint "
-                               f'has no EMA copy (it holds {held})'], 'no EMA weights')
+        if weights == EMA:
+            raise FusionLoadError([f"{filename}: weights='ema' but this {fam.name} checkpoint "
+                                   f'has no EMA copy (it holds {held})'], 'no EMA weights')
+        raise FusionLoadError([f"{filename}: weights='raw' but this {fam.name} checkpoint "
+                               f'holds only averaged weights ({held}); load the regular '
+                               'checkpoint for the raw ones'], 'no raw weights')
     c = want[0]
     return Choice(fam.name, c.key, c.kind, f'{ROLE[c.kind]}, {c.why} (weights={weights!r})',
                   c.state)
