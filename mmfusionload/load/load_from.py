@@ -9,7 +9,7 @@ from ..checkpoint.containers import shape_of, unwrap
 from ..errors import FusionLoadError
 from ..checkpoint.identify import identify_state
 from .modality import resolve_targets
-from .repairs import (Entry, Mapped, RepairProblem, SourceContext, may_be_absent,
+from .repairs import (Entry, Mapped, RepairProblem, SourceContext, is_record, may_be_absent,
                       repairs_in_order, run_repairs)
 from .repairs.spconv_layout import LAYOUT_VERSION, module_layout
 from ..report import SourceReport
@@ -78,6 +78,9 @@ def repair_checkpoint(checkpoint: MutableMapping[str, Any],
     for key, tensor in ckpt.state.items():
         target = model_state.get(key)
         if target is None:
+            if is_record(key):  # a run-time record the model does not keep: left out
+                report.ignored += 1
+                continue
             report.unexpected.append(key)
             state[key] = tensor
             continue

@@ -28,7 +28,7 @@ from .prefix import Alignment, auto_alignment, explicit_alignment
 from .presets import KeyPreset, get_preset, rename_keys
 from ..files.pages import sweep
 from ..files.reader import read_checkpoint, release_pages
-from .repairs import (Entry, Mapped, RepairProblem, SourceContext, may_be_absent,
+from .repairs import (Entry, Mapped, RepairProblem, SourceContext, is_record, may_be_absent,
                       repairs_in_order, run_repairs)
 from ..report import (LoadReport, SourceReport, compress_keys, overlap_problems,
                      size_mismatch_problems)
@@ -240,7 +240,7 @@ def plan_source(model: nn.Module,
         file_key = renamed[new]
         target = targeted.get(key)
         if target is None:  # every targeted key is under a target
-            if under_any(key):
+            if under_any(key) and not is_record(key):
                 report.unexpected.append(key)
             else:
                 report.ignored += 1
