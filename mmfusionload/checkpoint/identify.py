@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from ..errors import FusionLoadError
 from ..sparse.layouts import LAYOUTS, MMCV, SPCONV2, layout_of_version
 from ..files.lazy import is_lazy
+from .fused import describe as describe_fused
 from .trainers import Family, describe_copies, family_of
 
 UNKNOWN = 'unknown format'
@@ -400,6 +401,7 @@ def identify_checkpoint(ckpt: Any, path: str) -> Identity:
         if ident.formats and not ident.ambiguous else None
     if fp is not None and fp.notes is not None:
         ident.notes += fp.notes(list(chosen.state))
+    ident.notes += describe_fused(list(chosen.state), metadata)
     if ident.layout is None and 'no sparse-conv' not in ident.layout_evidence:
         ident.notes.append("set spconv_layout='spconv2' or 'mmcv' on the source: the file "
                            'does not decide it')
