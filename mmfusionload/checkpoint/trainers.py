@@ -20,6 +20,8 @@ were read from the libraries named next to them:
 - timm (``timm/models/_helpers.py``, 0.9/1.0): ``CheckpointSaver`` writes
   ``state_dict`` (raw) and ``state_dict_ema``; ``load_checkpoint(use_ema=True)``, the
   default, deploys ``state_dict_ema`` when present.
+- detectron2 (fvcore ``Checkpointer.save``; DD3D): ``model`` (the only copy), with
+  ``optimizer``, ``scheduler`` and ``iteration`` when written during training.
 - DeiT / Cream (``main.py``): ``model`` (raw) and ``model_ema`` (timm ``ModelEma``'s
   module); evaluation and fine-tuning load ``model``.
 - OpenPCDet (``pcdet/utils/common_utils`` / ``tools/train_utils``): ``model_state``,
@@ -45,6 +47,9 @@ WEIGHTS = ('auto', 'ema', 'raw')
 EMA, RAW, ONLY = 'ema', 'raw', 'weights'
 ROLE = {EMA: 'EMA weights', RAW: 'raw weights', ONLY: 'weights'}
 MMCV1_EMA_PREFIX = 'ema_'
+# detectron2 (fvcore ``Checkpointer.save``): ``model`` plus the checkpointables and
+# ``iteration``; its FPN detectors keep the feature extractor under this prefix.
+DETECTRON2_BOTTOM_UP = 'backbone.bottom_up.'
 # BEVDet's MEGVIIEMAHook.save_checkpoint / save_checkpoint_iter write exactly these entries.
 BEVDET_EMA_ENTRIES = (frozenset({'epoch', 'state_dict', 'updates'}),
                       frozenset({'iter', 'state_dict', 'updates'}))
@@ -239,6 +244,11 @@ def family_of(ckpt: Any, filename: str = '') -> Family:
                 else 'safetensors')
         return Family(name, [Copy('state_dict', ONLY, name, sd)], 'state_dict',
                       'the only copy')
+    if (is_state_dict(ckpt.get('model')) and 'model_ema' not in ckpt
+            and ('iteration' in ckpt or any(isinstance(k, str) and k.startswith(
+                DETECTRON2_BOTTOM_UP) for k in ckpt['model']))):
+        return Family('detectron2', [Copy('model', ONLY, 'detectron2 Checkpointer',
+                                          ckpt['model'])], 'model', 'the only copy')
     if is_state_dict(ckpt.get('model')):
         copies = [Copy('model', RAW if is_state_dict(ckpt.get('model_ema')) else ONLY,
                        'DeiT/Cream model', ckpt['model'])]
