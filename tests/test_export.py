@@ -194,3 +194,57 @@ def test_export_loads_into_openpcdets_own_modules(res, tmp_path):
         got = bev_net(dict(spatial_features=got_bev))['spatial_features_2d']
     torch.testing.assert_close(got_bev, bev, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- mit-han-lab BEVFusion
+
+def test_export_to_mit_bevfusion_names_and_spconv1_kernels(tmp_path, capsys):
+    """mit-han-lab's encoder is spconv 1.x code: a kernel is ``K[*k, in, out]`` itself.
+    The written kernel, read that way in a dense ``F.conv3d``, computes at the active
+    sites what the live spconv 2.x submanifold conv computes."""
+    import spconv.pytorch as spconv
+    from mmfusionload.checkpoint.identify import identify
+    src = randomize_(Target(False, xyz=True), seed=11).eval()
+    sd = OrderedDict(src.state_dict())
+    sd._metadata = src.state_dict()._metadata
+    extra = {'bbox_head.decoder.0.self_attn.attn.in_proj_weight': torch.randn(6, 2),
+             'bbox_head.decoder.0.cross_attn.attn.out_proj.weight': torch.randn(2, 2),
+             'bbox_head.decoder.0.ffn.layers.0.0.weight': torch.randn(4, 2),
+             'bbox_head.decoder.0.ffn.layers.1.weight': torch.randn(2, 4),
+             'bbox_head.decoder.0.norms.2.weight': torch.randn(2),
+             'pts_voxel_encoder.num_points': torch.zeros(1)}
+    sd.update(extra)
+    path = str(tmp_path / 'bevfusion.pth')
+    torch.save(dict(state_dict=sd), path)
+    dst = str(tmp_path / 'mit.pth')
+    assert main(['convert', path, dst, '--to-format', 'mit-bevfusion']) == 0
+    assert 'left out, no place in mit-bevfusion: pts_voxel_encoder. (1)' in \
+        capsys.readouterr().out.replace('\n', '')
+    out = torch.load(dst, weights_only=False)['state_dict']
+    for old, new in [('bbox_head.decoder.0.self_attn.attn.in_proj_weight',
+                      'heads.object.decoder.0.self_attn.in_proj_weight'),
+                     ('bbox_head.decoder.0.cross_attn.attn.out_proj.weight',
+                      'heads.object.decoder.0.multihead_attn.out_proj.weight'),
+                     ('bbox_head.decoder.0.ffn.layers.0.0.weight',
+                      'heads.object.decoder.0.linear1.weight'),
+                     ('bbox_head.decoder.0.ffn.layers.1.weight',
+                      'heads.object.decoder.0.linear2.weight'),
+                     ('bbox_head.decoder.0.norms.2.weight', 'heads.object.decoder.0.norm3.weight'),
+                     ('pts_backbone.blocks.0.0.weight', 'decoder.backbone.blocks.0.0.weight'),
+                     ('pts_neck.deblocks.1.0.weight', 'decoder.neck.deblocks.1.0.weight')]:
+        assert torch.equal(out[new], sd[old]), new
+    kernel = out['encoders.lidar.backbone.conv_input.0.weight']
+    assert tuple(kernel.shape) == (3, 3, 3, 4, 16)  # [*k, in, out]
+    ident = identify(dst)
+    assert ident.format == 'mit-han-lab BEVFusion' and ident.layout == 'mmcv'
+    conv = src.pts_middle_encoder.conv_input[0]
+    feats, coords = points(SHAPE[::-1], n=150)
+    with torch.no_grad():
+        live = conv(spconv.SparseConvTensor(feats, coords, SHAPE[::-1], 2))
+        dense = torch.zeros(2, 4, *SHAPE[::-1])
+        c = coords.long()
+        dense[c[:, 0], :, c[:, 1], c[:, 2], c[:, 3]] = feats
+        ref = torch.nn.functional.conv3d(dense, kernel.permute(4, 3, 0, 1, 2), padding=1)
+    oc = live.indices.long()
+    torch.testing.assert_close(live.features, ref[oc[:, 0], :, oc[:, 1], oc[:, 2], oc[:, 3]],
+                               rtol=1e-5, atol=1e-5)
