@@ -87,6 +87,7 @@ def test_fused_modules_load_as_conv_and_batchnorm(tmp_path, one_thread):
                           logger=None)
     s = report.sources[0]
     assert not s.missing and not s.unexpected and not s.mismatched
+    assert '2 spconv QAT fused conv-BN module(s) read as a conv and its BatchNorm' in s.identity
     x = _input(g)
     with torch.no_grad():
         got = model(x)

@@ -176,6 +176,9 @@ def plan_source(model: nn.Module,
     all_shapes = ckpt.shapes()
     if 'identity' not in ckpt.cache:  # the same for every source sharing ckpt
         ckpt.cache['identity'] = identify_state(fname, all_shapes, ckpt.metadata).one_line()
+        if ckpt.fused:
+            ckpt.cache['identity'] += (f'; {len(ckpt.fused)} spconv QAT fused conv-BN '
+                                       'module(s) read as a conv and its BatchNorm')
     report.identity = ckpt.cache['identity']
     plan = SourcePlan(spec, report)
     try:
