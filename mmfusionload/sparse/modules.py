@@ -11,7 +11,8 @@ import torch.nn as nn
 
 from .layouts import MMCV, SPCONV2, Geometry, convert, is_pointwise, stored_shape
 
-__all__ = ['SPARSE_CONV_CLASSES', 'SPCONV_VOXEL_COUNT', 'module_layout', 'module_geometry', 'module_pointwise',
+__all__ = ['SPARSE_CONV_CLASSES', 'SPCONV_VOXEL_COUNT', 'module_layout', 'module_geometry',
+           'module_pointwise',
            'kernel_shape', 'convert_kernel']
 
 # (module prefix, base class name) -> layout its ``weight`` is held in.
