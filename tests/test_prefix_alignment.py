@@ -12,7 +12,11 @@ def reference(ckpt_shapes, model_shapes, targets, filename=''):
     """Every candidate rewrite applied to every key, as the documented rule says."""
     keys = list(ckpt_shapes)
     tnames = [t + '.' for t in targets if t]
-    strips = list(dict.fromkeys(COMMON_PREFIXES + tuple(tnames)))
+    nested = sorted({h + k[len(h):].split('.', 1)[0] + '.' for k in keys for h in COMMON_PREFIXES
+                     if h and k.startswith(h) and k[len(h):].count('.') >= 1
+                     and not k[len(h):].endswith('.')})
+    nested = sorted(nested, key=lambda p: (COMMON_PREFIXES.index(p.split('.', 1)[0] + '.'), p))
+    strips = list(dict.fromkeys(COMMON_PREFIXES + tuple(tnames) + tuple(nested)))
     adds = list(dict.fromkeys(('', ) + tuple(tnames)))
     seen: Dict[frozenset, Alignment] = {}
     for strip in strips:
@@ -43,7 +47,7 @@ def reference(ckpt_shapes, model_shapes, targets, filename=''):
 
 def _random_case(rng: random.Random) -> Tuple[dict, dict, List[str]]:
     heads = ['img_backbone', 'img_neck', 'pts_backbone', 'bbox_head', 'backbone', 'model',
-             'module', 'a.b', 'a']
+             'module', 'a.b', 'a', 'backbone.bottom_up', 'model.img_backbone']
     leaves = ['conv.weight', 'conv.bias', 'bn.weight', 'blocks.0.w', 'blocks.1.w', 'x', 'b.c.w']
     targets = rng.sample(['img_backbone', 'img_neck', 'pts_backbone', 'bbox_head', 'a',
                           'a.b'], rng.randint(1, 3))

@@ -110,3 +110,34 @@ def test_sharded_safetensors(tmp_path):
 def test_choose_copy_rejects_unknown_weights():
     with pytest.raises(FusionLoadError, match="weights must be 'auto', 'ema' or 'raw'"):
         choose_copy(dict(state_dict=RAW), 'x.pth', 'best')
+
+
+@pytest.mark.parametrize('counter', ['epoch', 'iter'])
+def test_bevdet_ema_file_is_the_averaged_copy(counter, tmp_path):
+    # what BEVDet's MEGVIIEMAHook.save_checkpoint(_iter) writes: epoch_<n>_ema.pth
+    path = str(tmp_path / 'epoch_12_ema.pth')
+    torch.save({counter: 11, 'state_dict': EMA, 'updates': 12345}, path)
+    for weights in ('auto', 'ema'):
+        model = _model()
+        report = load_sources(model, [dict(checkpoint=path, weights=weights)], logger=None)
+        for k, v in EMA.items():
+            assert torch.equal(model.state_dict()[k], v), (weights, k)
+        src = report.sources[0]
+        assert src.family == 'BEVDet MEGVIIEMAHook'
+        assert src.weights.startswith('state_dict: EMA weights, BEVDet MEGVIIEMAHook')
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(FusionLoadError, match="weights='raw' but this BEVDet MEGVIIEMAHook"):
+        load_sources(model, [dict(checkpoint=path, weights='raw')], logger=None)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    from mmfusionload.checkpoint.identify import identify
+    ident = identify(path)
+    assert ident.family == 'BEVDet MEGVIIEMAHook'
+    assert ident.copies == [('state_dict', 'EMA weights (auto)')]
+    assert any("weights='raw' is refused" in n for n in ident.notes)
+
+
+def test_state_dict_with_more_entries_is_not_a_bevdet_ema_file():
+    # a Runner checkpoint that happens to record 'updates' is not MEGVIIEMAHook's file
+    fam = family_of(dict(epoch=1, state_dict=RAW, updates=3, optimizer={}))
+    assert fam.name == 'state_dict container' and not fam.has_ema

@@ -8,6 +8,7 @@ import torch
 
 from ..errors import FusionLoadError, describe
 from ..files.lazy import LazyState, is_lazy
+from .fused import unfuse
 from .trainers import choose_copy
 
 WRAPPER_PREFIXES = ('module.', )
@@ -33,6 +34,8 @@ class Unwrapped:
         family (str): The trainer family the container belongs to.
         copy (str): Which copy was taken and why (``'state_dict: EMA weights,
             MMEngine EMAHook'``).
+        fused (list[str]): spconv QAT fused conv-BN modules read as a conv and its
+            BatchNorm (:mod:`~mmfusionload.checkpoint.fused`).
     """
     state: Mapping[str, torch.Tensor]
     metadata: Dict[str, dict]
@@ -42,6 +45,7 @@ class Unwrapped:
     skipped: List[str] = field(default_factory=list)
     family: str = ''
     copy: str = ''
+    fused: List[str] = field(default_factory=list)
     #: What sources sharing this object compute once (shapes, identity).
     cache: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -223,7 +227,10 @@ def unwrap(ckpt: Any, filename: str, prefer_ema: bool = False,
         # module names in _metadata carry no trailing dot; compare with one
         name = fix(k + '.')[:-1] if k else k
         fixed_meta[name] = v
+    fused: List[str] = []
+    if not lazy:  # safetensors files have no _metadata, so no fused module is known
+        out, fixed_meta, fused = unfuse(out, fixed_meta, filename)
     meta = ckpt.get('meta', {}) if isinstance(ckpt, Mapping) else {}
     return Unwrapped(out, fixed_meta, container, stripped,
                      meta if isinstance(meta, dict) else {}, skipped,
-                     family=choice.family, copy=choice.describe())
+                     family=choice.family, copy=choice.describe(), fused=fused)

@@ -23,6 +23,7 @@ from ..registry import KEY_PRESETS
 from ..sparse.decide import decide_layout, file_kernels
 from ..sparse.layouts import LAYOUT_DEFS, LAYOUTS
 from ..files.lazy import is_lazy
+from .fused import describe as describe_fused
 from .trainers import Family, describe_copies, family_of
 
 UNKNOWN = 'unknown format'
@@ -371,15 +372,19 @@ def identify_checkpoint(ckpt: Any, path: str) -> Identity:
         opts['spconv_layout'] = ident.layout
     if fam.has_ema and not fam.fixed:
         by_kind = {c.kind: c.key for c in fam.copies}
+        raw = by_kind.get('raw', by_kind.get('weights'))
         ident.notes.append(f"weights='auto' takes {fam.auto} ({fam.auto_why}); "
-                           f"weights='ema' takes {by_kind['ema']}, weights='raw' takes "
-                           f"{by_kind.get('raw', by_kind.get('weights'))}")
+                           f"weights='ema' takes {by_kind['ema']}, "
+                           + (f"weights='raw' takes {raw}" if raw else
+                              "weights='raw' is refused: the file holds the averaged "
+                              'weights alone'))
     if ident.formats and not ident.ambiguous:
         ident.options = dict(opts)
     fp = {f.name: f for f in FINGERPRINTS}.get(ident.formats[0][0]) \
         if ident.formats and not ident.ambiguous else None
     if fp is not None and fp.notes is not None:
         ident.notes += fp.notes(list(chosen.state))
+    ident.notes += describe_fused(list(chosen.state), metadata)
     if ident.layout is None and 'no sparse-conv' not in ident.layout_evidence:
         ident.notes.append(f"set spconv_layout={' or '.join(repr(x) for x in LAYOUTS)} on "
                            'the source: the file does not decide it')

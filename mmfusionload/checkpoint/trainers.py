@@ -20,12 +20,19 @@ were read from the libraries named next to them:
 - timm (``timm/models/_helpers.py``, 0.9/1.0): ``CheckpointSaver`` writes
   ``state_dict`` (raw) and ``state_dict_ema``; ``load_checkpoint(use_ema=True)``, the
   default, deploys ``state_dict_ema`` when present.
+- detectron2 (fvcore ``Checkpointer.save``; DD3D): ``model`` (the only copy), with
+  ``optimizer``, ``scheduler`` and ``iteration`` when written during training.
 - DeiT / Cream (``main.py``): ``model`` (raw) and ``model_ema`` (timm ``ModelEma``'s
   module); evaluation and fine-tuning load ``model``.
 - OpenPCDet (``pcdet/utils/common_utils`` / ``tools/train_utils``): ``model_state``,
   ``optimizer_state``, ``epoch``, ``it``, ``version='pcdet+<version>'``; no EMA.
 - PyTorch Lightning: ``state_dict`` under the LightningModule's attribute names and
   ``pytorch-lightning_version``; no EMA copy by default.
+- BEVDet family (BEVDet, BEVDepth ports; ``mmdet3d/core/hook/ema.py``,
+  ``MEGVIIEMAHook``): next to the regular checkpoint it writes ``epoch_<n>_ema.pth``
+  (``{'epoch', 'state_dict', 'updates'}``) or ``iter_<n>_ema.pth`` (``'iter'`` instead of
+  ``'epoch'``), whose ``state_dict`` is ``ModelEMA.ema.state_dict()``: the averaged
+  model alone, under the model's own keys. The raw weights are in the other file.
 """
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -40,6 +47,12 @@ WEIGHTS = ('auto', 'ema', 'raw')
 EMA, RAW, ONLY = 'ema', 'raw', 'weights'
 ROLE = {EMA: 'EMA weights', RAW: 'raw weights', ONLY: 'weights'}
 MMCV1_EMA_PREFIX = 'ema_'
+# detectron2 (fvcore ``Checkpointer.save``): ``model`` plus the checkpointables and
+# ``iteration``; its FPN detectors keep the feature extractor under this prefix.
+DETECTRON2_BOTTOM_UP = 'backbone.bottom_up.'
+# BEVDet's MEGVIIEMAHook.save_checkpoint / save_checkpoint_iter write exactly these entries.
+BEVDET_EMA_ENTRIES = (frozenset({'epoch', 'state_dict', 'updates'}),
+                      frozenset({'iter', 'state_dict', 'updates'}))
 
 
 def version_text(value: Any) -> str:
@@ -210,6 +223,11 @@ def family_of(ckpt: Any, filename: str = '') -> Family:
             Copy('state_dict_ema', EMA, 'timm ModelEma', ckpt['state_dict_ema'])],
             'state_dict_ema', 'timm load_checkpoint(use_ema=True) deploys it',
             version=version)
+    if is_state_dict(sd) and frozenset(map(str, ckpt)) in BEVDET_EMA_ENTRIES:
+        return Family('BEVDet MEGVIIEMAHook', [
+            Copy('state_dict', EMA, 'BEVDet MEGVIIEMAHook *_ema.pth (the averaged model alone; '
+                 'the raw weights are in the regular checkpoint)', sd)],
+            'state_dict', 'the only copy, averaged')
     if is_state_dict(sd) and not is_lazy(sd):
         ema_keys = _mmcv1_ema_keys(sd)
         mmcv_v = meta.get('mmcv_version')
@@ -236,6 +254,11 @@ def family_of(ckpt: Any, filename: str = '') -> Family:
                 else 'safetensors')
         return Family(name, [Copy('state_dict', ONLY, name, sd)], 'state_dict',
                       'the only copy')
+    if (is_state_dict(ckpt.get('model')) and 'model_ema' not in ckpt
+            and ('iteration' in ckpt or any(isinstance(k, str) and k.startswith(
+                DETECTRON2_BOTTOM_UP) for k in ckpt['model']))):
+        return Family('detectron2', [Copy('model', ONLY, 'detectron2 Checkpointer',
+                                          ckpt['model'])], 'model', 'the only copy')
     if is_state_dict(ckpt.get('model')):
         copies = [Copy('model', RAW if is_state_dict(ckpt.get('model_ema')) else ONLY,
                        'DeiT/Cream model', ckpt['model'])]
@@ -290,8 +313,12 @@ def choose_copy(ckpt: Any, filename: str, weights: str = 'auto') -> Choice:
         want = [c for c in fam.copies if c.kind == ONLY]
     if not want:
         held = '; '.join(c.describe() for c in fam.copies)
-        raise FusionLoadError([f"{filename}: weights='ema' but this {fam.name} checkpoint "
-                               f'has no EMA copy (it holds {held})'], 'no EMA weights')
+        if weights == EMA:
+            raise FusionLoadError([f"{filename}: weights='ema' but this {fam.name} checkpoint "
+                                   f'has no EMA copy (it holds {held})'], 'no EMA weights')
+        raise FusionLoadError([f"{filename}: weights='raw' but this {fam.name} checkpoint "
+                               f'holds only averaged weights ({held}); load the regular '
+                               'checkpoint for the raw ones'], 'no raw weights')
     c = want[0]
     return Choice(fam.name, c.key, c.kind, f'{ROLE[c.kind]}, {c.why} (weights={weights!r})',
                   c.state)

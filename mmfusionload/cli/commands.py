@@ -212,7 +212,8 @@ def _convert(args: argparse.Namespace) -> int:
                 to_layout=args.to_layout, strip_prefix=args.strip_prefix,
                 add_prefix=args.add_prefix, model=model, source_options=options,
                 trust_checkpoint=args.trust_checkpoint, weights=args.weights, progress=p.bar,
-                extra_meta=dict(config=osp.abspath(args.config)) if args.config else None)
+                extra_meta=dict(config=osp.abspath(args.config)) if args.config else None,
+                to_format=args.to_format, spatial_order=args.spatial_order)
         except FusionLoadError as e:
             report = getattr(e, 'report', None)
             if report is None:
@@ -368,6 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument('--to-layout', choices=LAYOUTS,
                       help="layout to write (default: the model's with --config, else "
                       'unchanged)')
+    conv.add_argument('--to-format', metavar='FORMAT',
+                      help='write an MMDetection3D checkpoint in a foreign format instead '
+                      '(openpcdet, mit-bevfusion: any preset that states its reverse)')
+    conv.add_argument('--spatial-order', choices=('zyx', 'xyz'),
+                      help="with --to-format: the sparse encoder's axis order to write "
+                      "(default: the format's)")
     conv.add_argument('--config', help='build this model and let it decide names and layout '
                       '(verifies every tensor fits)')
     conv.add_argument('--modality', action='append', help='with --config: load only these '

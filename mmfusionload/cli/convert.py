@@ -31,10 +31,11 @@ from ..load.pipeline import plan_source, read_source, validate
 from ..load.presets import get_preset, rename_keys
 from ..files.reader import read_checkpoint
 from ..files.writer import check_destination, plain_metadata, save_checkpoint
-from ..load.repairs.spconv_layout import (LAYOUT_VERSION, LAYOUTS, convert_kernel, module_layout,
-                                          module_pointwise)
+from ..load.repairs.spconv_layout import (LAYOUT_VERSION, LAYOUTS, SPCONV2, convert_kernel,
+                                          module_layout, module_pointwise)
+from ..sparse.axis_order import kernel_order
 from ..sparse.decide import MAX_KERNEL, decide_layout, file_kernels, file_readings
-from ..sparse.layouts import LAYOUT_DEFS, check_layout_option, volume
+from ..sparse.layouts import LAYOUT_DEFS, ORDERS, check_layout_option, reverse_axes, volume
 from ..report import SourceReport
 from ..load.source import parse_source
 
@@ -176,6 +177,118 @@ def convert_state(ckpt: Unwrapped,
     return result
 
 
+# ---------------------------------------------------------------- export to a format
+
+def _encoder_order(shapes: Mapping[str, Tuple[int, ...]], kernels: Mapping[str, Tuple[int, ...]],
+                   layout: Optional[str]) -> Tuple[Optional[str], str]:
+    """The axis order the file's sparse encoder shows: its ``conv_out`` kernel reduces
+    the height alone (``(3, 1, 1)``: z-y-x, ``(1, 1, 3)``: x-y-z)."""
+    if layout is None:
+        return None, 'no sparse-kernel layout'
+    for k in kernels:
+        if 'conv_out' in k and len(shapes[k]) == 5:
+            order = kernel_order(LAYOUT_DEFS[layout].geometry(shapes[k]).kernel)
+            if order is not None:
+                return order, f'{k} {list(shapes[k])}'
+    return None, 'no conv_out kernel shows it'
+
+
+def export_state(ckpt: Unwrapped,
+                 to_format: str,
+                 spconv_layout: str = 'auto',
+                 to_layout: Optional[str] = None,
+                 spatial_order: Optional[str] = None,
+                 filename: str = '') -> Converted:
+    """An MMDetection3D checkpoint under a foreign format's names (the preset's reverse).
+
+    Sparse kernels are written in ``to_layout`` (default: the format's) and in
+    ``spatial_order`` (default: the format's encoder order); when that differs from the
+    order the file's encoder shows, every sparse kernel's spatial axes are reversed and
+    the 2-D kernels of ``pts_backbone``/``pts_neck`` transposed, as their BEV map is.
+
+    Args:
+        ckpt (Unwrapped): The source's tensors, MMDetection3D names.
+        to_format (str): A registered preset that states its reverse.
+        spconv_layout (str): Layout of the file's sparse kernels (``'auto'``: decided
+            by ``_metadata`` and the shapes).
+        to_layout (str, optional): Layout to write.
+        spatial_order (str, optional): ``'zyx'`` or ``'xyz'`` to write.
+        filename (str): For messages.
+
+    Returns:
+        Converted: The format's tensors (with ``_metadata``); the keys left out in
+        ``notes``.
+    """
+    from ..load.repairs.bev_order import transpose_bev_kernel
+    preset = get_preset(to_format)
+    if not preset.exports:
+        raise FusionLoadError([f'preset {to_format!r} states no reverse: it converts into '
+                               'MMDetection3D only'], 'bad option')
+    if spatial_order is not None and spatial_order not in ORDERS:
+        raise FusionLoadError([f'--spatial-order must be zyx or xyz, got {spatial_order!r}'],
+                              'bad option')
+    state = ckpt.state
+    shapes = {k: tuple(t.shape) for k, t in state.items()}
+    facts = file_kernels(shapes, {k.rpartition('.')[0]: (ckpt.metadata.get(
+        k.rpartition('.')[0]) or {}).get('version') for k in shapes})
+    kernels = {k.key: shapes[k.key] for k in facts}
+    decision = decide_layout(facts, spconv_layout)
+    src = decision.layout
+    if decision.misfits:
+        raise FusionLoadError([f'{filename}: {k}: shape {list(shapes[k])} is not a {src} sparse '
+                               'kernel' for k in decision.misfits[:5]], 'bad layout')
+    if src is None and kernels:
+        raise FusionLoadError(
+            [f'{filename}: cannot tell the layout of {len(kernels)} sparse kernel(s) '
+             f'({", ".join(list(kernels)[:3])}): {decision.evidence}; pass --spconv-layout '
+             f'{"|".join(LAYOUTS)}'], 'ambiguous layout')
+    dst = to_layout or preset.export_layout or preset.spconv_layout or SPCONV2
+    want = spatial_order or preset.order
+    have, evidence = _encoder_order(shapes, kernels, src)
+    if want and kernels and have is None:
+        raise FusionLoadError([f'{filename}: the sparse encoder does not show its axis order '
+                               f'({evidence}); cannot write {want}'], 'ambiguous order')
+    flip = bool(want and have and want != have)
+    out: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
+    result = Converted(out, {})
+    sparse_ids = {}
+    for k, t in state.items():
+        if k in kernels:
+            t = convert_kernel(t, src, dst)
+            if flip:
+                t = reverse_axes(t, dst)
+            sparse_ids[id(t)] = k
+        elif flip and t.dim() == 4 and k.endswith('.weight') and (
+                k.startswith('pts_backbone.') or k.startswith('pts_neck.')):
+            t = transpose_bev_kernel(t)
+        out[k] = t
+    try:
+        named, left = preset.export_state(out)
+    except FusionLoadError as e:
+        raise FusionLoadError([f'{filename}: {p}' for p in e.problems], e.title) from None
+    metadata: 'OrderedDict[str, dict]' = OrderedDict()
+    final: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
+    for k, t in named.items():
+        final[k] = t
+        if id(t) in sparse_ids:
+            result.sparse[k] = (src, dst)
+            metadata[k.rpartition('.')[0]] = {'version': LAYOUT_VERSION[dst]}
+    final._metadata = metadata  # type: ignore[attr-defined]
+    result.state = final
+    if flip:
+        result.notes.append(f'the encoder is {have} ({evidence}); written {want}: sparse '
+                            "kernels' spatial axes reversed, the BEV layers' 2-D kernels "
+                            'transposed')
+    if left:
+        groups = OrderedDict()
+        for k in left:
+            g = k.split('.', 1)[0] + '.'
+            groups[g] = groups.get(g, 0) + 1
+        result.notes.append(f'left out, no place in {to_format}: '
+                            + ', '.join(f'{g} ({n})' for g, n in groups.items()))
+    return result
+
+
 # ---------------------------------------------------------------- with a model
 
 def convert_with_model(model: nn.Module,
@@ -246,14 +359,18 @@ def convert_checkpoint(src: str,
                        trust_checkpoint: bool = False,
                        weights: str = 'auto',
                        progress: Progress = None,
-                       extra_meta: Optional[Dict[str, Any]] = None) -> Converted:
+                       extra_meta: Optional[Dict[str, Any]] = None,
+                       to_format: Optional[str] = None,
+                       spatial_order: Optional[str] = None) -> Converted:
     """Convert ``src`` and write it to ``dst`` (atomically; never over ``src``).
 
     With ``model`` the model decides names and layout (see
     :func:`convert_with_model`); ``strip_prefix``/``add_prefix`` then become the
     source's explicit ``prefix`` rewrite and ``source_options`` (``modality``,
     ``modules``, ``strict``, ``exclude``...) are passed through. Without it see
-    :func:`convert_state`. The checkpoint's ``meta`` is kept, with a
+    :func:`convert_state`. ``to_format`` writes a foreign format instead (the
+    preset's reverse, :func:`export_state`; no model, no preset, no prefix options),
+    in its container. The checkpoint's ``meta`` is kept, with a
     ``mmfusionload`` entry recording the conversion. ``weights`` picks the copy of
     the weights (``'auto'``, ``'ema'``, ``'raw'``; see
     :func:`~mmfusionload.checkpoint.trainers.choose_copy`).
@@ -267,7 +384,22 @@ def convert_checkpoint(src: str,
     if bad:
         raise FusionLoadError(bad, 'bad option')
     check_destination(dst, [src])
-    if model is not None:
+    container = None
+    if to_format is not None:
+        if model is not None or preset or strip_prefix or add_prefix:
+            raise FusionLoadError(['--to-format takes an MMDetection3D checkpoint as it is: '
+                                   'no --config, --preset, --strip-prefix or --add-prefix'],
+                                  'bad option')
+        ckpt = unwrap(read_checkpoint(src, trust_checkpoint=trust_checkpoint), src,
+                      weights=weights)
+        result = export_state(ckpt, to_format, spconv_layout, to_layout, spatial_order, src)
+        result.meta = dict(ckpt.meta)
+        copy = ckpt.copy
+        container = get_preset(to_format).container
+        extra_meta = dict(extra_meta or {}, to_format=to_format)
+    elif spatial_order is not None:
+        raise FusionLoadError(['--spatial-order goes with --to-format'], 'bad option')
+    elif model is not None:
         source = dict(source_options or {}, checkpoint=src, spconv_layout=spconv_layout,
                       trust_checkpoint=trust_checkpoint, weights=weights)
         if preset:
@@ -289,5 +421,5 @@ def convert_checkpoint(src: str,
         converted_from=osp.abspath(src), preset=preset,
         spconv_layout=layouts[0] if len(layouts) == 1 else (layouts or None),
         verified_against_model=model is not None, weights=copy or None, **(extra_meta or {}))
-    save_checkpoint(dst, result.state, result.meta)
+    save_checkpoint(dst, result.state, result.meta, container)
     return result

@@ -14,7 +14,7 @@ import signal
 import tempfile
 import threading
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -178,15 +178,21 @@ def _safetensors_metadata(meta: Mapping[str, Any], versions: Dict[str, int]) -> 
     return out
 
 
-def save_checkpoint(path: str, state: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+def save_checkpoint(path: str, state: Mapping[str, torch.Tensor], meta: Mapping[str, Any],
+                    container: Optional[Tuple[str, Mapping[str, Any]]] = None) -> None:
     """Write ``{'state_dict': state, 'meta': meta}`` atomically.
 
     ``.safetensors``: the tensors, ``meta`` entries as metadata strings (non-strings
     as JSON) and the ``_metadata`` versions as JSON under ``module_versions``.
     Otherwise ``torch.save`` (``_metadata`` travels with the state dict). ``meta`` is
-    written as :func:`plain_metadata` makes it.
+    written as :func:`plain_metadata` makes it. ``container``: ``(key, entries)``
+    to hold the tensors under ``key`` next to ``entries`` (another trainer's
+    layout, e.g. OpenPCDet's ``model_state`` and ``version``; ``.pth`` only).
     """
     meta = plain_metadata(meta)
+    if container is not None and path.endswith(SAFETENSORS_SUFFIX):
+        raise FusionLoadError([f'{path}: a {container[0]!r} container is written as .pth, '
+                               'not .safetensors'], 'bad destination')
     if path.endswith(SAFETENSORS_SUFFIX):
         from safetensors.torch import save_file
         tensors, seen = OrderedDict(), set()
@@ -202,7 +208,9 @@ def save_checkpoint(path: str, state: Mapping[str, torch.Tensor], meta: Mapping[
     else:
         sd = OrderedDict(state)
         sd._metadata = OrderedDict(getattr(state, '_metadata', None) or {})  # type: ignore
-        atomic_write(path, lambda tmp: torch.save({'state_dict': sd, 'meta': dict(meta)}, tmp))
+        key, entries = container or ('state_dict', {})
+        top = {key: sd, **dict(entries), 'meta': dict(meta)}
+        atomic_write(path, lambda tmp: torch.save(top, tmp))
 
 
 # ---------------------------------------------------------------- without a model

@@ -266,8 +266,135 @@ def openpcdet_orders(shapes: Mapping[str, Tuple[int, ...]]) -> Dict[str, Tuple[s
     return out
 
 
-OPENPCDET = register_preset('openpcdet', KeyPreset(convert=openpcdet_to_mmdet3d,
-                                                   orders=openpcdet_orders))
+# ---------------------------------------------------------------- export (the reverse)
+
+def _mm_units(state: Mapping[str, torch.Tensor]) -> List[List[Unit]]:
+    """A ``SparseEncoder``'s ``encoder_layers`` units, stage by stage."""
+    stages: Dict[int, Dict[int, Unit]] = {}
+    for k in state:
+        m = re.match(r'^encoder_layers\.encoder_layer(\d+)\.(\d+)\.(conv1|0)\.weight$', k)
+        if m:
+            kind = 'block' if m.group(3) == 'conv1' else 'conv'
+            stages.setdefault(int(m.group(1)), {})[int(m.group(2))] = Unit(
+                kind, f'encoder_layers.encoder_layer{m.group(1)}.{m.group(2)}')
+    if 'conv_input.0.weight' not in state or 'conv_out.0.weight' not in state or not stages:
+        raise FusionLoadError([f'{DST_3D} needs conv_input, encoder_layers and conv_out (an '
+                               "MMDetection3D SparseEncoder) to become OpenPCDet's backbone_3d"],
+                              'openpcdet export')
+    numbers = sorted(stages)
+    if numbers != list(range(1, len(numbers) + 1)):
+        raise FusionLoadError([f'{DST_3D}encoder_layers stages {numbers} are not '
+                               'encoder_layer1..N'], 'openpcdet export')
+    out = []
+    for n in numbers:
+        items = stages[n]
+        if sorted(items) != list(range(len(items))):
+            raise FusionLoadError([f'{DST_3D}encoder_layers.encoder_layer{n} items '
+                                   f'{sorted(items)} are not 0..{len(items) - 1}'],
+                                  'openpcdet export')
+        out.append([items[j] for j in range(len(items))])
+    return out
+
+
+def _put_back(state: Mapping[str, torch.Tensor], unit: Unit, dst: str,
+              out: 'OrderedDict[str, torch.Tensor]', used: set) -> None:
+    """One unit under OpenPCDet's names: a conv block ``.0``/``.1``, or a basic block
+    whose convs get the zero bias OpenPCDet's ``SparseBasicBlock`` has (``bias=True``
+    beside a BatchNorm): ``BN(Wx + 0)`` is ``BN(Wx)``, the BatchNorm unchanged."""
+    pairs = ((('0', '1'), ) if unit.kind == 'conv' else (('conv1', 'bn1'), ('conv2', 'bn2')))
+    for conv, bn in pairs:
+        key = f'{unit.src}.{conv}.weight'
+        if key not in state:
+            raise FusionLoadError([f'{DST_3D}{key} is missing'], 'openpcdet export')
+        out[f'{dst}.{conv}.weight'] = state[key]
+        used.add(key)
+        for name in BN_KEYS:
+            if f'{unit.src}.{bn}.{name}' in state:
+                out[f'{dst}.{bn}.{name}'] = state[f'{unit.src}.{bn}.{name}']
+                used.add(f'{unit.src}.{bn}.{name}')
+        if unit.kind == 'block':
+            if f'{unit.src}.{conv}.bias' in state:
+                out[f'{dst}.{conv}.bias'] = state[f'{unit.src}.{conv}.bias']
+                used.add(f'{unit.src}.{conv}.bias')
+            else:
+                mean = state.get(f'{unit.src}.{bn}.running_mean')
+                if mean is None:
+                    raise FusionLoadError([f'{DST_3D}{unit.src}.{bn}.running_mean is missing'],
+                                          'openpcdet export')
+                out[f'{dst}.{conv}.bias'] = torch.zeros_like(mean)
+
+
+def export_backbone_3d(state: Mapping[str, torch.Tensor]) -> 'OrderedDict[str, torch.Tensor]':
+    """``SparseEncoder`` keys (without the prefix) -> OpenPCDet ``backbone_3d`` keys.
+
+    The reverse of :func:`convert_backbone_3d`: ``conv_module`` stages keep their
+    partition; with ``basicblock`` the down-sampling conv that ends each stage but the
+    last starts the next OpenPCDet stage (``conv{i+1}.0``).
+    """
+    stages = _mm_units(state)
+    if any(u.kind == 'block' for s in stages for u in s):
+        for i, s in enumerate(stages[:-1], start=1):
+            if s[-1].kind != 'conv':
+                raise FusionLoadError([f'{DST_3D}encoder_layers.encoder_layer{i} does not end '
+                                       "with a down-sampling conv; OpenPCDet's "
+                                       'VoxelResBackBone8x has no place for it'],
+                                      'openpcdet export')
+        target = []
+        for i, s in enumerate(stages):
+            lead = [stages[i - 1][-1]] if i > 0 else []
+            target.append(lead + (s[:-1] if i + 1 < len(stages) else list(s)))
+    else:
+        target = stages
+    out: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
+    used: set = set()
+    _put_back(state, Unit('conv', 'conv_input'), 'conv_input', out, used)
+    for i, units in enumerate(target, start=1):
+        for j, unit in enumerate(units):
+            _put_back(state, unit, f'conv{i}.{j}', out, used)
+    _put_back(state, Unit('conv', 'conv_out'), 'conv_out', out, used)
+    leftover = [k for k in state if k not in used]
+    if leftover:
+        raise FusionLoadError([f'{DST_3D} tensors with no place in OpenPCDet\'s backbone_3d: '
+                               f'{", ".join(leftover[:8])}'], 'openpcdet export')
+    return out
+
+
+def mmdet3d_to_openpcdet(state: Mapping[str, torch.Tensor]
+                         ) -> Tuple['OrderedDict[str, torch.Tensor]', List[str]]:
+    """MMDetection3D ``pts_middle_encoder`` / ``pts_backbone`` / ``pts_neck`` ->
+    OpenPCDet ``backbone_3d`` / ``backbone_2d``; returns the tensors and the keys left
+    out (everything else: OpenPCDet's heads are parameterised differently).
+
+    ``SECOND``'s ``blocks.i.j`` (conv with padding 1 first) is ``BaseBEVBackbone``'s
+    ``blocks.i.(j+1)`` (``ZeroPad2d(1)`` then a conv with padding 0: the same function);
+    ``SECONDFPN``'s ``deblocks`` keep their names.
+    """
+    out: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
+    enc = OrderedDict((k[len(DST_3D):], v) for k, v in state.items() if k.startswith(DST_3D))
+    if enc:
+        out.update((SRC_3D + k, v) for k, v in export_backbone_3d(enc).items())
+    left = []
+    for k, v in state.items():
+        if k.startswith(DST_3D):
+            continue
+        m = re.match(r'^pts_backbone\.blocks\.(\d+)\.(\d+)\.(.+)$', k)
+        if m:
+            out[f'{SRC_2D}blocks.{m.group(1)}.{int(m.group(2)) + 1}.{m.group(3)}'] = v
+            continue
+        m = re.match(r'^pts_neck\.(deblocks\.\d+\..+)$', k)
+        if m:
+            out[SRC_2D + m.group(1)] = v
+            continue
+        left.append(k)
+    return out, left
+
+
+# OpenPCDet's save_checkpoint writes ``version='pcdet+' + pcdet.__version__``; the
+# structure exported is v0.6.0's (module docstring).
+OPENPCDET = register_preset('openpcdet', KeyPreset(
+    convert=openpcdet_to_mmdet3d, orders=openpcdet_orders, reverse=mmdet3d_to_openpcdet,
+    container=('model_state', {'version': 'pcdet+0.6.0'}), order=ZYX,
+    export_layout='spconv2'))
 
 
 def not_converted_note(keys) -> List[str]:

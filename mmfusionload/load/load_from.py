@@ -10,7 +10,7 @@ from ..errors import FusionLoadError
 from ..checkpoint.identify import identify_state
 from .modality import resolve_targets
 from .pipeline import SourcePlan, plan_mapping, verify_plan
-from .repairs import SourceContext, may_be_absent
+from .repairs import SourceContext, is_record, may_be_absent
 from .repairs.spconv_layout import LAYOUT_VERSION, module_layout
 from ..report import SourceReport
 from ..sparse.layouts import check_layout_option
@@ -108,6 +108,8 @@ def _write_back(ckpt: Unwrapped, plan: SourcePlan) -> 'OrderedDict[str, torch.Te
     state: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
     for key, tensor in ckpt.state.items():
         e = entries.get(key)
+        if e is None and is_record(key):  # a run-time record the model does not keep
+            continue
         if e is None or key in bad:
             state[key] = tensor
         elif e.skip:

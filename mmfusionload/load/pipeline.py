@@ -27,7 +27,7 @@ from .modality import resolve_targets
 from .prefix import Alignment, auto_alignment, explicit_alignment
 from .presets import KeyPreset, get_preset, rename_keys
 from ..files.reader import read_checkpoint
-from .repairs import (Entry, Mapped, RepairProblem, SourceContext, may_be_absent,
+from .repairs import (Entry, Mapped, RepairProblem, SourceContext, is_record, may_be_absent,
                       repairs_in_order, run_repairs)
 from ..report import (LoadReport, Mismatch, Placed, SourceReport, compress_keys, mismatch_problems,
                       overlap_problems)
@@ -175,6 +175,9 @@ def plan_source(model: nn.Module,
     all_shapes = ckpt.shapes()
     if 'identity' not in ckpt.cache:  # the same for every source sharing ckpt
         ckpt.cache['identity'] = identify_state(fname, all_shapes, ckpt.metadata).one_line()
+        if ckpt.fused:
+            ckpt.cache['identity'] += (f'; {len(ckpt.fused)} spconv QAT fused conv-BN '
+                                       'module(s) read as a conv and its BatchNorm')
     report.identity = ckpt.cache['identity']
     plan = SourcePlan(spec, report)
     try:
@@ -283,7 +286,7 @@ def plan_mapping(plan: SourcePlan,
         file_key = file_keys[new]
         target = targeted.get(key)
         if target is None:  # every targeted key is under a target
-            if under_any(key):
+            if under_any(key) and not is_record(key):
                 report.unexpected.append(key)
             else:
                 report.ignored += 1

@@ -9,6 +9,25 @@ from ..errors import FusionLoadError
 COMMON_PREFIXES = ('', 'backbone.', 'img_backbone.', 'module.', 'model.')
 
 
+def nested_prefixes(keys: Sequence[str]) -> Tuple[str, ...]:
+    """Two-segment prefixes ``a.b.`` of the keys whose ``a.`` is a non-empty common
+    prefix (``backbone.bottom_up.`` of a detectron2 file, ``model.backbone.``), in
+    order of first appearance among the sorted keys."""
+    return _nested(_Sorted(keys))
+
+
+def _nested(keys: '_Sorted') -> Tuple[str, ...]:
+    out: Dict[str, None] = {}
+    for head in COMMON_PREFIXES:
+        if not head:
+            continue
+        for rest in keys.under(head):
+            seg, dot, tail = rest.partition('.')
+            if dot and tail:
+                out.setdefault(head + seg + '.')
+    return tuple(out)
+
+
 @dataclass
 class Alignment:
     """A prefix rewrite ``strip`` -> ``add`` and the keys it maps.
@@ -151,8 +170,9 @@ def auto_alignment(ckpt_shapes: Mapping[str, Sequence[int]],
                    filename: str = '') -> Alignment:
     """Pick the prefix rewrite under which most checkpoint tensors land.
 
-    Tries stripping each common prefix (and each target's name) from the
-    checkpoint keys and adding each target's name (or nothing), ranking every
+    Tries stripping each common prefix, each target's name and each two-segment
+    prefix under a common one (:func:`nested_prefixes`, e.g. ``backbone.bottom_up.``)
+    from the checkpoint keys and adding each target's name (or nothing), ranking every
     candidate by the number of checkpoint tensors that land on a targeted
     model key with a compatible shape, then by those landing on a targeted
     key at all (shape problems are then reported key by key).
@@ -172,9 +192,9 @@ def auto_alignment(ckpt_shapes: Mapping[str, Sequence[int]],
     """
     keys = list(ckpt_shapes)
     tnames = [t + '.' for t in targets if t]
-    strips = list(dict.fromkeys(COMMON_PREFIXES + tuple(tnames)))
-    adds = list(dict.fromkeys(('', ) + tuple(tnames)))
     ckpt_keys, model_keys = _Sorted(keys), _Sorted(list(model_shapes))
+    strips = list(dict.fromkeys(COMMON_PREFIXES + tuple(tnames) + _nested(ckpt_keys)))
+    adds = list(dict.fromkeys(('', ) + tuple(tnames)))
     under: Dict[str, Dict[str, str]] = {}  # add -> rest -> model key
     seen: List[_Candidate] = []  # no two landing the same pairs: the first one stays
     by_rank: Dict[Tuple[int, int], List[_Candidate]] = {}

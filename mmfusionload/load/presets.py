@@ -1,6 +1,7 @@
-"""Key-mapping presets: named rename rules for checkpoints in foreign formats."""
+"""Key-mapping presets: named rename rules for checkpoints in foreign formats, both ways."""
 import re
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from collections import OrderedDict
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -30,6 +31,20 @@ class KeyPreset:
             file's key -> shape, returns converted key prefix -> ``(order,
             evidence)`` (``'zyx'`` or ``'xyz'``; for 2-D BEV layers, the
             order of the encoder whose BEV map they read).
+        reverse_rules (Sequence[tuple[str, str]]): The reverse of ``rules``
+            (MMDetection3D names -> the format's), applied in order like
+            ``rules``; with any given, a key no reverse rule matches has no
+            place in the format and is left out of an export.
+        reverse (Callable, optional): The reverse of ``convert``, run after
+            ``reverse_rules``: MMDetection3D tensors -> ``(the format's tensors,
+            keys it has no place for)``.
+        container (tuple[str, dict], optional): Where the format keeps its
+            tensors and what else its files hold at the top level
+            (``('model_state', {'version': ...})``); default ``state_dict``.
+        order (str, optional): The spatial axis order (``'zyx'``/``'xyz'``) of
+            the format's sparse encoder, written by an export.
+        export_layout (str, optional): The sparse-kernel layout an export writes
+            (default: ``spconv_layout``, else ``'spconv2'``).
     """
 
     def __init__(self,
@@ -39,12 +54,58 @@ class KeyPreset:
                  convert: Optional[Callable[[Dict[str, torch.Tensor]],
                                             Dict[str, torch.Tensor]]] = None,
                  orders: Optional[Callable[[Dict[str, Tuple[int, ...]]],
-                                           Dict[str, Tuple[str, str]]]] = None):
+                                           Dict[str, Tuple[str, str]]]] = None,
+                 reverse_rules: Sequence[Tuple[str, Optional[str]]] = (),
+                 reverse: Optional[Callable[[Dict[str, torch.Tensor]],
+                                            Tuple[Dict[str, torch.Tensor], List[str]]]] = None,
+                 container: Optional[Tuple[str, Dict[str, Any]]] = None,
+                 order: Optional[str] = None,
+                 export_layout: Optional[str] = None):
         self.rules = [(re.compile(p), r) for p, r in rules]
         self.new_keys = [re.compile(p) for p in new_keys]
         self.spconv_layout = spconv_layout
         self.convert = convert
         self.orders = orders
+        self.reverse_rules = [(re.compile(p), r) for p, r in reverse_rules]
+        self.reverse = reverse
+        self.container = container
+        self.order = order
+        self.export_layout = export_layout
+
+    @property
+    def exports(self) -> bool:
+        """Whether the preset states its reverse (an export to the format exists)."""
+        return bool(self.reverse_rules) or self.reverse is not None
+
+    def export_name(self, key: str) -> Optional[str]:
+        """The format's name of the MMDetection3D ``key`` (None: no place for it)."""
+        matched = False
+        for pattern, repl in self.reverse_rules:
+            if pattern.search(key):
+                if repl is None:
+                    return None
+                key, matched = pattern.sub(repl, key), True
+        return key if matched or not self.reverse_rules else None
+
+    def export_state(self, state: Mapping[str, torch.Tensor]
+                     ) -> Tuple['OrderedDict[str, torch.Tensor]', List[str]]:
+        """MMDetection3D tensors under the format's names: ``reverse_rules``, then
+        ``reverse``. Returns ``(tensors, keys left out)``."""
+        out: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
+        left: List[str] = []
+        for k, v in state.items():
+            new = self.export_name(k)
+            if new is None:
+                left.append(k)
+                continue
+            if new in out:
+                raise FusionLoadError([f'{k!r} and another key both become {new!r} in the '
+                                       'export'], 'key collision')
+            out[new] = v
+        if self.reverse is not None:
+            out, more = self.reverse(out)
+            left += list(more)
+        return OrderedDict(out), left
 
     def rename(self, key: str) -> Optional[str]:
         """The new name of ``key``, or None to drop it."""

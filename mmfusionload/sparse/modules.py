@@ -11,7 +11,8 @@ import torch.nn as nn
 
 from .layouts import MMCV, SPCONV2, Geometry, convert, is_pointwise, stored_shape
 
-__all__ = ['SPARSE_CONV_CLASSES', 'module_layout', 'module_geometry', 'module_pointwise',
+__all__ = ['SPARSE_CONV_CLASSES', 'SPCONV_VOXEL_COUNT', 'module_layout', 'module_geometry',
+           'module_pointwise',
            'kernel_shape', 'convert_kernel']
 
 # (module prefix, base class name) -> layout its ``weight`` is held in.
@@ -20,6 +21,12 @@ SPARSE_CONV_CLASSES: Dict[Tuple[str, str], str] = {
     ('mmcv.ops', 'SparseConvolution'): MMCV,
 }
 
+#: spconv >= 2.2 (read from 2.3.8, ``spconv/pytorch/conv.py`` and ``pool.py``): a
+#: non-submanifold, non-inverse conv (and a max pool) built with ``record_voxel_count=True``
+#: registers this ``int32 [1]`` buffer, the most output sites it has seen; spconv's own
+#: load hook puts a zero in its place when a file lacks it. A statistic, not a weight:
+#: a model may have it where the file does not, and the other way round.
+SPCONV_VOXEL_COUNT = 'max_num_voxels_during_training'
 
 # class (and the size of SPARSE_CONV_CLASSES, which may grow) -> layout, found once
 _LAYOUT_OF_CLASS: Dict[Tuple[type, int], Optional[str]] = {}

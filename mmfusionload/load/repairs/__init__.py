@@ -7,7 +7,7 @@ from typing import List, Optional
 from ...registry import REPAIRS
 from .base import Entry, Mapped, Repair, RepairProblem, SourceContext
 from .bev_order import BevOrder
-from .derived import SkipDerived, is_derived, may_be_absent, register_derived
+from .derived import SkipDerived, is_derived, is_record, may_be_absent, register_derived
 from .dtype import CastDtype
 from .pos_bias import (ResizePositionBias, resize_attention_biases,
                        resize_relative_position_table)
@@ -39,7 +39,8 @@ def run_repairs(entry: Entry, repairs: Optional[List[Repair]] = None) -> None:
 
 __all__ = [
     'Entry', 'Mapped', 'Repair', 'RepairProblem', 'SourceContext', 'SkipDerived', 'CastDtype',
-    'ResizePositionBias', 'SpconvLayout', 'is_derived', 'may_be_absent', 'register_derived',
+    'ResizePositionBias', 'SpconvLayout', 'is_derived', 'is_record', 'may_be_absent',
+    'register_derived',
     'run_repairs',
     'repairs_in_order', 'resize_attention_biases', 'resize_relative_position_table',
     'convert_kernel', 'kernel_shape', 'module_layout', 'module_geometry', 'decide_sparse',

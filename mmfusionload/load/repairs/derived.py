@@ -3,6 +3,7 @@ import re
 from typing import Dict, List, Optional, Pattern, Tuple
 
 from ...registry import REPAIRS
+from ...sparse.modules import SPCONV_VOXEL_COUNT
 from .base import Entry, Repair
 
 # Always rebuilt by the model (index tables).
@@ -80,9 +81,21 @@ def is_derived(key: str) -> bool:
     return derived_kind(key) != 0
 
 
+# Run-time records a module keeps next to its weights: a checkpoint may lack them and
+# a model may lack them (spconv's voxel counter, ``record_voxel_count``).
+RECORDS: List[str] = [r'(^|\.)' + SPCONV_VOXEL_COUNT + '$']
+
+
+def is_record(key: str) -> bool:
+    """Whether the key names a run-time record (never missing, never unexpected)."""
+    return _search_any(RECORDS, key)
+
+
 def may_be_absent(key: str) -> bool:
-    """Whether a checkpoint may lack the model key: derived tensors and BN's counter."""
-    return is_derived(key) or bool(re.search(r'(^|\.)num_batches_tracked$', key))
+    """Whether a checkpoint may lack the model key: derived tensors, BN's counter and
+    run-time records."""
+    return (is_derived(key) or bool(re.search(r'(^|\.)num_batches_tracked$', key))
+            or is_record(key))
 
 
 @REPAIRS.register_module()
