@@ -107,18 +107,17 @@ def commands(text: str) -> List[str]:
 
 # ------------------------------------------------------------------ fixtures
 _MADE: Dict[str, Path] = {}
-_NAMESPACES: Dict[str, dict] = {}
+_MODELS: Dict[str, torch.nn.Module] = {}
 
 
 def _tiny_centerpoint_state():
     """A randomized model of ``configs/lidar/centerpoint_tiny_cpu.py``, built once."""
     from mmfusionload.cli.config import build_model, load_config
     from mmfusionload.cli.demo import randomize
-    if 'centerpoint' not in _NAMESPACES:
-        model = randomize(build_model(load_config(str(
+    if 'centerpoint' not in _MODELS:
+        _MODELS['centerpoint'] = randomize(build_model(load_config(str(
             ROOT / 'configs' / 'lidar' / 'centerpoint_tiny_cpu.py'))), seed=1)
-        _NAMESPACES['centerpoint'] = dict(model=model)
-    return _NAMESPACES['centerpoint']['model']
+    return _MODELS['centerpoint']
 
 
 def _lidar_part_mmcv(model) -> 'OrderedDict':
@@ -200,7 +199,6 @@ def fixture_openpcdet(d: Path, ns: dict) -> None:
                            if not k.startswith('backbone_3d.')}
     torch.save(ckpt, str(d / 'pointpillar_7728.pth'), _use_new_zipfile_serialization=False)
     ns['model'] = Target(res=False)
-    ns['reference'] = src
 
 
 def fixture_lidar_dataset(d: Path, ns: dict) -> None:
