@@ -248,3 +248,17 @@ def test_export_to_mit_bevfusion_names_and_spconv1_kernels(tmp_path, capsys):
     oc = live.indices.long()
     torch.testing.assert_close(live.features, ref[oc[:, 0], :, oc[:, 1], oc[:, 2], oc[:, 3]],
                                rtol=1e-5, atol=1e-5)
+
+
+def test_export_layout_follows_to_layout_and_spatial_order_needs_to_format(tmp_path):
+    src, path = _mmdet3d_file(tmp_path, False)
+    ckpt = _export(path, tmp_path, '--to-layout', 'mmcv')  # spconv 1.x OpenPCDet
+    state = ckpt['model_state']
+    assert tuple(state['backbone_3d.conv_out.0.weight'].shape) == (3, 1, 1, 64, 128)
+    torch.testing.assert_close(state['backbone_3d.conv_out.0.weight'],
+                               src.state_dict()['pts_middle_encoder.conv_out.0.weight']
+                               .permute(1, 2, 3, 4, 0))
+    assert state._metadata['backbone_3d.conv_out.0'] == {'version': 1}
+    with pytest.raises(FusionLoadError, match='--spatial-order goes with --to-format'):
+        from mmfusionload.cli.convert import convert_checkpoint
+        convert_checkpoint(path, str(tmp_path / 'z.pth'), spatial_order='zyx')
