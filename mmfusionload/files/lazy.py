@@ -57,6 +57,10 @@ def safetensors_dtypes() -> Dict[str, torch.dtype]:
     return dict(st_torch._TYPES)
 
 
+#: ``UntypedStorage`` slicing without ``torch/storage.py``'s wrapper (which only refuses
+#: meta storages, torch 2.13.0): a storage over part of another's bytes, keeping it alive.
+_slice_storage = torch._C.StorageBase.__getitem__
+
 #: Longest header safetensors 0.8.0 accepts (``N_MAX`` in its Rust ``read_metadata``).
 MAX_HEADER = 100_000_000
 
@@ -158,9 +162,9 @@ class SafetensorsState(LazyState):
                 raw = torch.empty((0, ), dtype=torch.uint8).set_(
                     self._data, offset, (numel * dtype.itemsize, ))
                 t = raw.clone().view(dtype).reshape(shape)
-            else:
-                t = torch.empty((0, ), dtype=dtype).set_(self._data, offset // dtype.itemsize,
-                                                         shape)
+            else:  # a storage of its own bytes (torch.save writes each tensor's own)
+                own = _slice_storage(self._data, slice(offset, offset + numel * dtype.itemsize))
+                t = torch.empty((0, ), dtype=dtype).set_(own, 0, shape)
             self._cache[key] = t
         return t
 
