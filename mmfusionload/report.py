@@ -161,6 +161,12 @@ class SourceReport:
         identity (str): The file's identified format, in one line.
         verified (int): Sparse-conv modules checked by function (``verify``).
         verify_error (float): The largest relative error those checks saw.
+        new_classes (list[str]): Model classes the checkpoint lacks (their rows
+            keep the model's values).
+        dropped_classes (list[str]): Checkpoint classes the model lacks.
+        classes (list[str]): One line per head whose classes were mapped by name.
+        features (list[str]): One line per first point-feature layer adapted by name.
+        frozen (list[str]): Modules whose loaded tensors do not train (``freeze``).
     """
     checkpoint: str
     label: str
@@ -184,6 +190,11 @@ class SourceReport:
     identity: str = ''
     verified: int = 0
     verify_error: float = 0.0
+    new_classes: List[str] = field(default_factory=list)
+    dropped_classes: List[str] = field(default_factory=list)
+    classes: List[str] = field(default_factory=list)
+    features: List[str] = field(default_factory=list)
+    frozen: List[str] = field(default_factory=list)
 
     def counts(self) -> Dict[str, int]:
         out = {k: len(getattr(self, k)) for k in (
@@ -191,6 +202,18 @@ class SourceReport:
             'regenerated', 'new')}
         out.update({f'adapted:{k}': len(v) for k, v in self.adapted.items()})
         out['ignored'] = self.ignored
+        return out
+
+    def finetune_lines(self) -> List[str]:
+        """Report lines for classes mapped by name, adapted point features, frozen modules."""
+        out = [f'classes: {line}' for line in self.classes]
+        if self.classes or self.new_classes or self.dropped_classes:
+            out.append(f'new classes: {", ".join(self.new_classes) or "-"}; dropped classes: '
+                       f'{", ".join(self.dropped_classes) or "-"}')
+        out += [f'point features: {line}' for line in self.features]
+        if self.frozen:
+            out.append(f'frozen ({len(self.frozen)} modules, norm layers kept in eval mode): '
+                       + '; '.join(compress_keys(self.frozen)[:12]))
         return out
 
     def to_dict(self, compress: bool = True) -> dict:
@@ -271,6 +294,8 @@ class LoadReport:
                 if text:
                     console.print(f'[{s.label}] {head}: {text}', markup=False,
                                   highlight=False)
+            for line in s.finetune_lines():
+                console.print(f'[{s.label}] {line}', markup=False, highlight=False)
         if details:
             for s in self.sources:
                 for name, keys in [('missing', s.missing), ('mismatched', s.mismatched),

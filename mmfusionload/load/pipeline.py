@@ -23,6 +23,9 @@ from ..files.lazy import is_lazy
 from .distributed import read_all
 from ..errors import FusionLoadError
 from ..checkpoint.identify import auto_preset, identify_state
+from .classes import plan_classes, take_rows
+from .features import plan_features
+from .freeze import freeze, frozen_modules, frozen_parts
 from .modality import resolve_targets
 from .prefix import Alignment, auto_alignment, explicit_alignment
 from .presets import KeyPreset, get_preset, rename_keys
@@ -229,14 +232,36 @@ def plan_source(model: nn.Module,
     report.ignored = len(state) - len(align.mapping)
 
     excludes = [re.compile(p) for p in spec.exclude]
+    under_any = _under_any(targets)
+    try:
+        classes = plan_classes(model, spec, ckpt.meta, align.mapping, shapes, targeted,
+                               under_any, fname)
+        features, report.features = plan_features(model, spec, align.mapping, shapes,
+                                                  targeted, under_any, fname)
+    except FusionLoadError as e:
+        plan.problems += e.problems
+        return plan
+    mapping = align.mapping
+    takes: Dict[str, Any] = {}
+    if classes is not None:
+        mapping = dict(mapping)
+        for key, (new, take) in classes.takes.items():
+            if new in renamed and key in targeted:
+                mapping[key] = new
+                if take.dim is not None:
+                    takes[key] = take
+        for key in classes.keep:
+            mapping.pop(key, None)
+        report.new += sorted(classes.keep)
+        report.new_classes, report.dropped_classes = classes.new, classes.dropped
+        report.classes = classes.notes
     modules: Dict[str, nn.Module] = {}
     versions: Dict[str, Optional[int]] = {}
     context = SourceContext(fname, spec, model, meta=dict(ckpt.meta or {}))
     if preset is not None and preset.orders is not None:
         context.orders = preset.orders(dict(all_shapes))
-    under_any = _under_any(targets)
     mapped, entries = context.mapped, plan.entries
-    for key, new in align.mapping.items():
+    for key, new in mapping.items():
         file_key = renamed[new]
         target = targeted.get(key)
         if target is None:  # every targeted key is under a target
@@ -254,12 +279,22 @@ def plan_source(model: nn.Module,
             version = versions[file_mod]
         else:
             version = versions[file_mod] = (ckpt.metadata.get(file_mod) or {}).get('version')
-        mapped.append(Mapped(key, file_key, shapes[new], module, mod_name, version))
+        feature = features.get(key) if features else None
+        take = takes.get(key) if takes else None
+        shape = feature.shape if feature is not None else \
+            tuple(target.shape) if take is not None else shapes[new]
+        mapped.append(Mapped(key, file_key, shape, module, mod_name, version))
         if excludes and any(p.search(key) for p in excludes):
             report.excluded.append(key)
             continue
-        entries.append(Entry(key, file_key, state[file_key], target, module, mod_name,
-                             version, spec, fname, context=context))
+        entry = Entry(key, file_key, state[file_key], target, module, mod_name,
+                      version, spec, fname, context=context)
+        if feature is not None:
+            entry.add_step('point_features', feature, shape=feature.shape)
+        if take is not None:
+            entry.add_step('classes', lambda t, b=target, d=take.dim, p=take.pairs:
+                           take_rows(t, b, d, p), shape=target.shape)
+        entries.append(entry)
 
     repairs = repairs_in_order()
     sizes: List[tuple] = []
@@ -330,6 +365,7 @@ def _account(plan: SourcePlan, targets: List[str], targeted: Dict[str, torch.Ten
         plan.problems.append(f'{spec.checkpoint}: strict="all" but nothing arrives for '
                              f'{", ".join(report.kept)}')
     arrived = {e.key for e in plan.entries}
+    arrived.update(report.new)  # tensors of new classes keep the model's values
     for key in targeted:
         if key in arrived or _under(key, targets) not in provided:
             continue
@@ -432,7 +468,8 @@ def load_sources(model: nn.Module,
                  extra_models: Sequence[nn.Module] = (),
                  logger: Optional[Any] = 'current',
                  title: str = 'mmfusionload',
-                 broadcast: Union[bool, str] = 'auto') -> LoadReport:
+                 broadcast: Union[bool, str] = 'auto',
+                 classes: Optional[Sequence[str]] = None) -> LoadReport:
     """Load checkpoints into parts of a model, all or nothing.
 
     Args:
@@ -455,6 +492,9 @@ def load_sources(model: nn.Module,
             the same, an error without a process group; ``False``: every rank
             reads its own files. When broadcasting, call this on every rank.
             See :mod:`mmfusionload.load.distributed`.
+        classes (Sequence[str], optional): The model's class names, for the sources
+            that do not set ``model_classes`` (the class-indexed tensors of registered
+            heads are loaded by class name, :mod:`mmfusionload.load.classes`).
 
     Returns:
         LoadReport: What was (or would be) loaded.
@@ -468,7 +508,10 @@ def load_sources(model: nn.Module,
     problems: List[str] = []
     for cfg in source_list(sources):
         try:
-            specs.append(parse_source(cfg))
+            spec = parse_source(cfg)
+            if classes is not None and spec.model_classes is None:
+                spec = parse_source(replace(spec, model_classes=list(classes)))
+            specs.append(spec)
         except FusionLoadError as e:
             problems += e.problems
     report = LoadReport(dry_run=dry_run, title=title)
@@ -505,6 +548,11 @@ def load_sources(model: nn.Module,
     if not dry_run:
         apply(plans, extra_models)
         report.applied = True
+    for plan in plans:  # freeze=True: what the source loaded does not train
+        if plan.spec.freeze:
+            keys = [e.key for e in plan.to_load]
+            plan.report.frozen = (frozen_modules(*frozen_parts(model, keys)) if dry_run
+                                  else freeze(model, keys))
     if logger is not None:
         print_log('\n' + report.format(), logger=logger)
     return report
