@@ -55,6 +55,11 @@ def _kind(module: nn.Module) -> str:
     return 'conv'
 
 
+#: Steps planned in the checkpoint's layout that change the function on purpose (the
+#: point features adapted by name): the reference computes the kernel after them.
+SOURCE_STEPS = frozenset({'point_features'})
+
+
 def wants_verify(entry, mode) -> bool:
     """Whether ``entry`` (a planned tensor) is checked under ``verify=mode``."""
     if mode is False or entry.skip is not None:
@@ -289,7 +294,11 @@ def _source_error(entry, probe: _Probe, oc, live, oshape, ic, ifeats, ishape) ->
     """Largest relative error of ``live`` against the checkpoint weight's function."""
     src = entry.facts.get('spconv_layout', (module_layout(entry.module), ) * 2)[0]
     rev = bool(entry.facts.get('axis_order', (False, None))[0])
-    kern = decode(entry.source.detach().cpu().float(), src, module_pointwise(entry.module))
+    weight = entry.source.detach().cpu().float()
+    for name, fn in entry.steps:  # a planned change of function: the reference includes it
+        if name in SOURCE_STEPS:
+            weight = fn(weight)
+    kern = decode(weight, src, module_pointwise(entry.module))
     flip = (lambda c: c.flip(1)) if rev else (lambda c: c)
     rv = (lambda t: tuple(reversed(t))) if rev else (lambda t: tuple(t))
     if probe.kind == 'inverse':
