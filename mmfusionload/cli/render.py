@@ -121,6 +121,8 @@ def render(results: Sequence[Inspection], console, model: Optional[nn.Module] = 
                     console.print(f'[{src.label}] {head}: {text}', markup=False,
                                   highlight=False)
             console.print(source_table(src, keys, ins.row_notes))
+            for line in src.finetune_lines():  # classes, point features, freezing
+                console.print(f'[{src.label}] {line}', markup=False, highlight=False)
             for line in detail_lines(src):
                 console.print(line, markup=False, highlight=False)
         for note in ins.notes:

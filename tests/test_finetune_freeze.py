@@ -1,0 +1,90 @@
+"""``freeze=True`` through a real Runner: two training iterations of the CPU CenterPoint.
+
+The LiDAR branch is loaded from a checkpoint with ``freeze=True``; after MMEngine's
+training loop (its ``model.train()`` calls, ``OptimWrapper`` with AdamW and weight
+decay, gradient clipping) every frozen tensor and every running statistic of the LiDAR
+branch is bit-identical to the checkpoint's, and every parameter of the head, which
+trains, has changed. The same with ``EMAHook`` (whose averaged copy keeps the frozen
+values too).
+"""
+import torch
+import pytest
+
+from test_lidar_train_test import CONFIG, LIDAR_MODULES, lidar_checkpoint, write_dataset
+from mmfusionload.load.freeze import frozen_parts, is_kept_in_eval, keep_in_eval
+
+pytest.importorskip('spconv')
+pytestmark = pytest.mark.usefixtures('one_thread')
+
+
+@pytest.fixture(scope='module')
+def lidar_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp('freeze')
+    write_dataset(d / 'data')
+    source, _ = lidar_checkpoint(d / 'lidar.pth')
+    return d, source
+
+
+def run(d, ema: bool, name: str):
+    import lidar_run_hooks  # noqa: F401  (registers StateSnapshotHook)
+    from mmengine.config import Config
+    from mmengine.runner import Runner
+    cfg = Config.fromfile(str(CONFIG))
+    cfg.work_dir = str(d / name)
+    cfg.experiment_name = f'freeze_{name}'
+    cfg.custom_hooks = [dict(type='FusionLoadHook', sources=[
+        dict(modality='lidar', checkpoint=str(d / 'lidar.pth'), freeze=True)]),
+        dict(type='StateSnapshotHook')] + ([dict(type='EMAHook', momentum=0.5)] if ema else [])
+    for split in ('train', 'test'):
+        cfg[f'{split}_dataloader'].dataset.data_root = str(d / 'data') + '/'
+    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=100)
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    start = torch.load(str(d / name / 'state_at_start.pth'), weights_only=True)
+    return runner, start
+
+
+@pytest.mark.parametrize('ema', [False, True], ids=['plain', 'EMAHook'])
+def test_frozen_lidar_branch_holds_through_training(lidar_data, ema):
+    d, source = lidar_data
+    runner, start = run(d, ema, 'ema' if ema else 'plain')
+    hook = next(h for h in runner.hooks if type(h).__name__ == 'FusionLoadHook')
+    (src, ) = hook.report.sources
+    assert src.frozen and all(m.startswith(LIDAR_MODULES) for m in src.frozen)
+    model = runner.model
+    after = model.state_dict()
+    lidar = [k for k in source if k.startswith(LIDAR_MODULES)]
+    assert any(k.endswith('running_mean') for k in lidar)
+    for k in lidar:  # parameters and running statistics, bit-identical
+        assert torch.equal(after[k], source[k]), f'frozen {k} moved'
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and all(n.startswith('pts_bbox_head.') for n in trained)
+    same = [n for n in trained if torch.equal(after[n], start[n])]
+    assert not same, f'{same} did not train ({len(trained)} trained)'
+    assert not any(p.requires_grad for n, p in model.named_parameters()
+                   if n.startswith(LIDAR_MODULES))
+    model.train()  # what every epoch of the loop does: the frozen norms stay in eval
+    norms = [m for n, m in model.named_modules() if n.startswith(LIDAR_MODULES)
+             and isinstance(m, torch.nn.modules.batchnorm._NormBase)]
+    assert norms and all(is_kept_in_eval(m) for m in norms)
+    if ema:
+        ema_hook = next(h for h in runner.hooks if type(h).__name__ == 'EMAHook')
+        averaged = ema_hook.ema_model.module.state_dict()
+        for k in lidar:
+            assert torch.equal(averaged[k], source[k]), f'EMA copy of frozen {k} moved'
+        assert any(not torch.equal(averaged[n], start[n]) for n in trained)
+
+
+def test_norm_kept_in_eval_ignores_train_and_survives_a_deep_copy():
+    import copy
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    params, norms = frozen_parts(net, ['1.weight', '1.bias', '1.running_mean', '1.running_var'])
+    assert params == ['1.weight', '1.bias'] and norms == ['1']
+    assert frozen_parts(net, ['1.weight', '1.bias', '1.running_mean'])[1] == []  # not wholly
+    keep_in_eval(net[1])
+    for m in (net, copy.deepcopy(net)):
+        m.train()
+        stats = m[1].running_mean.clone()
+        m(torch.randn(8, 3))
+        assert torch.equal(m[1].running_mean, stats)
+        assert not m[1].training
