@@ -10,25 +10,58 @@ values too).
 import torch
 import pytest
 
-from test_lidar_train_test import CONFIG, LIDAR_MODULES, lidar_checkpoint, write_dataset
+from test_lidar_train_test import CONFIG, LIDAR_MODULES, write_dataset
 from mmfusionload.load.freeze import frozen_parts, is_kept_in_eval, keep_in_eval
 
 pytest.importorskip('spconv')
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 
+def lidar_checkpoint(path):
+    """A checkpoint of the config's model whose LiDAR branch gives live features in eval
+    mode: PyTorch's default initialisation scaled by U(0.5, 1.5) per element, norm layers
+    with statistics near (0, 1) (U(-1, 1)-randomized statistics would silence the branch in
+    eval mode, and a zero input would leave the head nothing to learn from)."""
+    from mmdet3d.registry import MODELS
+    from mmdet3d.utils import register_all_modules
+    from mmengine.config import Config
+    from mmengine.registry import DefaultScope
+    register_all_modules(init_default_scope=False)
+    torch.manual_seed(0)
+    with DefaultScope.overwrite_default_scope('mmdet3d'):
+        model = MODELS.build(Config.fromfile(str(CONFIG), import_custom_modules=False).model)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, t in model.state_dict(keep_vars=True).items():
+            if not t.is_floating_point():
+                continue
+            u = torch.rand(t.shape, generator=g)
+            if name.endswith('running_mean'):
+                t.copy_((u - 0.5) * 0.2)
+            elif name.endswith('running_var'):
+                t.copy_(u * 0.5 + 0.75)
+            elif name.endswith('bias'):
+                t.add_((u - 0.5) * 0.2)
+            else:
+                t.mul_(u + 0.5)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.save({'state_dict': state, 'meta': {}}, str(path))
+    return state
+
+
 @pytest.fixture(scope='module')
 def lidar_data(tmp_path_factory):
     d = tmp_path_factory.mktemp('freeze')
     write_dataset(d / 'data')
-    source, _ = lidar_checkpoint(d / 'lidar.pth')
-    return d, source
+    return d, lidar_checkpoint(d / 'lidar.pth')
 
 
 def run(d, ema: bool, name: str):
     import lidar_run_hooks  # noqa: F401  (registers StateSnapshotHook)
     from mmengine.config import Config
     from mmengine.runner import Runner
+    from mmfusionload.sparse.compat import patch_spconv_cpu_stream
+    patch_spconv_cpu_stream()  # an unfrozen encoder would train too (spconv's CPU backward)
     cfg = Config.fromfile(str(CONFIG))
     cfg.work_dir = str(d / name)
     cfg.experiment_name = f'freeze_{name}'
@@ -88,3 +121,35 @@ def test_norm_kept_in_eval_ignores_train_and_survives_a_deep_copy():
         m(torch.randn(8, 3))
         assert torch.equal(m[1].running_mean, stats)
         assert not m[1].training
+
+
+def test_freeze_under_ddp_without_find_unused_parameters_stops_early(tmp_path, monkeypatch):
+    """A real DistributedDataParallel (gloo, one process): frozen parameters would never
+    get gradients, so the hook refuses before loading anything."""
+    import torch.distributed as dist
+    from mmengine.model import MMDistributedDataParallel
+    from mmfusionload import FusionLoadError
+    from mmfusionload.hooks.fusion_load_hook import check_freeze_wrapper
+    from mmfusionload.load.source import parse_source
+    monkeypatch.setenv('MASTER_ADDR', '127.0.0.1')
+    monkeypatch.setenv('MASTER_PORT', '29517')
+    dist.init_process_group('gloo', rank=0, world_size=1)
+    try:
+        from mmengine.model import BaseModel
+
+        class Tiny(BaseModel):
+            def __init__(self):
+                super().__init__()
+                self.backbone = torch.nn.Linear(2, 2)
+
+            def forward(self, x, mode='tensor'):
+                return self.backbone(x)
+        sources = [parse_source(dict(checkpoint='x.pth', modules=['backbone'], freeze=True))]
+        strict = MMDistributedDataParallel(Tiny(), find_unused_parameters=False)
+        with pytest.raises(FusionLoadError, match='find_unused_parameters=True'):
+            check_freeze_wrapper(strict, sources)
+        check_freeze_wrapper(MMDistributedDataParallel(Tiny(), find_unused_parameters=True),
+                             sources)
+        check_freeze_wrapper(strict, [parse_source(dict(checkpoint='x.pth'))])
+    finally:
+        dist.destroy_process_group()
