@@ -89,8 +89,10 @@ def test_sparse_encoder_nuscenes_into_kitti_equal_where_time_is_zero(tmp_path):
     assert torch.allclose(got, want, atol=1e-5), 'conv_input: differs where time is 0'
 
 
-def test_bevfusion_sparse_encoder_kitti_into_five_features(tmp_path):
-    """BEVFusion's own LiDAR encoder class (from an MMDetection3D checkout)."""
+@pytest.mark.parametrize('ckpt,model', [(KITTI, NUSCENES), (NUSCENES, KITTI)])
+def test_bevfusion_sparse_encoder_kitti_and_nuscenes(tmp_path, ckpt, model):
+    """BEVFusion's own LiDAR encoder class (from an MMDetection3D checkout): a 4-feature
+    checkpoint into its 5-feature branch (any time), and the reverse (where time is 0)."""
     from bevfusion_modules import project_module
     cls = project_module('sparse_encoder').BEVFusionSparseEncoder
 
@@ -100,17 +102,24 @@ def test_bevfusion_sparse_encoder_kitti_into_five_features(tmp_path):
                    encoder_channels=((4, ), (8, 8), (8, 8), (8, 8)),
                    encoder_paddings=((0, ), (0, 0), (0, 0), ((1, 1, 0), 0)),
                    block_type='conv_module').eval()
-    src = Holder(pts_middle_encoder=randomize(bev(4), seed=5)).eval()
-    dst = Holder(pts_middle_encoder=randomize(bev(5), seed=6)).eval()
+    n_src, n_dst = (4, 5) if ckpt == KITTI else (5, 4)
+    src = Holder(pts_middle_encoder=randomize(bev(n_src), seed=5)).eval()
+    dst = Holder(pts_middle_encoder=randomize(bev(n_dst), seed=6)).eval()
     load_sources(dst, [dict(checkpoint=save(tmp_path, src), modules=['pts_middle_encoder'],
-                            point_features=dict(checkpoint=KITTI, model=NUSCENES))],
+                            point_features=dict(checkpoint=ckpt, model=model))],
                  logger=None)
     feats, coors = voxels(4, seed=2)
     coors = coors[:, [0, 3, 2, 1]]  # BEVFusion's encoder takes (x, y, z)
+    time = torch.rand(len(feats), 1)
     with torch.no_grad():
-        want = src.pts_middle_encoder(feats, coors, 1)
-        got = dst.pts_middle_encoder(torch.cat([feats, torch.rand(len(feats), 1)], 1), coors, 1)
-    assert torch.allclose(got, want, atol=1e-5)
+        if ckpt == KITTI:  # any time
+            want = src.pts_middle_encoder(feats, coors, 1)
+            got = dst.pts_middle_encoder(torch.cat([feats, time], 1), coors, 1)
+        else:  # where time is 0
+            want = src.pts_middle_encoder(torch.cat([feats, 0 * time], 1), coors, 1)
+            got = dst.pts_middle_encoder(feats, coors, 1)
+    assert want.abs().sum() > 0
+    assert torch.allclose(got, want, atol=1e-5), f'{ckpt} -> {model}: conv_input'
 
 
 VFE = dict(
