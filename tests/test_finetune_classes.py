@@ -251,3 +251,45 @@ def test_without_class_names_the_size_mismatch_stays(tmp_path):
     with pytest.raises(FusionLoadError, match='size mismatch for bbox_head.retina_cls.weight'):
         load_sources(Holder(retina_head(3)), [dict(checkpoint=save(tmp_path, src, NUSCENES),
                                                    modules=['bbox_head'])], logger=None)
+
+
+# ---------------------------------------------------------------- Anchor3DHead
+
+KITTI = ['Pedestrian', 'Cyclist', 'Car']
+
+
+def anchor3d_head(n, ranges=None):
+    gen = dict(type='Anchor3DRangeGenerator', ranges=[[0, -40.0, -1.78, 70.4, 40.0, -1.78]],
+               sizes=[[3.9, 1.6, 1.56]], rotations=[0, 1.57], reshape_out=False)
+    if ranges:
+        gen = dict(type='AlignedAnchor3DRangeGenerator', ranges=ranges,
+                   sizes=[[0.8, 0.6, 1.73], [1.76, 0.6, 1.73], [3.9, 1.6, 1.56]],
+                   rotations=[0, 1.57], reshape_out=False)
+    return build(dict(type='Anchor3DHead', num_classes=n, in_channels=8, feat_channels=8,
+                      anchor_generator=gen)).eval()
+
+
+def test_anchor3dhead_shared_anchors_by_name(tmp_path):
+    src, dst = randomize(anchor3d_head(3), seed=8), randomize(anchor3d_head(2), seed=9)
+    load_sources(Holder(dst), [dict(checkpoint=save(tmp_path, src, KITTI),
+                                    modules=['bbox_head'])],
+                 classes=['Car', 'Cyclist'], logger=None)
+    x = torch.randn(1, 8, 4, 4, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        (cls_s, reg_s, dir_s), (cls_d, reg_d, dir_d) = src.forward_single(x), \
+            dst.forward_single(x)
+    anchors = dst.num_anchors
+    cls_s, cls_d = cls_s.view(1, anchors, 3, 4, 4), cls_d.view(1, anchors, 2, 4, 4)
+    for j, i in ((0, 2), (1, 1)):
+        assert torch.equal(cls_d[:, :, j], cls_s[:, :, i]), f'{KITTI[i]}: scores per anchor'
+    assert torch.equal(reg_d, reg_s) and torch.equal(dir_d, dir_s)
+
+
+def test_anchor3dhead_per_class_anchors_is_an_error(tmp_path):
+    ranges = [[0, -40.0, -0.6, 70.4, 40.0, -0.6], [0, -40.0, -0.6, 70.4, 40.0, -0.6],
+              [0, -40.0, -1.78, 70.4, 40.0, -1.78]]
+    src = anchor3d_head(3, ranges)
+    with pytest.raises(FusionLoadError, match='anchors are per class'):
+        load_sources(Holder(anchor3d_head(3, ranges)),
+                     [dict(checkpoint=save(tmp_path, src, KITTI), modules=['bbox_head'])],
+                     classes=['Car', 'Cyclist', 'Pedestrian'], logger=None)
