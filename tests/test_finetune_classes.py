@@ -77,6 +77,7 @@ def test_centerhead_tasks_by_name(tmp_path):
     assert s.dropped_classes == ['truck', 'construction_vehicle', 'bus', 'trailer',
                                  'barrier', 'motorcycle', 'traffic_cone']
     assert all(k.startswith('bbox_head.task_heads.3.') for k in s.new) and s.new
+    assert s.unexpected == []  # the checkpoint's tasks 1..5 serve dropped classes
     with torch.no_grad():
         want, got = src.forward_single(x), dst.forward_single(x)
     # model task -> (checkpoint task, checkpoint index of its one class)

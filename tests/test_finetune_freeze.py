@@ -67,7 +67,7 @@ def run(d, ema: bool, name: str):
     cfg.experiment_name = f'freeze_{name}'
     cfg.custom_hooks = [dict(type='FusionLoadHook', sources=[
         dict(modality='lidar', checkpoint=str(d / 'lidar.pth'), freeze=True)]),
-        dict(type='StateSnapshotHook')] + ([dict(type='EMAHook', momentum=0.5)] if ema else [])
+        dict(type='StateSnapshotHook')] + ([dict(type='EMAHook')] if ema else [])
     for split in ('train', 'test'):
         cfg[f'{split}_dataloader'].dataset.data_root = str(d / 'data') + '/'
     cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=100)
@@ -81,6 +81,8 @@ def run(d, ema: bool, name: str):
 def test_frozen_lidar_branch_holds_through_training(lidar_data, ema):
     d, source = lidar_data
     runner, start = run(d, ema, 'ema' if ema else 'plain')
+    from mmfusionload.hooks.fusion_load_hook import dataset_classes
+    assert dataset_classes(runner, 'train') == ['car', 'pedestrian']  # what the hook passes
     hook = next(h for h in runner.hooks if type(h).__name__ == 'FusionLoadHook')
     (src, ) = hook.report.sources
     assert src.frozen and all(m.startswith(LIDAR_MODULES) for m in src.frozen)

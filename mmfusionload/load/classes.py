@@ -341,8 +341,10 @@ class ClassPlan:
         keep (set): Model keys that keep the model's values.
         new (list[str]), dropped (list[str]): Over every head.
         notes (list[str]): One line per head.
+        heads (list[str]): The model names of the heads planned.
     """
     takes: Dict[str, Tuple[str, Take]] = field(default_factory=dict)
+    heads: List[str] = field(default_factory=list)
     keep: set = field(default_factory=set)
     new: List[str] = field(default_factory=list)
     dropped: List[str] = field(default_factory=list)
@@ -434,6 +436,7 @@ def plan_classes(model: nn.Module, spec, meta: Optional[dict], mapping: Dict[str
                          f'{len(ctx.dst) if ctx.dst is not None else "?"} classes'
                          + (f' ({", ".join(renames)})' if renames else '')
                          + (f'; {plan.note}' if plan.note else ''))
+    out.heads = done
     if asked and not done:
         raise FusionLoadError([f'{filename}: classes/class_map given, but no registered head '
                                f'({", ".join(sorted(HEAD_CLASS_RULES.module_dict))}) under '
