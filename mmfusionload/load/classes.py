@@ -23,8 +23,8 @@ Facts read from MMDetection 3.3.0, MMDetection3D 1.4.0 and MMDetection3D's
   ``height``...) are shared by its classes; the dataset's classes are the tasks'
   classes in order.
 - ``AnchorHead`` / ``RetinaHead`` (MMDetection): ``conv_cls`` / ``retina_cls`` has
-  ``num_base_priors x cls_out_channels`` outputs, class fastest (``cls_out_channels`` is ``num_classes``,
-  or one more with the background last for a softmax classifier).
+  ``num_base_priors x cls_out_channels`` outputs, class fastest (``cls_out_channels``
+  is ``num_classes``, or one more with the background last for a softmax classifier).
 - ``Anchor3DHead``: ``conv_cls`` has ``num_anchors x num_classes`` outputs, class
   fastest (its loss reshapes the permuted scores to ``(-1, num_classes)``).
 """
