@@ -114,8 +114,15 @@ def test_centerhead_task_split_across_checkpoint_tasks_is_an_error(tmp_path):
 # ---------------------------------------------------------------- RetinaHead
 
 def retina_head(n):
-    return build(dict(type='mmdet.RetinaHead', num_classes=n, in_channels=8, stacked_convs=1,
-                      feat_channels=8)).eval()
+    """MMDetection's RetinaHead, built in MMDetection's scope (its anchor generator and box
+    coder are MMDetection's, whatever default scope earlier tests left)."""
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+    from mmengine.registry import DefaultScope
+    register_all_modules(init_default_scope=False)
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        return MODELS.build(dict(type='RetinaHead', num_classes=n, in_channels=8,
+                                 stacked_convs=1, feat_channels=8)).eval()
 
 
 def test_retinahead_anchor_class_scores_by_name(tmp_path):
