@@ -30,10 +30,12 @@ from ..sparse.layouts import LAYOUTS
 SOURCE_HELP = ('a checkpoint path (the whole model), or comma-separated key=value options '
                'of a source, e.g. modality=lidar,checkpoint=lidar.pth or '
                'modality=camera,checkpoint=swin.pth,preset=swin-original; lists join with '
-               "'+' (modality=lidar+head), prefix=CKPT_PREFIX:MODEL_PREFIX")
+               "'+' (modality=lidar+head), prefix=CKPT_PREFIX:MODEL_PREFIX, "
+               'class_map=bicycle:cyclist, point_features=kitti:nuscenes (presets or '
+               "'+'-joined names), freeze=true")
 DEBUG_HELP = 'on an error, show the traceback instead of the chain of causes'
-LIST_OPTIONS = ('modality', 'modules', 'exclude')
-BOOL_OPTIONS = ('prefer_ema', 'allow_nonfinite', 'trust_checkpoint')
+LIST_OPTIONS = ('modality', 'modules', 'exclude', 'classes', 'model_classes')
+BOOL_OPTIONS = ('prefer_ema', 'allow_nonfinite', 'trust_checkpoint', 'freeze')
 TRUE, FALSE = ('1', 'true', 'yes', 'on'), ('0', 'false', 'no', 'off')
 EXIT_FAIL, EXIT_USAGE = 1, 2  # and 0 for success
 
@@ -84,6 +86,19 @@ def parse_source_arg(text: str) -> Dict[str, Any]:
                             'bad --source')
                     pairs[src] = dst
                 out[key] = pairs
+        elif key == 'class_map':
+            pairs = [pair.partition(':') for pair in value.split('+') if pair]
+            if not all(colon and a and b for a, colon, b in pairs):
+                raise UsageError([f'class_map={value}: expected CKPT_CLASS:MODEL_CLASS pairs '
+                                  "joined with '+'"], 'bad --source')
+            out[key] = {a: b for a, _, b in pairs}
+        elif key == 'point_features':
+            ckpt, colon, model = value.partition(':')
+            if not (colon and ckpt and model):
+                raise UsageError([f'point_features={value}: expected CHECKPOINT:MODEL, each a '
+                                  "preset or names joined with '+'"], 'bad --source')
+            out[key] = dict(checkpoint=ckpt if '+' not in ckpt else ckpt.split('+'),
+                            model=model if '+' not in model else model.split('+'))
         elif key == 'rename':
             raise UsageError(['rename= is not supported on the command line; use a '
                               'preset or a FusionLoadHook in a config'], 'bad --source')
@@ -186,7 +201,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace) -> int:
     from .convert import convert_checkpoint
-    from .config import build_model, load_config
+    from .config import build_model, config_classes, load_config
     from .render import Inspection, render
     from ..report import LoadReport
     console = _stdout_console()
@@ -204,7 +219,11 @@ def _convert(args: argparse.Namespace) -> int:
     with _progress(args.quiet) as p:
         if args.config:
             p.step('building the model')
-            model = build_model(load_config(args.config, _cfg_options(args)))
+            cfg = load_config(args.config, _cfg_options(args))
+            model = build_model(cfg)
+            classes = config_classes(cfg)
+            if classes is not None:  # a checkpoint of other classes loads by name
+                options['model_classes'] = classes
         p.step(f'converting {osp.basename(args.src)}')
         try:
             result = convert_checkpoint(

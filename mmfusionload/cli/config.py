@@ -6,7 +6,7 @@ import torch.nn as nn
 
 from ..errors import FusionLoadError
 
-__all__ = ['load_config', 'build_model']
+__all__ = ['load_config', 'build_model', 'config_classes']
 
 
 def load_config(config: str, cfg_options: Optional[dict] = None):
@@ -52,3 +52,22 @@ def build_model(cfg, stand_ins: Optional[List[str]] = None) -> nn.Module:
     init_default_scope(cfg.get('default_scope', 'mmdet3d'))
     model = MODELS.build(cfg.model)
     return model.eval()
+
+
+def config_classes(cfg) -> Optional[List[str]]:
+    """The model's class names as the run's dataset would give them: the train (else val,
+    test) dataset's ``metainfo.classes`` (through dataset wrappers), else the config's
+    ``class_names`` or ``metainfo.classes``; None when the config names none."""
+    def names(value) -> Optional[List[str]]:
+        if isinstance(value, (list, tuple)) and value and all(isinstance(c, str) for c in value):
+            return list(value)
+        return None
+
+    for split in ('train', 'val', 'test'):
+        dataset = (cfg.get(f'{split}_dataloader') or {}).get('dataset')
+        while isinstance(dataset, dict):
+            found = names((dataset.get('metainfo') or {}).get('classes'))
+            if found:
+                return found
+            dataset = dataset.get('dataset')
+    return names(cfg.get('class_names')) or names((cfg.get('metainfo') or {}).get('classes'))

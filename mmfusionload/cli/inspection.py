@@ -19,7 +19,7 @@ from ..load.pipeline import load_sources
 from ..files.reader import read_checkpoint
 from ..report import LoadReport, SourceReport, mismatch_problems
 from ..load.source import parse_source
-from .config import build_model, load_config
+from .config import build_model, config_classes, load_config
 from .render import Inspection
 
 HOOK_TYPE = 'FusionLoadHook'
@@ -79,10 +79,12 @@ def dry_run_load_from(model: nn.Module, path: str, hook: Optional[dict]) -> Insp
 
 
 def dry_run_sources(model: nn.Module, sources: Sequence[Any], title: str,
-                    allow_overlap: bool = False) -> Inspection:
-    """Plan sources with :func:`~mmfusionload.load_sources` (``dry_run=True``)."""
+                    allow_overlap: bool = False,
+                    classes: Optional[Sequence[str]] = None) -> Inspection:
+    """Plan sources with :func:`~mmfusionload.load_sources` (``dry_run=True``); ``classes``:
+    the model's class names (the config's dataset ``metainfo``)."""
     report = load_sources(model, sources, dry_run=True, allow_overlap=allow_overlap,
-                          logger=None, title=title)
+                          logger=None, title=title, classes=classes)
     return Inspection(title, report)
 
 
@@ -130,6 +132,7 @@ def inspect_config(config: str,
     model = build_model(cfg, stand_ins)
     hooks = fusion_hooks(cfg)
     hook = hooks[0] if hooks else None
+    classes = config_classes(cfg)
     out: List[Inspection] = []
     step('planning init_cfg loads')
     init = dry_run_init_cfg(model, hook)
@@ -145,14 +148,16 @@ def inspect_config(config: str,
         step(f'planning {HOOK_TYPE} sources')
         title = HOOK_TYPE if len(hooks) == 1 else f'{HOOK_TYPE} #{i + 1}'
         ins = dry_run_sources(model, h.get('sources', []), title,
-                              allow_overlap=allow_overlap or bool(h.get('allow_overlap')))
+                              allow_overlap=allow_overlap or bool(h.get('allow_overlap')),
+                              classes=classes)
         if cfg.get('resume', False) and not h.get('load_on_resume', False):
             ins.notes.append('resume=True: the hook would not load these sources '
                              '(load_on_resume=False)')
         out.append(ins)
     if sources:
         step('planning --source')
-        out.append(dry_run_sources(model, sources, '--source', allow_overlap=allow_overlap))
+        out.append(dry_run_sources(model, sources, '--source', allow_overlap=allow_overlap,
+                                   classes=classes))
     if not out:
         report = LoadReport(dry_run=True, title='nothing to load')
         out.append(Inspection('nothing to load', report,

@@ -26,7 +26,8 @@ def merge_into(model: nn.Module,
                sources: Sequence[Dict[str, Any]],
                out: str,
                allow_overlap: bool = False,
-               config: Optional[str] = None) -> Tuple[LoadReport, Dict[str, Any]]:
+               config: Optional[str] = None,
+               classes: Optional[Sequence[str]] = None) -> Tuple[LoadReport, Dict[str, Any]]:
     """Load ``sources`` into ``model`` and save its state dict to ``out``.
 
     Args:
@@ -36,6 +37,9 @@ def merge_into(model: nn.Module,
             sources.
         allow_overlap (bool): Let a later source overwrite an earlier one.
         config (str, optional): Recorded in ``meta``.
+        classes (Sequence[str], optional): The model's class names (sources whose
+            checkpoint has other classes load by name); recorded as
+            ``meta['dataset_meta']['classes']``.
 
     Returns:
         tuple: The load report and the ``meta`` written.
@@ -44,18 +48,19 @@ def merge_into(model: nn.Module,
         FusionLoadError: A bad destination or any load problem; nothing is written.
     """
     check_destination(out, _source_paths(sources))
-    return _load_and_save(model, sources, out, allow_overlap, config)
+    return _load_and_save(model, sources, out, allow_overlap, config, classes)
 
 
 def _load_and_save(model: nn.Module, sources: Sequence[Dict[str, Any]], out: str,
                    allow_overlap: bool,
-                   config: Optional[str]) -> Tuple[LoadReport, Dict[str, Any]]:
+                   config: Optional[str],
+                   classes: Optional[Sequence[str]] = None) -> Tuple[LoadReport, Dict[str, Any]]:
     """:func:`merge_into` once ``out`` has been checked."""
     # one read of every file: a failure raises before the model is touched, with the
     # full report attached (``err.report``)
     try:
         report = load_sources(model, sources, allow_overlap=allow_overlap, logger=None,
-                              title='merge')
+                              title='merge', classes=classes)
     except FusionLoadError as e:
         err = FusionLoadError(e.problems, 'checkpoint load failed; nothing written')
         err.report = e.report  # type: ignore[attr-defined]
@@ -76,6 +81,8 @@ def _load_and_save(model: nn.Module, sources: Sequence[Dict[str, Any]], out: str
                           repaired={k: len(v) for k, v in s.repaired.items()})
                      for s, spec in zip(report.sources, map(parse_source, sources))],
             not_loaded=untouched))
+    if classes is not None:
+        meta['dataset_meta'] = dict(classes=list(classes))
     save_checkpoint(out, model.state_dict(), meta)
     return report, meta
 
@@ -103,16 +110,18 @@ def merge_checkpoints(config: str,
     Returns:
         tuple: Model, report and the ``meta`` written.
     """
-    from .config import build_model, load_config
+    from .config import build_model, config_classes, load_config
     step = progress or (lambda _: None)
     if not sources:
         raise FusionLoadError(['no sources given'], 'nothing to merge')
     check_destination(out, _source_paths(sources))  # before the (slow) model build
     step('building the model')
-    model = build_model(load_config(config, cfg_options))
+    cfg = load_config(config, cfg_options)
+    model = build_model(cfg)
     if init_weights:
         step('init_weights')
         model.init_weights()
     step('loading the sources')
-    report, meta = _load_and_save(model, sources, out, allow_overlap, config)
+    report, meta = _load_and_save(model, sources, out, allow_overlap, config,
+                                  classes=config_classes(cfg))
     return model, report, meta

@@ -5,6 +5,7 @@ from typing import List, Optional, Sequence, Union
 from mmengine.dist import is_main_process
 from mmengine.hooks import EMAHook, Hook
 from mmengine.logging import print_log
+from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
 from ..errors import FusionLoadError
@@ -62,6 +63,12 @@ class FusionLoadHook(Hook):
             it: ``'auto'`` checks by function every sparse conv a
             function-changing repair touched, ``True`` every sparse conv
             loaded, ``False`` none. See :mod:`mmfusionload.sparse.verify`.
+
+    The model's class names (for sources whose checkpoint has other classes, see
+    :mod:`mmfusionload.load.classes`) are the ``metainfo['classes']`` of the run's
+    dataset. A source with ``freeze=True`` keeps what it loaded from training (see
+    :mod:`mmfusionload.load.freeze`); under DDP the wrapper needs
+    ``find_unused_parameters=True``.
 
     Example:
         >>> custom_imports = dict(imports=['mmfusionload'])
@@ -139,15 +146,15 @@ class FusionLoadHook(Hook):
                 'values); load_from_strict=False to run anyway')
 
     def before_train(self, runner) -> None:
-        self._load(runner)
+        self._load(runner, 'train')
 
     def before_val(self, runner) -> None:
-        self._load(runner)
+        self._load(runner, 'val')
 
     def before_test(self, runner) -> None:
-        self._load(runner)
+        self._load(runner, 'test')
 
-    def _load(self, runner) -> None:
+    def _load(self, runner, stage: str = 'train') -> None:
         if self._done:
             return
         self._done = True
@@ -161,11 +168,13 @@ class FusionLoadHook(Hook):
         if self.sources:
             ema = [h.ema_model.module for h in runner.hooks
                    if isinstance(h, EMAHook) and hasattr(h, 'ema_model')]
+            check_freeze_wrapper(runner.model, self.sources)
             try:
                 report = load_sources(runner.model, self.sources,
                                       allow_overlap=self.allow_overlap,
                                       extra_models=ema, logger=None,
-                                      title='FusionLoadHook', broadcast=self.broadcast)
+                                      title='FusionLoadHook', broadcast=self.broadcast,
+                                      classes=dataset_classes(runner, stage))
             except FusionLoadError as e:
                 if e.report is not None:
                     self._write(runner, e.report)
@@ -190,6 +199,39 @@ class FusionLoadHook(Hook):
             report.to_json(osp.join(runner.work_dir, self.report_file))
         if self.html_report:
             report.to_html(osp.join(runner.work_dir, self.html_report))
+
+
+def dataset_classes(runner, stage: str = 'train') -> Optional[List[str]]:
+    """The class names of the run's dataset for ``stage`` (its ``metainfo['classes']``), or
+    None when the run has no such dataset or it names no classes."""
+    try:
+        loader = getattr(runner, f'{stage}_dataloader')
+        meta = getattr(getattr(loader, 'dataset', None), 'metainfo', None) or {}
+    except Exception:  # no loop of this stage in the run
+        return None
+    names = meta.get('classes') if isinstance(meta, dict) else None
+    if isinstance(names, (list, tuple)) and all(isinstance(c, str) for c in names):
+        return list(names)
+    return None
+
+
+def check_freeze_wrapper(model, sources: Sequence[SourceSpec]) -> None:
+    """Stop before loading when a source freezes parameters under a DDP wrapper that was
+    built without ``find_unused_parameters=True``: DDP would wait for their gradients.
+
+    Raises:
+        FusionLoadError: The wrapper and the frozen sources, with the fix.
+    """
+    frozen = [s.label for s in sources if s.freeze]
+    if not frozen or not is_model_wrapper(model):
+        return
+    if getattr(model, 'find_unused_parameters', True) is False:
+        raise FusionLoadError(
+            [f'sources {frozen} set freeze=True, but the model is wrapped by '
+             f'{type(model).__name__} without find_unused_parameters: it would wait for '
+             'the gradients of the frozen parameters; set model_wrapper_cfg=dict('
+             "type='MMDistributedDataParallel', find_unused_parameters=True) in the config"],
+            'freeze needs find_unused_parameters=True')
 
 
 def is_fusion_load_hook(cfg: dict) -> bool:

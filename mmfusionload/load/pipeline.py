@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import (Any, Callable, Dict, Hashable, Iterable, Iterator, List, Mapping, Optional,
-                    Sequence, Union)
+                    Sequence, Tuple, Union)
 
 import torch
 import torch.nn as nn
@@ -23,6 +23,9 @@ from ..files.lazy import is_lazy
 from .distributed import read_all
 from ..errors import FusionLoadError
 from ..checkpoint.identify import auto_preset, identify_state
+from .classes import plan_classes, take_rows
+from .features import plan_features
+from .freeze import freeze, frozen_modules, frozen_parts
 from .modality import resolve_targets
 from .prefix import Alignment, auto_alignment, explicit_alignment
 from .presets import KeyPreset, get_preset, rename_keys
@@ -229,11 +232,36 @@ def plan_source(model: nn.Module,
         return plan
     report.prefix = align.describe()
     report.ignored = len(state) - len(align.mapping)
+    under_any = _under_any(targets)
+    try:
+        classes = plan_classes(model, spec, ckpt.meta, align.mapping, shapes, targeted,
+                               under_any, fname)
+        features, report.features = plan_features(model, spec, align.mapping, shapes,
+                                                  targeted, under_any, fname)
+    except FusionLoadError as e:
+        plan.problems += e.problems
+        return plan
+    mapping = align.mapping
+    takes: Dict[str, Any] = {}
+    if classes is not None:
+        mapping = dict(mapping)
+        for key, (new, take) in classes.takes.items():
+            if new in renamed and key in targeted:
+                mapping[key] = new
+                if take.dim is not None:
+                    takes[key] = take
+        for key in classes.keep:
+            mapping.pop(key, None)
+        report.new += sorted(classes.keep)
+        report.new_classes, report.dropped_classes = classes.new, classes.dropped
+        report.classes = classes.notes
     context = SourceContext(fname, spec, model, meta=dict(ckpt.meta or {}))
     if preset is not None and preset.orders is not None:
         context.orders = preset.orders(dict(all_shapes))
-    return plan_mapping(plan, spec, context, state, align.mapping, renamed, shapes, targets,
-                        targeted, ckpt.metadata, preset)
+    heads = tuple(h + '.' for h in classes.heads) if classes is not None else ()
+    return plan_mapping(plan, spec, context, state, mapping, renamed, shapes, targets,
+                        targeted, ckpt.metadata, preset, features=features, takes=takes,
+                        heads=heads)
 
 
 def plan_mapping(plan: SourcePlan,
@@ -246,7 +274,10 @@ def plan_mapping(plan: SourcePlan,
                  targets: Sequence[str],
                  targeted: Dict[str, torch.Tensor],
                  metadata: Mapping[str, dict],
-                 preset: Optional[KeyPreset] = None) -> SourcePlan:
+                 preset: Optional[KeyPreset] = None,
+                 features: Optional[Mapping[str, Any]] = None,
+                 takes: Optional[Mapping[str, Any]] = None,
+                 heads: Tuple[str, ...] = ()) -> SourcePlan:
     """Plan the checkpoint tensors ``mapping`` places on the model: the one planner of
     :func:`load_sources` and of the ``load_from`` repair
     (:func:`~mmfusionload.load.load_from.repair_checkpoint`).
@@ -271,6 +302,12 @@ def plan_mapping(plan: SourcePlan,
         targeted (dict): The model tensors the source may write, by key.
         metadata (Mapping): The checkpoint's ``_metadata`` (module -> ``version``).
         preset (KeyPreset, optional): Names the model tensors new by design.
+        features (Mapping, optional): Model key -> its point-feature step
+            (:func:`~mmfusionload.load.features.plan_features`).
+        takes (Mapping, optional): Model key -> the class rows it takes
+            (:func:`~mmfusionload.load.classes.plan_classes`).
+        heads (tuple[str]): ``'<head>.'`` of heads whose classes were mapped: a
+            checkpoint tensor there the model lacks is a task or class it does not have.
 
     Returns:
         SourcePlan: ``plan``.
@@ -286,7 +323,9 @@ def plan_mapping(plan: SourcePlan,
         file_key = file_keys[new]
         target = targeted.get(key)
         if target is None:  # every targeted key is under a target
-            if under_any(key) and not is_record(key):
+            if heads and key.startswith(heads):
+                report.ignored += 1  # a task or class output the model does not have
+            elif under_any(key) and not is_record(key):
                 report.unexpected.append(key)
             else:
                 report.ignored += 1
@@ -300,12 +339,22 @@ def plan_mapping(plan: SourcePlan,
             version = versions[file_mod]
         else:
             version = versions[file_mod] = (metadata.get(file_mod) or {}).get('version')
-        mapped.append(Mapped(key, file_key, shapes[new], module, mod_name, version))
+        feature = features.get(key) if features else None
+        take = takes.get(key) if takes else None
+        shape = feature.shape if feature is not None else \
+            tuple(target.shape) if take is not None else shapes[new]
+        mapped.append(Mapped(key, file_key, shape, module, mod_name, version))
         if excludes and any(p.search(key) for p in excludes):
             report.excluded.append(key)
             continue
-        entries.append(Entry(key, file_key, state[file_key], target, module, mod_name,
-                             version, spec, fname, context=context))
+        entry = Entry(key, file_key, state[file_key], target, module, mod_name,
+                      version, spec, fname, context=context)
+        if feature is not None:
+            entry.add_step('point_features', feature, shape=feature.shape)
+        if take is not None:
+            entry.add_step('classes', lambda t, b=target, d=take.dim, p=take.pairs:
+                           take_rows(t, b, d, p), shape=target.shape)
+        entries.append(entry)
 
     repairs = repairs_in_order()
     loaded, regenerated, repaired = report.loaded, report.regenerated, report.repaired
@@ -375,6 +424,7 @@ def _account(plan: SourcePlan, targets: List[str], targeted: Dict[str, torch.Ten
         plan.problems.append(f'{spec.checkpoint}: strict="all" but nothing arrives for '
                              f'{", ".join(report.kept)}')
     arrived = {e.key for e in plan.entries}
+    arrived.update(report.new)  # tensors of new classes keep the model's values
     for key in targeted:
         if key in arrived or _under(key, targets) not in provided:
             continue
@@ -501,7 +551,8 @@ def load_sources(model: nn.Module,
                  extra_models: Sequence[nn.Module] = (),
                  logger: Optional[Any] = 'current',
                  title: str = 'mmfusionload',
-                 broadcast: Union[bool, str] = 'auto') -> LoadReport:
+                 broadcast: Union[bool, str] = 'auto',
+                 classes: Optional[Sequence[str]] = None) -> LoadReport:
     """Load checkpoints into parts of a model, all or nothing.
 
     Args:
@@ -524,6 +575,9 @@ def load_sources(model: nn.Module,
             the same, an error without a process group; ``False``: every rank
             reads its own files. When broadcasting, call this on every rank.
             See :mod:`mmfusionload.load.distributed`.
+        classes (Sequence[str], optional): The model's class names, for the sources
+            that do not set ``model_classes`` (the class-indexed tensors of registered
+            heads are loaded by class name, :mod:`mmfusionload.load.classes`).
 
     Returns:
         LoadReport: What was (or would be) loaded.
@@ -537,7 +591,10 @@ def load_sources(model: nn.Module,
     problems: List[str] = []
     for cfg in source_list(sources):
         try:
-            specs.append(parse_source(cfg))
+            spec = parse_source(cfg)
+            if classes is not None and spec.model_classes is None:
+                spec = parse_source(replace(spec, model_classes=list(classes)))
+            specs.append(spec)
         except FusionLoadError as e:
             problems += e.problems
     report = LoadReport(dry_run=dry_run, title=title)
@@ -577,6 +634,11 @@ def load_sources(model: nn.Module,
     if not dry_run:
         apply(plans, extra_models)
         report.applied = True
+    for plan in plans:  # freeze=True: what the source loaded does not train
+        if plan.spec.freeze:
+            keys = [e.key for e in plan.to_load]
+            plan.report.frozen = (frozen_modules(*frozen_parts(model, keys)) if dry_run
+                                  else freeze(model, keys))
     if logger is not None:
         print_log('\n' + report.format(), logger=logger)
     return report

@@ -5,6 +5,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..errors import FusionLoadError
 from ..sparse.layouts import check_layout_option
+from .features import feature_pair
 
 
 @dataclass
@@ -36,6 +37,21 @@ class SourceSpec:
             trainer deploys, e.g. MMEngine's averaged ``state_dict`` when
             ``EMAHook`` ran), ``'ema'`` (the averaged copy; an error when the file
             has none) or ``'raw'`` (the trained, non-averaged copy).
+        classes (list[str], optional): The checkpoint's class names (default: its
+            ``meta['dataset_meta']['classes']``); the class-indexed tensors of the
+            registered heads get the rows of the classes the model shares
+            (:mod:`mmfusionload.load.classes`).
+        model_classes (list[str], optional): The model's class names (the hook reads
+            them from the run's dataset ``metainfo``; ``load_sources(classes=...)``).
+        class_map (dict, optional): Checkpoint class name -> model class name
+            (``{'bicycle': 'cyclist'}``).
+        point_features (dict, optional): ``dict(checkpoint=..., model=...)``, each a
+            preset name (``nuscenes``, ``kitti``, ``waymo``) or a list of feature
+            names: the first layer reading raw point features is adapted by name
+            (:mod:`mmfusionload.load.features`).
+        freeze (bool): The tensors this source loads do not train, and the
+            normalisation layers wholly inside what it loads stay in eval mode
+            (:mod:`mmfusionload.load.freeze`).
     """
     checkpoint: str
     modality: Union[None, str, List[str]] = None
@@ -53,6 +69,11 @@ class SourceSpec:
     verify: Union[bool, str] = 'auto'
     name: Optional[str] = None
     weights: str = 'auto'
+    classes: Optional[List[str]] = None
+    model_classes: Optional[List[str]] = None
+    class_map: Optional[Dict[str, str]] = None
+    point_features: Optional[Dict[str, Any]] = None
+    freeze: bool = False
 
     @property
     def label(self) -> str:
@@ -146,6 +167,7 @@ def parse_source(cfg: Union[SourceSpec, Dict[str, Any]]) -> SourceSpec:
             _regex(pattern, f'{where} rename', problems)
         spec.rename = [tuple(r) for r in rules]  # type: ignore[misc]
     _check_weights(spec, where, problems)
+    _check_finetune(spec, where, problems)
     if problems:
         raise FusionLoadError(problems, 'bad source')
     return spec
@@ -159,6 +181,32 @@ def _check_weights(spec: SourceSpec, where: str, problems: List[str]) -> None:
         if spec.weights == 'raw':
             problems.append(f"{where} prefer_ema=True contradicts weights='raw'")
         spec.weights, spec.prefer_ema = 'ema', False
+
+
+def _check_finetune(spec: SourceSpec, where: str, problems: List[str]) -> None:
+    """``classes``, ``model_classes``, ``class_map``, ``point_features`` and ``freeze``."""
+    for name in ('classes', 'model_classes'):
+        value = getattr(spec, name)
+        if value is None:
+            continue
+        names = _names(value, f'{where} {name}', problems)
+        if names is not None and len(set(names)) != len(names):
+            problems.append(f'{where} {name} names a class twice: {names}')
+        setattr(spec, name, names)
+    if spec.class_map is not None:
+        if not isinstance(spec.class_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in spec.class_map.items()):
+            problems.append(f'{where} class_map must be a {{checkpoint class: model class}} '
+                            f'dict of strings, got {spec.class_map!r}')
+        else:
+            spec.class_map = dict(spec.class_map)
+    if spec.point_features is not None:
+        try:
+            spec.point_features = feature_pair(spec.point_features)
+        except ValueError as e:
+            problems.append(f'{where} point_features: {e}')
+    if spec.freeze not in (True, False):
+        problems.append(f'{where} freeze must be True or False, got {spec.freeze!r}')
 
 
 def source_list(sources: Any) -> List[Any]:

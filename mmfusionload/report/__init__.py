@@ -276,6 +276,12 @@ class SourceReport:
         verify_error (float): The largest relative error those checks saw.
         placed (list[Placed]): Every checkpoint tensor planned onto a model tensor,
             with the repairs that changed it.
+        new_classes (list[str]): Model classes the checkpoint lacks (their rows
+            keep the model's values).
+        dropped_classes (list[str]): Checkpoint classes the model lacks.
+        classes (list[str]): One line per head whose classes were mapped by name.
+        features (list[str]): One line per first point-feature layer adapted by name.
+        frozen (list[str]): Modules whose loaded tensors do not train (``freeze``).
     """
     checkpoint: str
     label: str
@@ -300,6 +306,11 @@ class SourceReport:
     verified: int = 0
     verify_error: float = 0.0
     placed: List[Placed] = field(default_factory=list)
+    new_classes: List[str] = field(default_factory=list)
+    dropped_classes: List[str] = field(default_factory=list)
+    classes: List[str] = field(default_factory=list)
+    features: List[str] = field(default_factory=list)
+    frozen: List[str] = field(default_factory=list)
 
     @property
     def adapted(self) -> Dict[str, List[str]]:
@@ -336,6 +347,18 @@ class SourceReport:
             d['repaired'] = {k: compress_keys(v) for k, v in d['repaired'].items()}
         return d
 
+    def finetune_lines(self) -> List[str]:
+        """Report lines for classes mapped by name, adapted point features, frozen modules."""
+        out = [f'classes: {line}' for line in self.classes]
+        if self.classes or self.new_classes or self.dropped_classes:
+            out.append(f'new classes: {", ".join(self.new_classes) or "-"}; dropped classes: '
+                       f'{", ".join(self.dropped_classes) or "-"}')
+        out += [f'point features: {line}' for line in self.features]
+        if self.frozen:
+            out.append(f'frozen ({len(self.frozen)} modules, norm layers kept in eval mode): '
+                       + '; '.join(compress_keys(self.frozen)[:12]))
+        return out
+
     def summary(self) -> str:
         """One line: container, targets, prefix, what was ignored, repaired and verified."""
         repairs = ', '.join(f'{k} {len(v)}' for k, v in self.repaired.items())
@@ -349,12 +372,13 @@ class SourceReport:
                    f'error {self.verify_error:.1e}' if self.verified else ''))
 
     def header_lines(self) -> List[str]:
-        """The lines above a source's table: the file with :meth:`summary`, its format
-        and the copy of the weights taken."""
+        """The lines above a source's table: the file with :meth:`summary`, its format,
+        the copy of the weights taken and what fine-tuning options did."""
         out = [f'[{self.label}] {self.checkpoint}: {self.summary()}']
         for head, text in (('format', self.identity), ('weights', self.weights)):
             if text:
                 out.append(f'[{self.label}] {head}: {text}')
+        out += [f'[{self.label}] {line}' for line in self.finetune_lines()]
         return out
 
     def detail_lines(self, max_lines: int = 12, max_mismatched: int = 3) -> List[str]:

@@ -77,6 +77,12 @@ def is_plain_cast(entry) -> bool:
     return plain
 
 
+#: The attribute that marks a step changing the function on purpose, planned in the
+#: checkpoint's layout (the point features adapted by name, set by the planner on its own
+#: step objects, never read from a step's name): the reference computes the kernel after it.
+CHANGES_FUNCTION = 'changes_function_on_purpose'
+
+
 def wants_verify(entry, mode) -> bool:
     """Whether ``entry`` (a planned tensor) is checked under ``verify=mode``:
     ``True``: every sparse kernel; ``'auto'``: those whose planned steps do more
@@ -315,7 +321,11 @@ def _source_error(entry, probe: _Probe, oc, live, oshape, ic, ifeats, ishape) ->
     """Largest relative error of ``live`` against the checkpoint weight's function."""
     src = entry.facts.get('spconv_layout', (module_layout(entry.module), ) * 2)[0]
     rev = bool(entry.facts.get('axis_order', (False, None))[0])
-    kern = decode(entry.source.detach().cpu().float(), src, module_pointwise(entry.module))
+    weight = entry.source.detach().cpu().float()
+    for _, fn in entry.steps:  # a planned change of function: the reference includes it
+        if getattr(fn, CHANGES_FUNCTION, False) is True:
+            weight = fn(weight)
+    kern = decode(weight, src, module_pointwise(entry.module))
     flip = (lambda c: c.flip(1)) if rev else (lambda c: c)
     rv = (lambda t: tuple(reversed(t))) if rev else (lambda t: tuple(t))
     if probe.kind == 'inverse':
