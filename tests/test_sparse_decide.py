@@ -154,3 +154,28 @@ def test_version_2_rules_out_mmcv(tmp_path):
     ident, conv, load, d, plan = three_ways(tmp_path, geoms, [False], 'spconv2', [2])
     assert ident[0] is None and 'as spconv2 [out, *k, in] or spconv2_rskc [*k, out, in] ' \
         'alike' in ident[1]
+
+
+def test_output_width_from_bias_or_the_batchnorm_after_the_conv(tmp_path):
+    """Without a model, the conv's bias or the BatchNorm right after it (MMDetection3D's
+    make_sparse_convmodule ``<seq>.0``/``<seq>.1``, SparseBasicBlock ``convN``/``bnN``)
+    tells [*k, in, out] from [*k, out, in]: identify and convert read an MMCV file."""
+    from mmfusionload.sparse.decide import out_width
+    shapes = {'enc.conv_input.0.weight': (3, 3, 3, 4, 16),
+              'enc.conv_input.1.running_mean': (16, ),
+              'enc.blk.conv1.weight': (3, 3, 3, 16, 32), 'enc.blk.bn1.running_mean': (32, ),
+              'enc.c.weight': (3, 3, 3, 8, 8), 'enc.c.bias': (8, ), 'enc.d.weight': (1, )}
+    assert out_width('enc.conv_input.0.weight', shapes) == (16, 'enc.conv_input.1.running_mean')
+    assert out_width('enc.blk.conv1.weight', shapes) == (32, 'enc.blk.bn1.running_mean')
+    assert out_width('enc.c.weight', shapes) == (8, 'enc.c.bias')
+    assert out_width('enc.d.weight', shapes) is None
+    sd = OrderedDict((k, torch.zeros(s)) for k, s in shapes.items() if k != 'enc.d.weight')
+    torch.save(sd, tmp_path / 'mmcv.pth')
+    ident = identify(str(tmp_path / 'mmcv.pth'))
+    assert (ident.layout, ident.layout_evidence) == (
+        'mmcv', '2 of 3 sparse kernels fit only the mmcv layout [*k, in, out], e.g. '
+        'enc.conv_input.0.weight [3, 3, 3, 4, 16] (out 16: enc.conv_input.1.running_mean)')
+    conv = convert_checkpoint(str(tmp_path / 'mmcv.pth'), str(tmp_path / 'out.pth'),
+                              to_layout='spconv2')
+    assert conv.layout_evidence == ident.layout_evidence
+    assert set(conv.sparse.values()) == {('mmcv', 'spconv2')}
