@@ -67,7 +67,7 @@ def test_inspect_shows_classes_features_and_freezing(five_feature_checkpoint, tm
     (group, ) = json.load(open(js))['groups']
     (src, ) = group['sources']
     assert src['dropped_classes'] == ['truck'] and src['new_classes'] == []
-    assert 'pts_bbox_head.task_heads.0.heatmap.1.weight' in src['adapted']['classes']
+    assert 'pts_bbox_head.task_heads.0.heatmap.1.weight' in src['repaired']['classes']
     assert src['frozen'] and src['features']
     # without point_features the first layer does not fit (the classes still load by
     # name: the checkpoint's meta and the config's dataset name them)
