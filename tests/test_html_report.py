@@ -240,3 +240,11 @@ def test_screenshot_for_a_person(demo):
     assert head[:8] == b'\x89PNG\r\n\x1a\n'
     assert struct.unpack('>II', head[16:24]) == (1400, 1000)
     assert osp.getsize(out) > 20000  # a drawn page, not a blank one
+
+
+def test_the_docs_table_of_words_is_the_vocabulary():
+    from mmfusionload.report import STATUSES
+    with open(osp.join(ROOT, 'docs', 'report.md'), encoding='utf-8') as f:
+        rows = [line.strip('|\n').split(' | ') for line in f if line.startswith('| ')]
+    table = {r[0].strip(): r[1].strip() for r in rows[1:]}  # the header row first
+    assert table == dict(STATUSES)
