@@ -39,7 +39,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..files.pages import release_pages
 from .modules import module_geometry, module_layout, module_pointwise
 from .layouts import MMCV, SPCONV2, decode, volume
 
@@ -72,9 +71,7 @@ def is_plain_cast(entry) -> bool:
         return False
     after = entry.materialize().detach()
     before = entry.source.detach().to(after.device).to(after.dtype)
-    plain = after.shape == before.shape and torch.equal(after, before)
-    release_pages(entry.source)
-    return plain
+    return after.shape == before.shape and torch.equal(after, before)
 
 
 #: The attribute that marks a step changing the function on purpose, planned in the
@@ -526,7 +523,6 @@ def verify_group(entries: Sequence) -> List[Tuple[float, str]]:
         start = 0
         for e, r in zip(entries, rows):  # one converted weight alive at a time
             stacked[start:start + r[0]].copy_(e.materialize().detach())
-            release_pages(e.source)
             start += r[0]
         oc, live, oshape, ic, ifeats, ishape = _run_one_thread(module, stacked, probe)
         del stacked
@@ -535,7 +531,6 @@ def verify_group(entries: Sequence) -> List[Tuple[float, str]]:
             part = live[:, start:start + r[0]]
             start += r[0]
             out.append((_source_error(e, probe, oc, part, oshape, ic, ifeats, ishape), 'run'))
-            release_pages(e.source)
         return out
     for e in entries:
         found = _mmcv_target_error(e, probe) if module_layout(e.module) == MMCV else None
@@ -546,7 +541,6 @@ def verify_group(entries: Sequence) -> List[Tuple[float, str]]:
             found = (_source_error(e, probe, oc, live, oshape, ic, ifeats, ishape),
                      'definition')
         out.append(found)
-        release_pages(e.source)
     return out
 
 
