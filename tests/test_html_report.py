@@ -174,7 +174,7 @@ def test_inspect_html_of_the_cpu_centerpoint_config(tmp_path):
     page = str(tmp_path / 'inspect.html')
     code = main(['inspect', cfg, '--source', f'modality=lidar,checkpoint={ckpt}', '--html',
                  page, '-q'])
-    assert code in (0, 1)
+    assert code == 0  # the encoder file loads; the rest of the model keeps its values
     dom = Dom(dump_dom(page))
     want = model.state_dict()
     enc = [k for k in want if k.startswith('pts_middle_encoder.')]
