@@ -8,7 +8,9 @@ import json
 import os
 import os.path as osp
 import socket
+import sys
 import time
+import traceback
 from collections import OrderedDict
 from datetime import timedelta
 
@@ -142,6 +144,7 @@ def _worker(rank: int, world: int, port: int, d: str, paths: dict) -> None:
 
     loading.read_checkpoint = spy
     out = {}
+    code = 0
     try:
         # 1. a good load: rank 1 only has paths that do not exist
         torch.manual_seed(0)  # the same initial weights on both ranks
@@ -230,10 +233,18 @@ def _worker(rank: int, world: int, port: int, d: str, paths: dict) -> None:
             except FusionLoadError as e:
                 out['left'] = dict(raised=str(e))
             out['left']['seconds'] = time.perf_counter() - t0
+    except BaseException:
+        out['error'] = traceback.format_exc()
+        code = 1
     finally:
         with open(osp.join(d, f'result_rank{rank}.json'), 'w') as f:
             json.dump(out, f)
-        dist.destroy_process_group()
+        # Leave without tearing gloo (and the Runner's DDP reducer) down: their threads can
+        # abort the process ("terminate called without an active exception") once the peer
+        # has closed, which is torch's teardown, not a load; the results are written above.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def _free_port() -> int:
@@ -249,7 +260,14 @@ def two_ranks(tmp_path_factory):
     paths = _write_sources(d)
     t0 = time.perf_counter()
     os.environ.setdefault('OMP_NUM_THREADS', '1')
-    mp.spawn(_worker, args=(2, _free_port(), d, paths), nprocs=2, join=True)
+    try:
+        mp.spawn(_worker, args=(2, _free_port(), d, paths), nprocs=2, join=True)
+    except Exception as e:  # say what the ranks wrote
+        errors = []
+        for r in range(2):
+            p = osp.join(d, f'result_rank{r}.json')
+            errors.append(json.load(open(p)).get('error', '') if osp.exists(p) else 'no result')
+        raise AssertionError(f'{e}; rank errors: {errors}') from e
     results = []
     for r in range(2):
         with open(osp.join(d, f'result_rank{r}.json')) as f:
