@@ -7,8 +7,10 @@ branch is bit-identical to the checkpoint's, and every parameter of the head, wh
 trains, has changed. The same with ``EMAHook`` (whose averaged copy keeps the frozen
 values too).
 """
-import torch
+import socket
+
 import pytest
+import torch
 
 from test_lidar_train_test import CONFIG, LIDAR_MODULES, write_dataset
 from mmfusionload.load.freeze import frozen_parts, is_kept_in_eval, keep_in_eval
@@ -134,7 +136,9 @@ def test_freeze_under_ddp_without_find_unused_parameters_stops_early(tmp_path, m
     from mmfusionload.hooks.fusion_load_hook import check_freeze_wrapper
     from mmfusionload.load.source import parse_source
     monkeypatch.setenv('MASTER_ADDR', '127.0.0.1')
-    monkeypatch.setenv('MASTER_PORT', '29517')
+    with socket.socket() as s:  # a free port: another job may hold any fixed one
+        s.bind(('127.0.0.1', 0))
+        monkeypatch.setenv('MASTER_PORT', str(s.getsockname()[1]))
     dist.init_process_group('gloo', rank=0, world_size=1)
     try:
         from mmengine.model import BaseModel
