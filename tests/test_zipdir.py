@@ -19,7 +19,7 @@ def _zipfile_view(data: bytes):
     except (UnicodeDecodeError, NotImplementedError) as e:
         return ('error', f'{type(e).__name__}: {e}')
     return ([(i.orig_filename, i.flag_bits, i.compress_type, i.compress_size, i.file_size,
-              i.header_offset) for i in zf.infolist()], zf.start_dir)
+              i.header_offset, i.CRC) for i in zf.infolist()], zf.start_dir)
 
 
 def _our_view(data: bytes):

@@ -183,6 +183,9 @@ class _ZipStorages(_FileStorages):
         # read once through the file's one descriptor into private memory: the bytes
         # checked are the bytes loaded, whatever happens to the file afterwards
         untyped = self.snap.read_storage(member.offset, nbytes)
+        if nbytes == member.size:  # the whole member: its CRC-32 shows a torn or damaged one
+            member.check_crc(memoryview(torch.empty(0, dtype=torch.uint8).set_(untyped)
+                                        .numpy()))
         if self.swap:
             untyped.byteswap(kind.dtype)
         rec = _Storage(name, kind.dtype, numel, nbytes, untyped)

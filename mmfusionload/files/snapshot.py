@@ -12,17 +12,22 @@ while it is read. :class:`Snapshot` makes a read see one version or fail:
 * a read that comes back short (the file shrank) and a file whose size or
   modification time moved between :meth:`Snapshot.open` and
   :meth:`Snapshot.check` fail with :class:`FileChangedError` ("changed while
-  being read").
+  being read");
+* :meth:`Snapshot.check` also reads every range read so far a second time and
+  compares it with what was read: a write the times do not show (within one
+  tick of the clock that stamps them) still changes bytes of the two reads.
 
-File times are stamped from the kernel's coarse clock (one tick, 1-4 ms on
-Linux): a write in the same tick as the previous one could leave the same
-time. When the file was modified in the current tick, :meth:`Snapshot.open`
-waits for the next tick (at most :data:`MAX_TICK_WAIT_S`) before reading, so
-any later write stamps a time that differs.
+A file modified less than :data:`QUIET_S` ago may still be being written (a
+writer between two ``write`` calls leaves a file whose beginning is the new
+version and whose end is the old one, at rest, with nothing that changes while
+it is read): :meth:`Snapshot.open` waits until the file has been quiet that
+long (at most :data:`MAX_QUIET_WAIT_S`). Waiting also moves the kernel's coarse
+clock (one tick, 1-4 ms on Linux), which stamps file times, past the file's
+time, so any later write stamps a time that differs.
 """
 import os
 import time
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Tuple, Union
 
 import torch
 
@@ -30,8 +35,13 @@ from .pickle_ops import CorruptFileError
 
 __all__ = ['Snapshot', 'FileChangedError']
 
-#: Longest wait for the coarse clock to pass a file's modification time.
-MAX_TICK_WAIT_S = 0.05
+#: A file modified less than this ago (seconds) may still be being written.
+QUIET_S = 0.02
+#: Longest wait for a file to be quiet; a file still changing then is read, and a
+#: change during the read is found by :meth:`Snapshot.check`.
+MAX_QUIET_WAIT_S = 1.0
+#: Bytes read at a time when :meth:`Snapshot.check` reads a storage's range again.
+CHECK_CHUNK = 4 << 20
 _COARSE = getattr(time, 'CLOCK_REALTIME_COARSE', time.CLOCK_REALTIME)
 
 
@@ -59,16 +69,21 @@ class Snapshot:
         self.fd = -1
         self.size = 0
         self._id: Optional[Tuple[int, ...]] = None
+        # every range read so far, with what it read: compared again by check()
+        self._reads: List[Tuple[int, Union[bytes, torch.UntypedStorage]]] = []
 
     def open(self) -> 'Snapshot':
         self.fd = os.open(self.path, os.O_RDONLY | getattr(os, 'O_CLOEXEC', 0))
         st = os.fstat(self.fd)
-        deadline = time.monotonic() + MAX_TICK_WAIT_S
-        # modified in the current clock tick: a write later in this tick would keep the time
-        while time.clock_gettime_ns(_COARSE) <= st.st_mtime_ns and \
-                time.monotonic() < deadline and \
-                st.st_mtime_ns - time.clock_gettime_ns(_COARSE) < 10**9:
-            time.sleep(0.001)
+        deadline = time.monotonic() + MAX_QUIET_WAIT_S
+        quiet = int(QUIET_S * 1e9)
+        # modified just now: maybe still being written (and a write later in the clock's
+        # current tick would keep the time); a time in the future is another clock's
+        while time.monotonic() < deadline:
+            age = time.clock_gettime_ns(_COARSE) - st.st_mtime_ns
+            if age > quiet or age < -10**9:
+                break
+            time.sleep(max(0.001, (quiet - age) / 1e9))
             st = os.fstat(self.fd)
         self._id = _identity(st)
         self.size = st.st_size
@@ -97,6 +112,8 @@ class Snapshot:
         out = os.pread(self.fd, n, offset) if n else b''
         if len(out) != n:
             raise self.changed(f'{len(out)} of {n} bytes at {offset}')
+        if n:
+            self._reads.append((offset, out))
         return out
 
     def read_storage(self, offset: int, n: int) -> torch.UntypedStorage:
@@ -113,12 +130,38 @@ class Snapshot:
                 if got <= 0:
                     raise self.changed(f'{done} of {n} bytes at {offset}')
                 done += got
+            self._reads.append((offset, storage))
         return storage
 
     def check(self) -> None:
-        """Raise :class:`FileChangedError` if the file is not the one opened."""
+        """Raise :class:`FileChangedError` if the file is not the one opened: its size or
+        modification time moved, or a range read so far reads otherwise now."""
         if _identity(os.fstat(self.fd)) != self._id:
             raise self.changed('its size or modification time moved')
+        reads, self._reads = self._reads, []
+        buf: Optional[torch.Tensor] = None
+        for offset, held in reads:
+            if isinstance(held, bytes):
+                if os.pread(self.fd, len(held), offset) != held:
+                    raise self.changed(f'{len(held)} bytes at {offset} differ on a second read')
+                continue
+            have = torch.empty(0, dtype=torch.uint8).set_(held)
+            if buf is None:
+                buf = torch.empty(CHECK_CHUNK, dtype=torch.uint8)
+            view = memoryview(buf.numpy())
+            n, done = have.numel(), 0
+            while done < n:
+                k = min(CHECK_CHUNK, n - done)
+                got = 0
+                while got < k:
+                    r = os.preadv(self.fd, [view[got:k]], offset + done + got)
+                    if r <= 0:
+                        raise self.changed(f'{done + got} of {n} bytes at {offset} on a second '
+                                           'read')
+                    got += r
+                if not torch.equal(buf[:k], have[done:done + k]):
+                    raise self.changed(f'{n} bytes at {offset} differ on a second read')
+                done += k
 
     def file(self, start: int = 0) -> 'SnapshotFile':
         """A read-only file object over this descriptor (``seek``/``read``/``readline``)."""

@@ -11,8 +11,9 @@ entries say (names, methods, local headers, bounds) for a checkpoint reader.
 import os
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
-from typing import Any, Dict, List, NamedTuple, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 from .pickle_ops import CheckpointValueError, CorruptFileError
 
@@ -24,7 +25,7 @@ _END64 = struct.Struct('<4sQ2H2L4Q')
 #: A central directory entry, only the fields a checkpoint reader needs:
 #: signature, version needed, flags, method, compressed size, size, name,
 #: extra and comment lengths, local header offset.
-_ENTRY = struct.Struct('<4s2xBxHH8xLLHHH8xL')
+_ENTRY = struct.Struct('<4s2xBxHH4xLLLHHH8xL')
 #: A local file header's signature: the first bytes of every zip checkpoint.
 LOCAL_SIG = b'PK\x03\x04'
 _END_SIG = b'PK\x05\x06'
@@ -50,6 +51,7 @@ class Entry(NamedTuple):
     compress_size: int
     file_size: int
     header_offset: int
+    CRC: int = 0  # the CRC-32 of the member's bytes (``ZipInfo.CRC``)
 
 
 class Directory(NamedTuple):
@@ -177,7 +179,7 @@ def read_directory(f: Any) -> Directory:
     while total < dir_size:
         if have - pos < head:
             raise ZipDirectoryError('Truncated central directory')
-        sig, version, flags, method, csize, fsize, n, m, k, offset = unpack(data, pos)
+        sig, version, flags, method, crc, csize, fsize, n, m, k, offset = unpack(data, pos)
         if sig != _ENTRY_SIG:
             raise ZipDirectoryError('Bad magic number for central directory')
         at = pos + head
@@ -187,7 +189,7 @@ def read_directory(f: Any) -> Directory:
             raise NotImplementedError('zip file version %.1f' % (version / 10))
         if m:
             fsize, csize, offset = _zip64(data[at + n:at + n + m], fsize, csize, offset)
-        entries.append(Entry(raw, name, flags, method, csize, fsize, offset + shift))
+        entries.append(Entry(raw, name, flags, method, csize, fsize, offset + shift, crc))
         pos = min(at + n + m + k, have)
         total += head + n + m + k
     return Directory(entries, start, shift)
@@ -195,10 +197,23 @@ def read_directory(f: Any) -> Directory:
 
 @dataclass
 class Member:
-    """One stored member of a zip checkpoint: where its bytes are."""
+    """One stored member of a zip checkpoint: where its bytes are, and their CRC-32."""
     name: str
     offset: int
     size: int
+    crc: Optional[int] = None
+
+    def check_crc(self, data: Any) -> None:
+        """Raise :class:`CorruptFileError` unless ``data`` (the member's whole bytes) has
+        the directory's CRC-32: a member torn by a writer still at work, or damaged.
+
+        ``torch.save`` writes every member's CRC-32; one pass over the bytes (about
+        20 ms for BEVFusion's 137 MiB with zlib's hardware CRC).
+        """
+        if self.crc is not None and zlib.crc32(data) != self.crc:
+            raise CorruptFileError(f'zip member {self.name!r}: its bytes do not match the '
+                                   "directory's CRC-32 (a file still being written, or "
+                                   'damaged)')
 
 
 def zip_members(f: Any, size: int) -> Dict[str, Member]:
@@ -248,7 +263,7 @@ def _check_members(entries: List[Entry], fd: int, end: int, members: Dict[str, M
     """Check every directory entry (``fd``: the file) into ``members``/``spans``; a local
     header is read with one ``pread`` (no mapping whose pages would fault in)."""
     local, stored = _LOCAL.unpack_from, zipfile.ZIP_STORED
-    for raw_name, name, flags, method, csize, fsize, offset in entries:
+    for raw_name, name, flags, method, csize, fsize, offset, crc in entries:
         if not name or name in members or '\\' in name or '\x00' in name or name[0] == '/' or (
                 ('/.' in name or name[0] == '.')  # a '.' or '..' part is one of these
                 and any(p in ('..', '.') for p in name.split('/'))):
@@ -274,7 +289,7 @@ def _check_members(entries: List[Entry], fd: int, end: int, members: Dict[str, M
         if start + fsize > end:
             raise CorruptFileError(f'zip member {name!r}: {fsize} bytes at '
                                    f'{start} run past the data ({end} bytes)')
-        members[name] = Member(name, start, fsize)
+        members[name] = Member(name, start, fsize, crc)
         spans.append((offset, start + fsize, name))
 
 
@@ -283,4 +298,5 @@ def read_member(f: Any, m: Member) -> bytes:
     data = f.read(m.size)
     if len(data) != m.size:
         raise CorruptFileError(f'zip member {m.name!r} is truncated')
+    m.check_crc(data)
     return data
