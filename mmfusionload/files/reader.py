@@ -182,8 +182,9 @@ class _ZipStorages(_FileStorages):
                                        f'to its {itemsize}-byte elements')
         # read once through the file's one descriptor into private memory: the bytes
         # checked are the bytes loaded, whatever happens to the file afterwards
-        untyped = self.snap.read_storage(member.offset, nbytes)
-        if nbytes == member.size:  # the whole member: its CRC-32 shows a torn or damaged one
+        whole = nbytes == member.size  # then its CRC-32 shows a torn or damaged member
+        untyped = self.snap.read_storage(member.offset, nbytes, recheck=not whole)
+        if whole:
             member.check_crc(memoryview(torch.empty(0, dtype=torch.uint8).set_(untyped)
                                         .numpy()))
         if self.swap:

@@ -14,8 +14,10 @@ while it is read. :class:`Snapshot` makes a read see one version or fail:
   :meth:`Snapshot.check` fail with :class:`FileChangedError` ("changed while
   being read");
 * :meth:`Snapshot.check` also reads every range read so far a second time and
-  compares it with what was read: a write the times do not show (within one
-  tick of the clock that stamps them) still changes bytes of the two reads.
+  compares it with what was read (a write the times do not show, on a file
+  system that stamps coarse times, still changes bytes of the two reads),
+  except the zip members the reader proves by their CRC-32: read after the
+  directory, a member another write changed no longer matches it.
 
 A file modified less than :data:`QUIET_S` ago may still be being written (a
 writer between two ``write`` calls leaves a file whose beginning is the new
@@ -116,8 +118,12 @@ class Snapshot:
             self._reads.append((offset, out))
         return out
 
-    def read_storage(self, offset: int, n: int) -> torch.UntypedStorage:
-        """``n`` bytes at ``offset`` into a new private CPU storage."""
+    def read_storage(self, offset: int, n: int, recheck: bool = True) -> torch.UntypedStorage:
+        """``n`` bytes at ``offset`` into a new private CPU storage.
+
+        ``recheck=False``: the caller proves the bytes otherwise (a zip member's
+        CRC-32), so :meth:`check` does not read them again.
+        """
         if n < 0 or offset < 0 or offset + n > self.size:
             raise CorruptFileError(f'{n} bytes at {offset} run past the end of the file '
                                    f'({self.size} bytes)')
@@ -130,7 +136,8 @@ class Snapshot:
                 if got <= 0:
                     raise self.changed(f'{done} of {n} bytes at {offset}')
                 done += got
-            self._reads.append((offset, storage))
+            if recheck:
+                self._reads.append((offset, storage))
         return storage
 
     def check(self) -> None:
