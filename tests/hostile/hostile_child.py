@@ -246,11 +246,11 @@ def changing(case, path: str):
         self._fire = osp.realpath(self.path) == osp.realpath(path)
         return real_open(self)
 
-    def read_storage(self, offset, n):
+    def read_storage(self, offset, n, *args, **kwargs):
         if getattr(self, '_fire', False):
             self._fire = False
             case.during(path)
-        return real_read(self, offset, n)
+        return real_read(self, offset, n, *args, **kwargs)
 
     Snapshot.open, Snapshot.read_storage = open_, read_storage
     pipeline.read_checkpoint = read_checkpoint
