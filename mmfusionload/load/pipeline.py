@@ -601,8 +601,7 @@ def load_sources(model: nn.Module,
     if not specs and not problems:
         problems.append('no sources given')
     model_state = dict(model.state_dict(keep_vars=True))
-    report.model = [[k, list(v.shape), str(v.dtype).replace('torch.', '')]
-                    for k, v in model_state.items()]
+    report.describe_model(model, model_state)
     plans: List[SourcePlan] = []
     with reading_once():  # one read of each file, however many sources name it
         read = read_all(specs, read_source, broadcast)

@@ -5,7 +5,7 @@ import os.path as osp
 import re
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 # a component ending in a number without leading zeros: 'blocks' no, '3' and 'conv1' yes
 _NUM = re.compile(r'^(\D*?)(0|[1-9]\d*)$')
@@ -472,10 +472,12 @@ class LoadReport:
     title: str = 'mmfusionload'
     model: List[list] = field(default_factory=list)
 
-    def describe_model(self, model) -> 'LoadReport':
-        """Record the tensors of ``model`` (an ``nn.Module``) in :attr:`model`."""
+    def describe_model(self, model, state: Optional[Mapping] = None) -> 'LoadReport':
+        """Record the tensors of ``model`` (an ``nn.Module``) in :attr:`model`;
+        ``state``: its ``state_dict(keep_vars=True)`` when the caller holds it already."""
+        state = model.state_dict(keep_vars=True) if state is None else state
         self.model = [[k, list(v.shape), str(v.dtype).replace('torch.', '')]
-                      for k, v in model.state_dict(keep_vars=True).items()]
+                      for k, v in state.items()]
         return self
 
     @property
